@@ -1,0 +1,109 @@
+"""The ``passk`` command line.
+
+A thin entrypoint: it parses and checks arguments, then imports the component
+that does the work, so ``passk --help`` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services import __version__
+
+app = typer.Typer(
+    name="passk",
+    help="Pass@k reinforcement learning from verifiable rewards (Chen et al. 2025).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# The estimator names, repeated here so that --help stays torch-free; a test
+# checks this list against services.trainer.advantage.Estimator.
+ESTIMATORS = (
+    "grpo",
+    "passk_full",
+    "passk_bootstrap",
+    "passk_analytic",
+    "passk_combination",
+    "passk_exceeding",
+    "passk_adaptive",
+    "pkpo",
+)
+CURVE_DEFAULTS = ["passk_analytic", "passk_combination", "passk_exceeding"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"passk {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Pass@k reinforcement learning from verifiable rewards (Chen et al. 2025)."""
+
+
+@app.command("advantage-curves")
+def advantage_curves(
+    extra_k: Annotated[
+        list[int] | None,
+        typer.Argument(help="More values of k, so that '--k 1 4 8' works as well as '--k 1 --k 4 --k 8'."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Group size N (N_rollout).")] = 32,
+    k: Annotated[list[int], typer.Option("--k", help="Values of k (Pass@k).")] = [1, 4, 8],  # noqa: B006
+    estimator: Annotated[
+        list[str],
+        typer.Option("--estimator", "-e", help=f"Estimators to draw (repeatable): {', '.join(ESTIMATORS)}."),
+    ] = CURVE_DEFAULTS,  # noqa: B006
+    out: Annotated[Path, typer.Option("--out", help="Folder for advantage_curves.csv and .png.")] = Path(
+        "runs/advantage-curves"
+    ),
+) -> None:
+    """Write A_pos, A_neg and eta against N_pos (the paper's Figures 9 and 18) and print where eta peaks."""
+    ks = list(dict.fromkeys([*k, *(extra_k or [])]))
+    if n < 2 or n > 4096:
+        raise typer.BadParameter(f"N must be between 2 and 4096, got {n}", param_hint="--n")
+    bad_k = [v for v in ks if not 1 <= v <= n]
+    if bad_k:
+        raise typer.BadParameter(f"every k must satisfy 1 <= k <= N={n}, got {bad_k}", param_hint="--k")
+    names = list(dict.fromkeys(estimator))
+    unknown = [e for e in names if e not in ESTIMATORS]
+    if unknown:
+        raise typer.BadParameter(f"unknown estimator(s) {unknown}; known: {', '.join(ESTIMATORS)}", param_hint="-e")
+    if "passk_adaptive" in names:
+        raise typer.BadParameter(
+            "passk_adaptive depends on per-prompt entropy, not on N_pos alone; it has no curve", param_hint="-e"
+        )
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from services.trainer.advantage_curves import advantage_curves as compute_curves
+    from services.trainer.advantage_curves import write_csv, write_png
+
+    curves = compute_curves(names, n, ks)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / "advantage_curves.csv", out / "advantage_curves.png"
+    write_csv(curves, csv_path)
+    write_png(curves, png_path)
+
+    table = Table(title=f"Where eta = sum |A| peaks, N = {n}")
+    for column in ("estimator", "k", "peak N_pos", "peak accuracy", "max eta"):
+        table.add_column(column, justify="left" if column == "estimator" else "right")
+    for c in curves:
+        table.add_row(c.estimator, "-" if c.k is None else str(c.k), str(c.peak), f"{c.peak / n:.3f}", f"{c.eta[c.peak]:.3f}")
+    console = Console(width=100)
+    console.print(table)
+    console.print(f"wrote {csv_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Task generators, datasets and prompt templates (maze, puzzles, math)."""

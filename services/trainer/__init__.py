@@ -1,0 +1,2 @@
+"""The trainer: Pass@k advantage estimators (``advantage``), the loss, the
+training loop, the weight publisher, checkpoints and evaluation."""

@@ -1,0 +1,2 @@
+"""Verifier services: sandboxed graders for maze, puzzle and math answers (see
+the project issues for status)."""
