@@ -205,7 +205,7 @@ def _require_binary(groups: Groups, name: str) -> None:
     if bool(bad.any()):
         b, i = (int(x) for x in torch.nonzero(bad)[0])
         raise ValueError(
-            f"estimator {name!r} needs binary rewards in {{0, 1}}, got {groups.rewards[b, i].item()} at [{b}, {i}]"
+            f"estimator {str(name)!r} needs binary rewards in {{0, 1}}, got {groups.rewards[b, i].item()} at [{b}, {i}]"
         )
 
 
@@ -250,7 +250,7 @@ def analytic_response_advantages(n: Tensor, n_pos: Tensor, k: int) -> tuple[Tens
     ok = sigma > 0
     safe = sigma.clamp_min(torch.finfo(torch.float64).tiny)
     a_pos = torch.where(ok, q / safe, 0.0)
-    a_neg = torch.where(ok, -(n_pos_i / n) * r / safe, 0.0)
+    a_neg = torch.where(ok, -(n_pos_i.to(torch.float64) / n) * r / safe, 0.0)
     return a_pos, a_neg
 
 

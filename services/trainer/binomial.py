@@ -59,9 +59,11 @@ def comb_ratio(top: Tensor, bottom: Tensor, k: int) -> Tensor:
     top = top.to(torch.int64)
     bottom = bottom.to(torch.int64)
     size = int(bottom.max()) if bottom.numel() else 0
-    table = comb_ratio_table(bottom, k, size)
-    ratio = table.gather(1, top.clamp(0, size).unsqueeze(1)).squeeze(1)
-    return torch.where(top < k, torch.zeros((), dtype=torch.float64), ratio)
+    j = torch.arange(1, size + 1, dtype=torch.float64, device=bottom.device)  # (size,)
+    in_range = (j.unsqueeze(0) > top.unsqueeze(1)) & (j.unsqueeze(0) <= bottom.unsqueeze(1))  # (B, size)
+    ratio = torch.where(in_range, 1.0 - k / j, 1.0).prod(1)
+    # top < k: the product passes j = k (factor 0) unless top < 0; both mean C(top, k) = 0
+    return torch.where(top < k, 0.0, ratio).clamp_min(0.0)
 
 
 def pass_at_k(n: Tensor | int, c: Tensor | int, k: int) -> Tensor:

@@ -86,6 +86,11 @@ def pkpo_weights(rewards: Tensor, mask: Tensor, k: int, *, baseline: Baseline = 
     if baseline != "none":
         kappa = k - 1 if baseline == "loo_minus_one" and k >= 2 else k
         s = s - (k / nf) * _leave_one_out_estimate(g, rank, n, kappa, width)
+        # With equal rewards every baseline equals s_i exactly; the prefix sums
+        # leave rounding noise of 1e-17 instead of the exact 0 a flat group earns.
+        lowest = torch.where(valid, g, math.inf).amin(1, keepdim=True)
+        highest = torch.where(valid, g, -math.inf).amax(1, keepdim=True)
+        s = torch.where(lowest == highest, 0.0, s)
 
     s = torch.where(valid, s, 0.0)
     return torch.zeros_like(s).scatter(1, order, s)

@@ -1,0 +1,95 @@
+"""The ``passk`` console script, run as a real subprocess."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PASSK = [sys.executable, "-m", "services.cli"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*PASSK, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    assert "advantage-curves" in result.stdout
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "passk"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("passk "), result
+
+
+def test_cli_module_does_not_import_torch():
+    # --help must stay fast: torch is imported only inside the commands that need it
+    code = "import sys, services.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_cli_estimator_names_match_the_registry():
+    from services.cli import ESTIMATORS
+    from services.trainer.advantage import Estimator
+
+    assert list(ESTIMATORS) == [e.value for e in Estimator]
+
+
+def read_curves(path: Path) -> dict[tuple[str, str], list[dict]]:
+    curves: dict[tuple[str, str], list[dict]] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            curves.setdefault((row["estimator"], row["k"]), []).append(row)
+    return curves
+
+
+def peak(rows: list[dict]) -> int:
+    return int(max(rows, key=lambda r: float(r["eta"]))["n_pos"])
+
+
+def test_advantage_curves_for_n32_peak_where_the_paper_says(tmp_path):
+    result = run("advantage-curves", "--n", "32", "--k", "1", "4", "8", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    curves = read_curves(tmp_path / "advantage_curves.csv")
+    assert set(curves) == {(e, k) for e in ("passk_analytic", "passk_combination", "passk_exceeding") for k in "148"}
+    assert all(len(rows) == 33 for rows in curves.values())
+    assert peak(curves[("passk_analytic", "1")]) == 16
+    assert peak(curves[("passk_analytic", "8")]) == 4
+    # the printed table says the same
+    lines = [line.split() for line in result.stdout.splitlines() if "passk_analytic" in line]
+    printed = {cells[3]: cells[5] for cells in (line for line in lines) if len(cells) > 5}
+    assert printed == {"1": "16", "4": "8", "8": "4"}, result.stdout
+    assert (tmp_path / "advantage_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_advantage_curves_accepts_repeated_k_and_chosen_estimators(tmp_path):
+    result = run("advantage-curves", "--n", "16", "--k", "2", "--k", "16", "-e", "grpo", "-e", "pkpo", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    curves = read_curves(tmp_path / "advantage_curves.csv")
+    # grpo ignores k and is drawn once
+    assert set(curves) == {("grpo", ""), ("pkpo", "2"), ("pkpo", "16")}
+    assert peak(curves[("grpo", "")]) == 8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--k", "0"], "every k must satisfy 1 <= k <= N=32, got [0]"),
+        (["--n", "8", "--k", "9"], "every k must satisfy 1 <= k <= N=8, got [9]"),
+        (["--n", "1"], "N must be between 2 and 4096, got 1"),
+        (["-e", "passk_magic"], "unknown estimator(s) ['passk_magic']"),
+        (["-e", "passk_adaptive"], "passk_adaptive depends on per-prompt entropy"),
+        (["--n", "many"], "Invalid value for '--n'"),
+    ],
+)
+def test_advantage_curves_rejects_bad_arguments(tmp_path, args, message):
+    result = run("advantage-curves", *args, "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert not (tmp_path / "advantage_curves.csv").exists()

@@ -1,0 +1,100 @@
+"""Degenerate groups give 0, never NaN or inf, for N up to 4096 and every k <= N."""
+
+import math
+
+import pytest
+import torch
+
+from services.trainer.advantage import compute_advantages
+
+PASSK_FAMILY = ("passk_analytic", "passk_combination", "passk_exceeding", "passk_full")
+# Whose group reward has no spread when N_neg < k. Full sampling only sees its
+# disjoint groups; combination keeps its Pass@1 term there, as Eq. 18 says.
+ZERO_WHEN_FEWER_WRONG_THAN_K = ("passk_analytic", "passk_exceeding")
+
+
+def rows_for(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, degenerate) with rows: all correct, all wrong, N_neg = k-1, N_pos = 1, N_neg = k."""
+    counts = [n, 0, n - (k - 1), 1, n - k]
+    degenerate = torch.tensor([True, True, True, n - 1 < k, n - k == 0])
+    rewards = (torch.arange(n).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)).to(torch.float64)
+    return rewards, degenerate
+
+
+def check_degenerate(n: int, ks: range | list[int], names: tuple[str, ...]) -> None:
+    for k in ks:
+        rewards, degenerate = rows_for(n, k)
+        for name in names:
+            adv = compute_advantages(name, rewards, k=k)
+            assert torch.isfinite(adv).all(), (name, n, k)
+            if name in ZERO_WHEN_FEWER_WRONG_THAN_K:
+                assert bool((adv[degenerate] == 0).all()), (name, n, k)
+            else:
+                assert bool((adv[:2] == 0).all()), (name, n, k)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 32, 257])
+def test_degenerate_groups_for_every_k(n):
+    check_degenerate(n, range(1, n + 1), (*PASSK_FAMILY, "pkpo"))
+
+
+def test_degenerate_groups_for_every_k_at_4096():
+    # the analytic core, for every k; the estimators built on it at a stride
+    n = 4096
+    check_degenerate(n, range(1, n + 1), ("passk_analytic", "passk_exceeding"))
+    strided = sorted({*range(1, n + 1, 61), 2, n - 1, n})
+    check_degenerate(n, strided, ("passk_combination", "passk_full", "pkpo"))
+
+
+def test_nondegenerate_groups_get_nonzero_advantages_at_4096():
+    n = 4096
+    for k in (1, 2, 64, 1024, 4000, 4095):
+        rewards, degenerate = rows_for(n, k)
+        adv = compute_advantages("passk_analytic", rewards, k=k)
+        # A_pos = sqrt(q / (1 - q)) with q = C(N_neg, k) / C(N, k): rows whose q
+        # is below the smallest float64 carry no representable advantage.
+        n_pos = rewards.sum(1).long().tolist()
+        live = [not d and math.comb(n - p, k) / math.comb(n, k) > 1e-300 for p, d in zip(n_pos, degenerate.tolist())]
+        live = torch.tensor(live)
+        assert bool(live.any())
+        assert bool((adv[live].abs().sum(1) > 0).all()), k
+        # positive responses are pushed up, negative ones down
+        assert bool((adv[live][rewards[live] == 1] > 0).all())
+        assert bool((adv[live][rewards[live] == 0] <= 0).all())
+
+
+@pytest.mark.parametrize("n", [2, 5, 32])
+def test_bootstrap_is_zero_on_degenerate_groups(n):
+    for k in range(1, n + 1):
+        rewards, degenerate = rows_for(n, k)
+        adv = compute_advantages("passk_bootstrap", rewards, k=k, n_group=16)
+        assert torch.isfinite(adv).all()
+        assert bool((adv[degenerate] == 0).all()), (n, k)
+
+
+def test_bootstrap_stays_finite_at_4096():
+    rewards, degenerate = rows_for(4096, 16)
+    adv = compute_advantages("passk_bootstrap", rewards, k=16, n_group=8)
+    assert torch.isfinite(adv).all() and bool((adv[degenerate] == 0).all())
+
+
+def test_combination_keeps_its_pass1_term_when_fewer_than_k_are_wrong():
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    got = compute_advantages("passk_combination", rewards, k=2)
+    torch.testing.assert_close(got, 0.25 * compute_advantages("grpo", rewards, k=2))
+
+
+def test_pkpo_flat_groups_are_exactly_zero_with_a_baseline():
+    for value in (0.0, 1.0):
+        rewards = torch.full((1, 7), value)
+        for baseline in ("loo", "loo_minus_one"):
+            for k in range(1, 7):
+                assert bool((compute_advantages("pkpo", rewards, k=k, baseline=baseline) == 0).all())
+    # without a baseline a flat correct group keeps s_i = k/n
+    assert compute_advantages("pkpo", torch.ones(1, 4), k=2, baseline="none")[0, 0].item() == 0.5
+
+
+def test_grpo_is_zero_without_spread_even_for_awkward_floats():
+    for row in ([0.1] * 3, [1e-300] * 4, [7.3] * 5, [1 / 3] * 6):
+        adv = compute_advantages("grpo", torch.tensor([row], dtype=torch.float64), k=1)
+        assert bool((adv == 0).all()), row

@@ -1,0 +1,245 @@
+"""The estimators against the paper's definitions (Sections 2 and 4, Appendices B-C)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from services.trainer import advantage_reference as ref
+from services.trainer.advantage import (
+    Estimator,
+    compute_advantages,
+    exceeding_factor,
+    sample_bootstrap_groups,
+)
+
+
+def binary_rows(n: int) -> torch.Tensor:
+    """Every N_pos = 0..n once, correct responses first: (n+1, n) float64."""
+    return (torch.arange(n).unsqueeze(0) < torch.arange(n + 1).unsqueeze(1)).to(torch.float64)
+
+
+def enumerate_analytic(n: int, k: int) -> np.ndarray:
+    """Exact mean over all C(n, k) groups of the group-normalized max advantage, for every N_pos.
+
+    Returns (n+1, n): row p has p correct responses first.
+    """
+    subsets = np.array(list(itertools.combinations(range(n), k)))  # (S, k)
+    out = np.zeros((n + 1, n))
+    for p in range(n + 1):
+        rewards = (np.arange(n) < p).astype(float)
+        group_reward = rewards[subsets].max(1)  # (S,)
+        std = group_reward.std()  # population std, as Eq. 12
+        group_adv = (group_reward - group_reward.mean()) / std if std > 0 else np.zeros_like(group_reward)
+        total = np.zeros(n)
+        np.add.at(total, subsets.ravel(), np.repeat(group_adv, k))
+        out[p] = total / math.comb(n - 1, k - 1)  # every response is in C(n-1, k-1) groups
+    return out
+
+
+def test_analytic_equals_enumeration_over_all_groups():
+    for n in range(2, 13):
+        rows = binary_rows(n)
+        for k in range(1, n + 1):
+            got = compute_advantages("passk_analytic", rows, k=k).numpy()
+            want = enumerate_analytic(n, k)
+            assert np.abs(got - want).max() <= 1e-9, (n, k)
+
+
+def test_enumeration_reference_agrees_with_independent_numpy_enumeration():
+    # the list-based oracle used by the benchmark is the same definition
+    for n, k in [(5, 2), (6, 3), (7, 7)]:
+        rows = binary_rows(n).tolist()
+        np.testing.assert_allclose(ref.per_group(ref.passk_by_enumeration, rows, k), enumerate_analytic(n, k), atol=1e-12)
+
+
+def test_k_equal_one_gives_grpo():
+    gen = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(64, 16, generator=gen) < 0.4).double()
+    mask = torch.rand(64, 16, generator=gen) < 0.85
+    mask[:, :2] = True
+    grpo = compute_advantages("grpo", rewards, k=1, mask=mask)
+    for name in ("passk_analytic", "passk_full", "passk_combination"):
+        torch.testing.assert_close(compute_advantages(name, rewards, k=1, mask=mask), grpo, rtol=0, atol=1e-12)
+    # exact equality on full groups for the closed form
+    full = binary_rows(12)
+    assert torch.equal(
+        compute_advantages("passk_full", full, k=1), compute_advantages("grpo", full, k=1)
+    )
+
+
+def test_grpo_matches_eq_1_to_3():
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.rand(32, 8, generator=gen, dtype=torch.float64)
+    rewards[0] = 0.7  # no spread
+    got = compute_advantages("grpo", rewards, k=1)
+    np.testing.assert_allclose(got.numpy(), ref.per_group(ref.grpo, rewards.tolist()), atol=1e-12)
+    assert torch.equal(got[0], torch.zeros(8, dtype=torch.float64))
+    centered = compute_advantages("grpo", rewards, k=1, std_normalize=False)
+    torch.testing.assert_close(centered, rewards - rewards.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_full_sampling_matches_algorithm_1(continuous):
+    gen = torch.Generator().manual_seed(2)
+    for n in (4, 6, 12, 32):
+        rewards = torch.rand(50, n, generator=gen, dtype=torch.float64)
+        if not continuous:
+            rewards = (rewards < 0.3).double()
+        for k in range(1, n + 1):
+            got = compute_advantages("passk_full", rewards, k=k)
+            want = ref.per_group(ref.passk_full, rewards.tolist(), k)
+            np.testing.assert_allclose(got.numpy(), want, atol=1e-12, err_msg=f"n={n} k={k}")
+            if n % k:
+                # the remainder of floor(N/k) groups is discarded
+                assert bool((got[:, (n // k) * k :] == 0).all())
+
+
+def test_bootstrap_is_seeded_and_samples_distinct_valid_responses():
+    gen = torch.Generator().manual_seed(3)
+    rewards = (torch.rand(8, 10, generator=gen) < 0.5).double()
+    mask = torch.ones(8, 10, dtype=torch.bool)
+    mask[:, 7:] = False
+    a = compute_advantages("passk_bootstrap", rewards, k=3, mask=mask, seed=11)
+    b = compute_advantages("passk_bootstrap", rewards, k=3, mask=mask, seed=11)
+    c = compute_advantages("passk_bootstrap", rewards, k=3, mask=mask, seed=12)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    index = sample_bootstrap_groups(mask, 3, 500, torch.Generator().manual_seed(0))
+    assert index.shape == (8, 500, 3)
+    assert bool((index < 7).all()), "padding must never be sampled"
+    assert bool((index.sort(2).values.diff(dim=2) > 0).all()), "a group holds k distinct responses"
+    # every valid response is drawn with probability k/N_valid
+    freq = torch.bincount(index.flatten(), minlength=10)[:7].double() / (8 * 500 * 3)
+    assert torch.allclose(freq, torch.full((7,), 1 / 7, dtype=torch.float64), atol=0.01)
+
+
+def test_bootstrap_sum_is_eq_6_on_the_sampled_groups():
+    gen = torch.Generator().manual_seed(4)
+    rewards = (torch.rand(6, 9, generator=gen) < 0.4).double()
+    got = compute_advantages("passk_bootstrap", rewards, k=3, n_group=20, seed=5)
+    index = sample_bootstrap_groups(torch.ones(6, 9, dtype=torch.bool), 3, 20, torch.Generator().manual_seed(5))
+    for b in range(6):
+        groups = index[b].tolist()
+        group_adv = ref.grpo([max(rewards[b, i].item() for i in g) for g in groups])
+        want = [sum(adv for g, adv in zip(groups, group_adv) if i in g) for i in range(9)]
+        np.testing.assert_allclose(got[b].numpy(), want, atol=1e-12)
+
+
+def test_bootstrap_converges_to_analytic_like_one_over_sqrt_n_group():
+    n, k = 16, 4
+    base = binary_rows(n)[[1, 3, 6, 9]]  # N_pos = 1, 3, 6, 9; N_neg >= k so none is degenerate
+    rewards = base.repeat(32, 1)  # 32 replicas of each row average the error
+    analytic = compute_advantages("passk_analytic", rewards, k=k)
+    sizes = [32, 128, 512, 2048]
+    errors = []
+    for size in sizes:
+        mean = compute_advantages("passk_bootstrap", rewards, k=k, n_group=size, seed=7, reduction="mean")
+        errors.append((mean - analytic).pow(2).mean().sqrt().item())
+        total = compute_advantages("passk_bootstrap", rewards, k=k, n_group=size, seed=7)
+        scaled = total * n / (size * k)  # Eq. 6 sums over about n_group * k / N groups
+        assert (scaled - analytic).pow(2).mean().sqrt().item() < 3 * errors[-1] + 0.05
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    slope = np.polyfit(np.log(sizes), np.log(errors), 1)[0]
+    assert -0.65 < slope < -0.35, (slope, errors)
+    assert errors[-1] < 0.05
+
+
+def test_combination_is_eq_18():
+    rows = binary_rows(32)
+    for k in (2, 4, 8):
+        weight = (rows.sum(1) / 32).unsqueeze(1)
+        want = weight * compute_advantages("passk_analytic", rows, k=k) + (1 - weight) * compute_advantages(
+            "grpo", rows, k=k
+        )
+        torch.testing.assert_close(compute_advantages("passk_combination", rows, k=k), want, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            compute_advantages("passk_combination", rows, k=k).numpy(),
+            ref.per_group(ref.passk_combination, rows.tolist(), k),
+            atol=1e-12,
+        )
+
+
+def test_exceeding_is_eq_17_with_the_natural_log_and_peaks_at_one_correct():
+    rows = binary_rows(32)
+    n_pos = rows.sum(1)
+    factor = exceeding_factor(n_pos)
+    assert factor[1].item() == pytest.approx(4 / (10 * math.log(1.5)))
+    assert factor[0].item() == 0.0
+    assert bool((factor[1:] <= 1).all()), "the transform only damps"
+    got = compute_advantages("passk_exceeding", rows, k=8)
+    torch.testing.assert_close(got, factor.unsqueeze(1) * compute_advantages("passk_analytic", rows, k=8))
+    eta = got.abs().sum(1)
+    assert int(eta.argmax()) == 1  # Sec. 4.2.1: the peak moves to correctness 1/32
+
+
+def test_eta_peaks_where_section_4_1_says():
+    rows = binary_rows(32)
+    eta = {k: compute_advantages("passk_analytic", rows, k=k).abs().sum(1) for k in (1, 8)}
+    assert int(eta[1].argmax()) == 16  # Pass@1: 50 % accuracy
+    assert int(eta[8].argmax()) == 4  # Pass@8: 12.5 % accuracy (N_pos = 4 of 32)
+    assert eta[8][20:].max() < 0.2 * eta[8].max(), "Pass@k fades on easy prompts"
+
+
+@pytest.mark.parametrize("shape", ["per_prompt", "per_response"])
+def test_adaptive_gives_pass1_to_the_high_entropy_half(shape):
+    gen = torch.Generator().manual_seed(5)
+    rewards = (torch.rand(7, 12, generator=gen) < 0.4).double()
+    rewards[:, 0] = 1.0
+    rewards[:, 1] = 0.0
+    prompt_entropy = torch.tensor([0.3, 2.0, 0.1, 1.5, 0.9, 0.2, 1.1])
+    entropy = prompt_entropy if shape == "per_prompt" else prompt_entropy.unsqueeze(1).repeat(1, 12)
+    got = compute_advantages("passk_adaptive", rewards, k=4, entropy=entropy)
+    grpo = compute_advantages("grpo", rewards, k=4)
+    passk = compute_advantages("passk_analytic", rewards, k=4)
+    high = {1, 3, 6}  # the top floor(7/2) = 3 entropies: 2.0, 1.5, 1.1
+    for b in range(7):
+        torch.testing.assert_close(got[b], grpo[b] if b in high else passk[b])
+
+
+def test_adaptive_entropy_per_response_is_averaged_over_valid_responses_only():
+    rewards = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    entropy = torch.tensor([[1.0, 1.0, 1.0, 100.0], [2.0, 2.0, 2.0, 2.0]])
+    got = compute_advantages("passk_adaptive", rewards, k=2, mask=mask, entropy=entropy)
+    # row 0 averages 1.0 (the padded 100 is ignored), so row 1 is the high-entropy one
+    torch.testing.assert_close(got[1], compute_advantages("grpo", rewards, k=2, mask=mask)[1])
+    torch.testing.assert_close(got[0], compute_advantages("passk_analytic", rewards, k=2, mask=mask)[0])
+
+
+def test_every_estimator_on_padded_groups_equals_the_unpadded_group():
+    gen = torch.Generator().manual_seed(6)
+    sizes = [3, 8, 5, 12, 2]
+    width = 12
+    rewards = (torch.rand(len(sizes), width, generator=gen) < 0.5).double()
+    rewards[:, 0] = 1.0
+    mask = torch.arange(width).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
+    # scramble where the padding sits: masks need not be a prefix
+    perm = torch.randperm(width, generator=gen)
+    rewards, mask = rewards[:, perm], mask[:, perm]
+    rewards = rewards.masked_fill(~mask, float("nan"))  # padding values are never read
+    entropy = torch.rand(len(sizes), generator=gen)
+    for name in Estimator:
+        if name == Estimator.PASSK_BOOTSTRAP:
+            continue  # its random draws depend on the padded width; covered above
+        options = {"entropy": entropy} if name == Estimator.PASSK_ADAPTIVE else {}
+        got = compute_advantages(name, rewards, k=2, mask=mask, **options)
+        assert bool((got[~mask] == 0).all())
+        for b in range(len(sizes)):
+            row = rewards[b][mask[b]].unsqueeze(0)
+            if name == Estimator.PASSK_ADAPTIVE:
+                continue  # its ranking is across the batch; covered above
+            alone = compute_advantages(name, row, k=2)
+            torch.testing.assert_close(got[b][mask[b]], alone[0], rtol=0, atol=1e-12, msg=f"{name} row {b}")
+
+
+def test_output_dtype_follows_rewards():
+    rows = binary_rows(8)
+    assert compute_advantages("passk_analytic", rows.float(), k=2).dtype == torch.float32
+    assert compute_advantages("passk_analytic", rows, k=2).dtype == torch.float64
+    assert compute_advantages("passk_analytic", rows.long(), k=2).dtype == torch.float32
+    torch.testing.assert_close(
+        compute_advantages("passk_analytic", rows.float(), k=2),
+        compute_advantages("passk_analytic", rows, k=2).float(),
+    )
