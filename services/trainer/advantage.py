@@ -32,6 +32,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+import functools
 from typing import Literal
 
 import torch
@@ -58,10 +59,16 @@ class Estimator(enum.StrEnum):
 class Groups:
     """A validated batch of response groups, in float64."""
 
-    rewards: Tensor  # (B, N) float64, 0 at masked positions
+    values: Tensor  # (B, N) the rewards in their floating dtype (float64 for integer input), 0 where masked
     mask: Tensor  # (B, N) bool, True for valid responses
     n: Tensor  # (B,) int64, valid responses per group
     n_pos: Tensor  # (B,) float64, sum of valid rewards (the correct count when binary)
+    full: bool  # every response is valid: the estimators skip their masking work
+
+    @property
+    def valid(self) -> Tensor | None:
+        """The mask, or None when every response is valid (for ``group_normalize``)."""
+        return None if self.full else self.mask
 
 
 EstimatorFn = Callable[..., Tensor]
@@ -71,6 +78,7 @@ EstimatorFn = Callable[..., Tensor]
 class _Spec:
     fn: EstimatorFn
     uses_k: bool
+    options: dict[str, object]  # keyword-only options and their defaults
 
 
 _REGISTRY: dict[Estimator, _Spec] = {}
@@ -83,7 +91,9 @@ def register(name: Estimator, *, uses_k: bool = True) -> Callable[[EstimatorFn],
         key = Estimator(name)
         if key in _REGISTRY:
             raise ValueError(f"advantage estimator {key.value!r} is already registered")
-        _REGISTRY[key] = _Spec(fn=fn, uses_k=uses_k)
+        params = inspect.signature(fn).parameters.values()
+        options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        _REGISTRY[key] = _Spec(fn=fn, uses_k=uses_k, options=options)
         return fn
 
     return decorate
@@ -96,8 +106,7 @@ def estimator_uses_k(name: str | Estimator) -> bool:
 
 def estimator_options(name: str | Estimator) -> dict[str, object]:
     """The keyword options an estimator accepts, with their defaults."""
-    params = inspect.signature(_lookup(name).fn).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return dict(_lookup(name).options)
 
 
 def compute_advantages(
@@ -126,10 +135,11 @@ def compute_advantages(
     spec = _lookup(name)
     groups = _prepare(rewards, mask)
     k = _check_k(k, groups)
-    _check_options(name, spec.fn, options)
+    _check_options(name, spec, options)
     advantages = spec.fn(groups, k, **options)
-    out_dtype = rewards.dtype if isinstance(rewards, Tensor) and rewards.is_floating_point() else torch.float32
-    return advantages.masked_fill(~groups.mask, 0.0).to(out_dtype)
+    if not groups.full:
+        advantages = advantages.masked_fill(~groups.mask, 0.0)
+    return advantages.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -153,8 +163,11 @@ def _prepare(rewards: Tensor, mask: Tensor | None) -> Groups:
         raise ValueError("rewards must be real numbers, got a complex tensor")
     if rewards.shape[1] < 2:
         raise ValueError(f"each group needs N >= 2 responses to compare, got N={rewards.shape[1]}")
+    if not rewards.is_floating_point():
+        rewards = rewards.to(torch.float64)
     if mask is None:
         mask = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
+        full = True
     else:
         if not isinstance(mask, Tensor):
             raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -166,17 +179,24 @@ def _prepare(rewards: Tensor, mask: Tensor | None) -> Groups:
             if bool(((mask != 0) & (mask != 1)).any()):
                 raise ValueError("mask must be boolean or contain only 0 and 1")
             mask = mask != 0
-    n = mask.sum(1)
-    if n.numel() and int(n.min()) < 2:
-        row = int(torch.nonzero(n < 2)[0, 0])
-        raise ValueError(f"each group needs N >= 2 valid responses, group {row} has N={int(n[row])}")
-    values = rewards.to(torch.float64)
-    bad = mask & ~torch.isfinite(values)
-    if bool(bad.any()):
-        b, i = (int(x) for x in torch.nonzero(bad)[0])
-        raise ValueError(f"rewards must be finite, got {values[b, i].item()} (NaN or inf) at [{b}, {i}]")
-    values = values.masked_fill(~mask, 0.0)
-    return Groups(rewards=values, mask=mask, n=n, n_pos=values.sum(1))
+        full = bool(mask.all())
+    if full:
+        n = torch.full((rewards.shape[0],), rewards.shape[1], dtype=torch.int64, device=rewards.device)
+    else:
+        n = mask.sum(1)
+        if n.numel() and int(n.min()) < 2:
+            row = int(torch.nonzero(n < 2)[0, 0])
+            raise ValueError(f"each group needs N >= 2 valid responses, group {row} has N={int(n[row])}")
+    values = rewards if full else rewards.masked_fill(~mask, 0.0)  # padding may hold anything, NaN included
+    n_pos = values.sum(1, dtype=torch.float64)
+    # One pass checks finiteness: a NaN or inf anywhere makes its row sum non-finite.
+    # Only then look closer (the sum of huge finite rewards can overflow too).
+    if not bool(torch.isfinite(n_pos).all()):
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            b, i = (int(x) for x in torch.nonzero(bad)[0])
+            raise ValueError(f"rewards must be finite, got {values[b, i].item()} (NaN or inf) at [{b}, {i}]")
+    return Groups(values=values, mask=mask, n=n, n_pos=n_pos, full=full)
 
 
 def _check_k(k: object, groups: Groups) -> int:
@@ -190,22 +210,21 @@ def _check_k(k: object, groups: Groups) -> int:
     return k
 
 
-def _check_options(name: str | Estimator, fn: EstimatorFn, options: dict[str, object]) -> None:
-    accepted = {
-        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    unknown = sorted(set(options) - accepted)
+def _check_options(name: str | Estimator, spec: _Spec, options: dict[str, object]) -> None:
+    unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        allowed = ", ".join(sorted(accepted)) or "none"
+        allowed = ", ".join(sorted(spec.options)) or "none"
         raise ValueError(f"unknown option(s) {unknown} for estimator {Estimator(name).value!r}; accepted: {allowed}")
 
 
 def _require_binary(groups: Groups, name: str) -> None:
-    bad = groups.mask & (groups.rewards != 0) & (groups.rewards != 1)
-    if bool(bad.any()):
-        b, i = (int(x) for x in torch.nonzero(bad)[0])
+    values = groups.values
+    # v (v - 1) is 0 exactly for v in {0, 1}; padding holds 0
+    if torch.count_nonzero(values.mul(values).sub_(values)):
+        binary = (values == 0) | (values == 1)
+        b, i = (int(x) for x in torch.nonzero(~binary)[0])
         raise ValueError(
-            f"estimator {str(name)!r} needs binary rewards in {{0, 1}}, got {groups.rewards[b, i].item()} at [{b}, {i}]"
+            f"estimator {str(name)!r} needs binary rewards in {{0, 1}}, got {values[b, i].item()} at [{b}, {i}]"
         )
 
 
@@ -213,23 +232,30 @@ def _require_binary(groups: Groups, name: str) -> None:
 # Shared pieces
 
 
-def group_normalize(values: Tensor, mask: Tensor, *, std_normalize: bool = True) -> Tensor:
-    """(v - mean) / std within each row over the masked entries (Eq. 1-3).
+def group_normalize(values: Tensor, mask: Tensor | None = None, *, std_normalize: bool = True) -> Tensor:
+    """(v - mean) / std within each row over the valid entries (Eq. 1-3).
 
     The std is the population std, sqrt(mean((v - mean)^2)): Eq. 2 as printed
     puts 1/N outside the square root, a typo that Eq. 12 and Appendix B.2 do
-    not repeat. Rows without spread get 0. Shapes: values, mask (B, M) -> (B, M).
+    not repeat. Rows without spread get 0. Shapes: values (B, M), mask (B, M)
+    bool or None for all valid; values must be 0 where the mask is False.
     """
-    count = mask.sum(1, keepdim=True).clamp_min(1)
-    mean = (values * mask).sum(1, keepdim=True) / count
-    centered = (values - mean) * mask
+    if mask is None:
+        mean = values.mean(1, keepdim=True)
+        centered = values - mean
+        variance = (centered * centered).mean(1, keepdim=True)
+    else:
+        count = mask.sum(1, keepdim=True).clamp_min(1)
+        mean = values.sum(1, keepdim=True) / count
+        centered = (values - mean) * mask
+        variance = (centered * centered).sum(1, keepdim=True) / count
     if not std_normalize:
         return centered
-    std = ((centered**2).sum(1, keepdim=True) / count).sqrt()
-    # Equal rewards leave rounding noise of order eps * |value| after centering;
+    std = variance.sqrt()
+    # Equal rewards leave rounding noise of a few eps * |mean| after centering;
     # dividing it by an equally tiny std would invent advantages of size 1.
-    tol = 1e-9 * (values.abs() * mask).amax(1, keepdim=True)
-    return torch.where(std > tol, centered / std.clamp_min(torch.finfo(values.dtype).tiny), 0.0)
+    spread = std > 64 * torch.finfo(values.dtype).eps * mean.abs()
+    return torch.where(spread, centered / torch.where(spread, std, 1.0), 0.0)
 
 
 def analytic_response_advantages(n: Tensor, n_pos: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -254,13 +280,41 @@ def analytic_response_advantages(n: Tensor, n_pos: Tensor, k: int) -> tuple[Tens
     return a_pos, a_neg
 
 
+@functools.lru_cache(maxsize=256)
+def _analytic_table(n: int, k: int, device: torch.device) -> Tensor:
+    """(2, n + 1) float64: A_pos and A_neg for every N_pos = 0..n.
+
+    A training run asks for the same (N, k) at every step; the table is cheap
+    but its dozen small tensor operations would dominate a batch's cost.
+    """
+    n_pos = torch.arange(n + 1, device=device)
+    return torch.stack(analytic_response_advantages(torch.full_like(n_pos, n), n_pos.to(torch.float64), k))
+
+
 def _analytic(groups: Groups, k: int) -> Tensor:
-    a_pos, a_neg = analytic_response_advantages(groups.n, groups.n_pos, k)
-    return torch.where(groups.rewards > 0.5, a_pos.unsqueeze(1), a_neg.unsqueeze(1))
+    """(B, N) analytic advantages of binary rewards, in the rewards' dtype.
+
+    Per group the advantages come from float64 tables; per response it is
+    r * A_pos + (1 - r) * A_neg, exact for r in {0, 1} and faster than a
+    broadcast ``torch.where``.
+    """
+    device = groups.n.device
+    n_pos = groups.n_pos.round().to(torch.int64)
+    if groups.full:
+        table = _analytic_table(int(groups.n[0]), k, device)
+        a_pos, a_neg = table[:, n_pos]
+    else:
+        sizes, which = torch.unique(groups.n, return_inverse=True)
+        tables = torch.zeros((len(sizes), 2, int(sizes[-1]) + 1), dtype=torch.float64, device=device)
+        for row, size in enumerate(sizes.tolist()):  # one per distinct group size, not per group
+            tables[row, :, : size + 1] = _analytic_table(size, k, device)
+        a_pos, a_neg = tables[which, 0, n_pos], tables[which, 1, n_pos]
+    r, dtype = groups.values, groups.values.dtype
+    return r * a_pos.to(dtype).unsqueeze(1) + (1 - r) * a_neg.to(dtype).unsqueeze(1)
 
 
 def _grpo(groups: Groups, std_normalize: bool = True) -> Tensor:
-    return group_normalize(groups.rewards, groups.mask, std_normalize=std_normalize)
+    return group_normalize(groups.values, groups.valid, std_normalize=std_normalize)
 
 
 # ----------------------------------------------------------------------------
@@ -289,32 +343,64 @@ def passk_full(groups: Groups, k: int) -> Tensor:
     members' rewards (Eq. 5), groups are normalized as in GRPO, and each
     response takes its group's advantage. Works for continuous rewards too.
     """
-    rewards, mask = groups.rewards, groups.mask
-    rank = torch.cumsum(mask, 1) - 1  # (B, N) position among the valid responses
-    n_groups = groups.n // k  # (B,)
-    group_id = torch.div(rank, k, rounding_mode="floor")
-    member = mask & (group_id < n_groups.unsqueeze(1))
-    width = rewards.shape[1] // k
-    index = torch.where(member, group_id, 0)
-    neg_inf = torch.full_like(rewards, -math.inf)
-    group_reward = torch.full((rewards.shape[0], width), -math.inf, dtype=torch.float64, device=rewards.device)
-    group_reward = group_reward.scatter_reduce(1, index, torch.where(member, rewards, neg_inf), "amax")
-    group_mask = torch.arange(width, device=rewards.device).unsqueeze(0) < n_groups.unsqueeze(1)
-    group_adv = group_normalize(torch.where(group_mask, group_reward, 0.0), group_mask)  # (B, G)
-    return group_adv.gather(1, index) * member
+    rewards = groups.values
+    batch, width = rewards.shape
+    n_groups = width // k
+    # Pack each row's valid responses to the front, in order: group j is then
+    # packed positions j*k .. j*k+k-1 and exists if j < n // k.
+    order = None if groups.full else valid_first(groups.mask)
+    packed = rewards if order is None else rewards.gather(1, order)
+    group_reward = packed[:, : n_groups * k].reshape(batch, n_groups, k).amax(2)  # (B, G), Eq. 5
+    group_mask = None
+    if not groups.full:
+        group_mask = torch.arange(n_groups, device=rewards.device).unsqueeze(0) < (groups.n // k).unsqueeze(1)
+        group_reward = group_reward * group_mask
+    group_adv = group_normalize(group_reward, group_mask)  # (B, G), 0 for groups that do not exist
+    adv = torch.zeros_like(rewards)
+    adv[:, : n_groups * k] = group_adv.repeat_interleave(k, dim=1)  # the remainder stays 0
+    return adv if order is None else torch.zeros_like(adv).scatter_(1, order, adv)
+
+
+def valid_first(mask: Tensor) -> Tensor:
+    """Per row, the positions of the valid entries in order, then the padding: (B, N)."""
+    return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
 
 
 def sample_bootstrap_groups(mask: Tensor, k: int, n_group: int, generator: torch.Generator) -> Tensor:
     """Indices of n_group groups of k distinct valid responses per row, (B, n_group, k).
 
     Algorithm 2, line 3: each group draws k distinct responses uniformly; groups
-    are drawn independently. Random keys are ranked per group (invalid positions
-    rank last), so a group is a uniform k-subset of the valid responses.
+    are drawn independently. Floyd's algorithm draws a uniform k-subset of
+    0..n-1 with k random numbers: for j = n-k .. n-1, take a uniform t in 0..j,
+    or j itself if t is already taken. Vectorized over all groups at once; the
+    loop runs over the k draws, never over groups.
     """
     batch, width = mask.shape
-    keys = torch.rand((batch, n_group, width), generator=generator, dtype=torch.float32, device=mask.device)
-    keys = keys.masked_fill(~mask.unsqueeze(1), -1.0)
-    return keys.topk(k, dim=2).indices
+    full = bool(mask.all())
+    n = width if full else mask.sum(1, keepdim=True)  # int, or (B, 1) for ragged groups
+    # float64 uniforms: floor(u * m) is uniform on 0..m-1 up to m / 2**53
+    uniforms = torch.rand((k, batch, n_group), generator=generator, dtype=torch.float64, device=mask.device)
+    # What each group has taken: one 64-bit word per group when N <= 64 (the
+    # common case, and twice as fast), else a bool per response.
+    packed = width <= 64
+    shape = (batch, n_group) if packed else (batch, n_group, width)
+    taken = torch.zeros(shape, dtype=torch.int64 if packed else torch.bool, device=mask.device)
+    picks = []
+    for step in range(k):
+        top = n - k + step  # the draw is uniform in 0..top
+        t = (uniforms[step] * (top + 1)).to(torch.int64)
+        t = t.clamp_(max=top) if full else torch.minimum(t, top)  # u < 1, but rounding
+        if packed:
+            pick = torch.where(torch.bitwise_right_shift(taken, t).bitwise_and_(1).bool(), top, t)
+            taken.bitwise_or_(torch.bitwise_left_shift(torch.ones_like(pick), pick))
+        else:
+            pick = torch.where(taken.gather(2, t.unsqueeze(2)).squeeze(2), top, t)
+            taken.scatter_(2, pick.unsqueeze(2), True)
+        picks.append(pick)
+    index = torch.stack(picks, dim=2)  # ranks among the valid responses
+    if full:
+        return index
+    return valid_first(mask).gather(1, index.reshape(batch, -1)).reshape(batch, n_group, k)
 
 
 @register(Estimator.PASSK_BOOTSTRAP)
@@ -338,16 +424,16 @@ def passk_bootstrap(
             number of such groups and converges to ``passk_analytic``.
     """
     if n_group is None:
-        n_group = groups.rewards.shape[1]
+        n_group = groups.values.shape[1]
     if isinstance(n_group, bool) or not isinstance(n_group, int) or n_group < 1:
         raise ValueError(f"n_group must be an integer >= 1, got {n_group!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    generator = torch.Generator(device=groups.rewards.device).manual_seed(seed)
+    generator = torch.Generator(device=groups.values.device).manual_seed(seed)
     index = sample_bootstrap_groups(groups.mask, k, n_group, generator)
-    return bootstrap_from_groups(groups.rewards, index, reduction)
+    return bootstrap_from_groups(groups.values, index, reduction)
 
 
 def bootstrap_from_groups(rewards: Tensor, index: Tensor, reduction: str) -> Tensor:
@@ -383,7 +469,7 @@ def passk_combination(groups: Groups, k: int) -> Tensor:
     on Pass@1 for efficiency, easy ones on Pass@k against overfitting.
     """
     _require_binary(groups, Estimator.PASSK_COMBINATION)
-    weight = (groups.n_pos / groups.n).unsqueeze(1)
+    weight = (groups.n_pos / groups.n).to(groups.values.dtype).unsqueeze(1)
     return weight * _analytic(groups, k) + (1.0 - weight) * _grpo(groups)
 
 
@@ -405,7 +491,8 @@ def exceeding_factor(n_pos: Tensor) -> Tensor:
 def passk_exceeding(groups: Groups, k: int) -> Tensor:
     """Exceeding Pass@k training, Eq. 17: f(N_pos) times the analytic advantage."""
     _require_binary(groups, Estimator.PASSK_EXCEEDING)
-    return exceeding_factor(groups.n_pos.round()).unsqueeze(1) * _analytic(groups, k)
+    factor = exceeding_factor(groups.n_pos).to(groups.values.dtype)
+    return factor.unsqueeze(1) * _analytic(groups, k)
 
 
 @register(Estimator.PASSK_ADAPTIVE)
@@ -434,7 +521,7 @@ def _prompt_entropy(entropy: Tensor | None, groups: Groups) -> Tensor:
         raise ValueError("estimator 'passk_adaptive' needs the entropy=... option, shape [B] or [B, N]")
     if not isinstance(entropy, Tensor):
         raise ValueError(f"entropy must be a torch.Tensor, got {type(entropy).__name__}")
-    shape = tuple(groups.rewards.shape)
+    shape = tuple(groups.values.shape)
     values = entropy.to(torch.float64)
     if values.shape == shape:
         if bool((groups.mask & ~torch.isfinite(values)).any()):
@@ -473,4 +560,4 @@ def pkpo(
         raise ValueError(f"reward_type must be 'binary' or 'continuous', got {reward_type!r}")
     if reward_type == "binary":
         _require_binary(groups, Estimator.PKPO)
-    return pkpo_weights(groups.rewards, groups.mask, k, baseline=baseline)
+    return pkpo_weights(groups.values.to(torch.float64), groups.mask, k, baseline=baseline)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import sys
 from collections.abc import Callable, Sequence
 
 
@@ -18,7 +19,7 @@ def grpo(rewards: Sequence[float]) -> list[float]:
     n = len(rewards)
     mean = sum(rewards) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
-    if std <= 1e-9 * max(abs(r) for r in rewards):
+    if std <= 64 * sys.float_info.epsilon * abs(mean):
         return [0.0] * n
     return [(r - mean) / std for r in rewards]
 
@@ -107,6 +108,28 @@ def pkpo(rewards: Sequence[float], k: int, baseline: str = "loo_minus_one") -> l
         elif baseline == "loo_minus_one":
             s -= sum(max(rewards[j] for j in subset[1:]) for subset in with_i) / total
         out.append(s)
+    return out
+
+
+def pkpo_sorted(rewards: Sequence[float], k: int, baseline: str = "loo_minus_one") -> list[float]:
+    """PKPO weights from the sorted-rank formula with exact binomials, O(n^2) per group."""
+    n = len(rewards)
+    order = sorted(range(n), key=lambda i: rewards[i])
+    g = [rewards[i] for i in order]  # ascending; rank i + 1 at index i
+
+    def max_at_k(values: list[float], kk: int) -> float:
+        # unbiased maxg@kk of ascending values: sum_m C(m-1, kk-1) g_(m) / C(len, kk)
+        return sum(math.comb(m, kk - 1) * v for m, v in enumerate(values)) / math.comb(len(values), kk)
+
+    total = math.comb(n, k)
+    out = [0.0] * n
+    for i in range(n):
+        s = math.comb(i, k - 1) * g[i] + sum(math.comb(m - 1, k - 2) * g[m] for m in range(i + 1, n) if k >= 2)
+        s /= total
+        if baseline != "none":
+            kappa = k - 1 if baseline == "loo_minus_one" and k >= 2 else k
+            s -= (k / n) * max_at_k(g[:i] + g[i + 1 :], kappa)
+        out[order[i]] = s
     return out
 
 

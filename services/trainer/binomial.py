@@ -32,9 +32,11 @@ def comb_ratio_table(bottom: Tensor, k: int, size: int) -> Tensor:
         raise ValueError(f"k must be >= 0, got {k}")
     bottom = bottom.to(torch.int64)
     j = torch.arange(1, size + 1, dtype=torch.float64, device=bottom.device)  # (size,)
-    factor = 1.0 - k / j
+    # (j - k) / j rather than 1 - k / j: torch evaluates k / j as k * (1 / j),
+    # which misses 1 at j == k, and that factor must be exactly 0.
+    factor = (j - k) / j
     # Factors for j <= k are <= 0, but every product that reaches them also
-    # passes j == k, whose factor is exactly 0: C(i, k) = 0 for i < k.
+    # passes j == k, whose factor is 0: C(i, k) = 0 for i < k.
     in_range = j.unsqueeze(0) <= bottom.unsqueeze(1)  # (B, size)
     factors = torch.where(in_range, factor.unsqueeze(0), torch.ones((), dtype=torch.float64))
     # suffix[b, i] = prod_{j >= i + 1} factors[b, j]
@@ -58,12 +60,17 @@ def comb_ratio(top: Tensor, bottom: Tensor, k: int) -> Tensor:
     """
     top = top.to(torch.int64)
     bottom = bottom.to(torch.int64)
-    size = int(bottom.max()) if bottom.numel() else 0
-    j = torch.arange(1, size + 1, dtype=torch.float64, device=bottom.device)  # (size,)
-    in_range = (j.unsqueeze(0) > top.unsqueeze(1)) & (j.unsqueeze(0) <= bottom.unsqueeze(1))  # (B, size)
-    ratio = torch.where(in_range, 1.0 - k / j, 1.0).prod(1)
-    # top < k: the product passes j = k (factor 0) unless top < 0; both mean C(top, k) = 0
-    return torch.where(top < k, 0.0, ratio).clamp_min(0.0)
+    if bottom.numel() == 0:
+        return torch.zeros(bottom.shape, dtype=torch.float64, device=bottom.device)
+    size = int(bottom.max())
+    # One table row per distinct bottom: a batch of groups of one size needs one.
+    if int(bottom.min()) == size:
+        rows, which = bottom[:1], torch.zeros_like(bottom)
+    else:
+        rows, which = torch.unique(bottom, return_inverse=True)
+    table = comb_ratio_table(rows, k, size)  # (U, size + 1)
+    ratio = table[which, top.clamp(0, size)]
+    return torch.where(top < 0, 0.0, ratio)
 
 
 def pass_at_k(n: Tensor | int, c: Tensor | int, k: int) -> Tensor:

@@ -97,22 +97,32 @@ def test_full_sampling_matches_algorithm_1(continuous):
                 assert bool((got[:, (n // k) * k :] == 0).all())
 
 
-def test_bootstrap_is_seeded_and_samples_distinct_valid_responses():
+@pytest.mark.parametrize("width", [10, 80])  # one 64-bit word per group, and a bool per response
+@pytest.mark.parametrize("ragged", [False, True])
+def test_bootstrap_is_seeded_and_samples_distinct_valid_responses(width, ragged):
     gen = torch.Generator().manual_seed(3)
-    rewards = (torch.rand(8, 10, generator=gen) < 0.5).double()
-    mask = torch.ones(8, 10, dtype=torch.bool)
-    mask[:, 7:] = False
-    a = compute_advantages("passk_bootstrap", rewards, k=3, mask=mask, seed=11)
-    b = compute_advantages("passk_bootstrap", rewards, k=3, mask=mask, seed=11)
-    c = compute_advantages("passk_bootstrap", rewards, k=3, mask=mask, seed=12)
+    # sparse enough that groups of k are not all positive (which would make every advantage 0)
+    rewards = (torch.rand(8, width, generator=gen) < 3 / width).double()
+    rewards[:, 0] = 1.0
+    mask = torch.ones(8, width, dtype=torch.bool)
+    valid = width - 3 if ragged else width
+    mask[:, valid:] = False
+    k = 3 if width == 10 else 20
+    a = compute_advantages("passk_bootstrap", rewards, k=k, mask=mask, seed=11)
+    b = compute_advantages("passk_bootstrap", rewards, k=k, mask=mask, seed=11)
+    c = compute_advantages("passk_bootstrap", rewards, k=k, mask=mask, seed=12)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    index = sample_bootstrap_groups(mask, 3, 500, torch.Generator().manual_seed(0))
-    assert index.shape == (8, 500, 3)
-    assert bool((index < 7).all()), "padding must never be sampled"
+    draws = 500
+    index = sample_bootstrap_groups(mask, k, draws, torch.Generator().manual_seed(0))
+    assert index.shape == (8, draws, k)
+    assert bool((index < valid).all()), "padding must never be sampled"
     assert bool((index.sort(2).values.diff(dim=2) > 0).all()), "a group holds k distinct responses"
     # every valid response is drawn with probability k/N_valid
-    freq = torch.bincount(index.flatten(), minlength=10)[:7].double() / (8 * 500 * 3)
-    assert torch.allclose(freq, torch.full((7,), 1 / 7, dtype=torch.float64), atol=0.01)
+    freq = torch.bincount(index.flatten(), minlength=width)[:valid].double() / (8 * draws * k)
+    assert torch.allclose(freq, torch.full((valid,), 1 / valid, dtype=torch.float64), rtol=0.1)
+    # and pairs are as likely as under uniform k-subsets: P(i and j) = k(k-1) / (n(n-1))
+    both = ((index == 0).any(2) & (index == 1).any(2)).double().mean().item()
+    assert both == pytest.approx(k * (k - 1) / (valid * (valid - 1)), rel=0.15)
 
 
 def test_bootstrap_sum_is_eq_6_on_the_sampled_groups():

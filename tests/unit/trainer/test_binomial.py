@@ -24,13 +24,23 @@ def test_comb_ratio_matches_exact_fractions():
 
 
 def test_comb_ratio_table_rows_follow_their_own_bottom():
-    bottom = torch.tensor([3, 6, 10])
-    table = comb_ratio_table(bottom, 2, 10)
-    assert table.shape == (3, 11)
-    for b, n in enumerate(bottom.tolist()):
-        for i in range(11):
-            exact = math.comb(i, 2) / math.comb(n, 2) if i <= n else 0.0
-            assert table[b, i].item() == pytest.approx(exact, rel=1e-12, abs=0.0)
+    bottom = torch.tensor([3, 6, 10, 30])
+    for k in range(0, 4):
+        table = comb_ratio_table(bottom, k, 30)
+        assert table.shape == (4, 31)
+        for b, n in enumerate(bottom.tolist()):
+            for i in range(31):
+                exact = math.comb(i, k) / math.comb(n, k) if i <= n else 0.0
+                assert table[b, i].item() == pytest.approx(exact, rel=1e-12, abs=0.0), (n, i, k)
+
+
+def test_comb_ratio_is_exactly_zero_below_k():
+    # C(i, k) = 0 for i < k must come out as 0, not as rounding noise
+    for n in (30, 257, 1000):
+        for k in range(1, n + 1, 7):
+            table = comb_ratio_table(torch.tensor([n]), k, n)
+            assert bool((table[0, :k] == 0).all()), (n, k)
+            assert bool((table[0, k:] > 0).all()), (n, k)  # C(1000, k) < 1e300: nothing underflows
 
 
 def test_comb_ratio_is_finite_and_bounded_at_4096():

@@ -41,6 +41,18 @@ def test_weights_and_baselines_match_brute_force_with_ties():
                 np.testing.assert_allclose(got.numpy(), want, atol=1e-12, err_msg=f"n={n} k={k} {baseline}")
 
 
+def test_sorted_reference_used_by_the_benchmark_matches_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    rewards = (torch.randint(0, 3, (6, 6), generator=gen).double() / 2).tolist()
+    for k in range(1, 7):
+        for baseline in BASELINES:
+            if baseline == "loo" and k == 6:
+                continue
+            np.testing.assert_allclose(
+                ref.per_group(ref.pkpo_sorted, rewards, k, baseline), ref.per_group(ref.pkpo, rewards, k, baseline), atol=1e-12
+            )
+
+
 def _expected_gradient_gap(
     values: list[float], n: int, k: int, baseline: str, reward_type: str, weights_k: int | None = None
 ) -> float:

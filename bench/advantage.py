@@ -1,0 +1,108 @@
+"""Vectorized advantage estimators against a per-group reference.
+
+The reference is ``services.trainer.advantage_reference``: one Python call per
+group with exact ``math.comb`` binomials, the way the paper's released code
+computes advantages. Both run in this process on the same rewards, so the
+printed ratio is what matters; absolute times move with the machine's load.
+
+    .venv/bin/python bench/advantage.py                 # B=4096: N=32,k=8 and N=128,k=16
+    .venv/bin/python bench/advantage.py --batch 1024 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from services.trainer import advantage_reference as ref
+from services.trainer.advantage import compute_advantages
+
+# ----------------------------------------------------------------------------
+# What is timed: estimator name, its vectorized options, and its per-group reference.
+
+
+def references(k: int, n: int, seed: int) -> dict[str, Callable[[list[float]], list[float]]]:
+    rng = random.Random(seed)
+    return {
+        "grpo": ref.grpo,
+        "passk_full": lambda row: ref.passk_full(row, k),
+        "passk_bootstrap": lambda row: ref.passk_bootstrap(row, k, n, rng),
+        "passk_analytic": lambda row: ref.passk_analytic(row, k),
+        "passk_combination": lambda row: ref.passk_combination(row, k),
+        "passk_exceeding": lambda row: ref.passk_exceeding(row, k),
+        "pkpo": lambda row: ref.pkpo_sorted(row, k, "loo_minus_one"),
+    }
+
+
+def time_it(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of ``repeat`` calls after one warm-up call, in seconds."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def per_group_reference(reference: Callable[[list[float]], list[float]], rewards: torch.Tensor) -> torch.Tensor:
+    """The same contract as ``compute_advantages``: a (B, N) tensor in, a (B, N) tensor out, one group at a time."""
+    out = torch.empty_like(rewards)
+    for b in range(rewards.shape[0]):
+        out[b] = torch.tensor(reference(rewards[b].tolist()), dtype=rewards.dtype)
+    return out
+
+
+def bench_case(batch: int, n: int, k: int, ref_rows: int, repeat: int, console: Console) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # per-prompt accuracies spread over [0, 1], as in a real batch
+    accuracy = torch.rand(batch, 1, generator=gen)
+    rewards = (torch.rand(batch, n, generator=gen) < accuracy).to(torch.float32)
+    subset = rewards[:ref_rows]
+    rows = subset.tolist()
+
+    table = Table(title=f"B = {batch} prompts x N = {n} responses, k = {k} (reference timed on {ref_rows} groups)")
+    columns = ("estimator", "vectorized ms/batch", "vectorized us/group", "reference us/group", "speed-up",
+               "math only us/group", "speed-up vs math only")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "estimator" else "right")
+    for name, reference in references(k, n, seed=0).items():
+        vec = time_it(lambda: compute_advantages(name, rewards, k=k), repeat) / batch
+        ref_io = time_it(lambda: per_group_reference(reference, subset), 1) / ref_rows
+        ref_math = time_it(lambda: [reference(row) for row in rows], 1) / ref_rows
+        table.add_row(
+            name,
+            f"{vec * batch * 1e3:.2f}",
+            f"{vec * 1e6:.3f}",
+            f"{ref_io * 1e6:.1f}",
+            f"{ref_io / vec:.0f}x",
+            f"{ref_math * 1e6:.1f}",
+            f"{ref_math / vec:.0f}x",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4096, help="prompts per batch (B)")
+    parser.add_argument("--repeat", type=int, default=7, help="timed repetitions of the vectorized call")
+    parser.add_argument("--ref-rows", type=int, default=512, help="groups the per-group reference runs on")
+    args = parser.parse_args()
+    if args.batch < 1 or args.repeat < 1 or args.ref_rows < 1:
+        parser.error("--batch, --repeat and --ref-rows must be >= 1")
+
+    console = Console(width=160)
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for n, k in ((32, 8), (128, 16)):
+        bench_case(args.batch, n, k, min(args.ref_rows, args.batch), args.repeat, console)
+
+
+if __name__ == "__main__":
+    main()
