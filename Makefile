@@ -15,6 +15,7 @@ run: setup
 	$(VENV)/bin/passk advantage-curves --n 32 --k 1 4 8 --out runs/advantage-curves
 
 test: setup
+	$(VENV)/bin/ruff check services bench tests
 	$(VENV)/bin/python -m pytest
 
 bench: setup

@@ -12,6 +12,7 @@ printed ratio is what matters; absolute times move with the machine's load.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import time
@@ -60,6 +61,11 @@ def per_group_reference(reference: Callable[[list[float]], list[float]], rewards
     return out
 
 
+def per_group_math(reference: Callable[[list[float]], list[float]], rows: list[list[float]]) -> list[list[float]]:
+    """The reference's arithmetic alone, on rows already converted to lists."""
+    return [reference(row) for row in rows]
+
+
 def bench_case(batch: int, n: int, k: int, ref_rows: int, repeat: int, console: Console) -> None:
     gen = torch.Generator().manual_seed(0)
     # per-prompt accuracies spread over [0, 1], as in a real batch
@@ -69,14 +75,21 @@ def bench_case(batch: int, n: int, k: int, ref_rows: int, repeat: int, console: 
     rows = subset.tolist()
 
     table = Table(title=f"B = {batch} prompts x N = {n} responses, k = {k} (reference timed on {ref_rows} groups)")
-    columns = ("estimator", "vectorized ms/batch", "vectorized us/group", "reference us/group", "speed-up",
-               "math only us/group", "speed-up vs math only")
+    columns = (
+        "estimator",
+        "vectorized ms/batch",
+        "vectorized us/group",
+        "reference us/group",
+        "speed-up",
+        "math only us/group",
+        "speed-up vs math only",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "estimator" else "right")
     for name, reference in references(k, n, seed=0).items():
-        vec = time_it(lambda: compute_advantages(name, rewards, k=k), repeat) / batch
-        ref_io = time_it(lambda: per_group_reference(reference, subset), 1) / ref_rows
-        ref_math = time_it(lambda: [reference(row) for row in rows], 1) / ref_rows
+        vec = time_it(functools.partial(compute_advantages, name, rewards, k=k), repeat) / batch
+        ref_io = time_it(functools.partial(per_group_reference, reference, subset), 1) / ref_rows
+        ref_math = time_it(functools.partial(per_group_math, reference, rows), 1) / ref_rows
         table.add_row(
             name,
             f"{vec * batch * 1e3:.2f}",

@@ -62,7 +62,7 @@ def advantage_curves(
     estimator: Annotated[
         list[str],
         typer.Option("--estimator", "-e", help=f"Estimators to draw (repeatable): {', '.join(ESTIMATORS)}."),
-    ] = CURVE_DEFAULTS,  # noqa: B006
+    ] = CURVE_DEFAULTS,
     out: Annotated[Path, typer.Option("--out", help="Folder for advantage_curves.csv and .png.")] = Path(
         "runs/advantage-curves"
     ),
@@ -99,7 +99,9 @@ def advantage_curves(
     for column in ("estimator", "k", "peak N_pos", "peak accuracy", "max eta"):
         table.add_column(column, justify="left" if column == "estimator" else "right")
     for c in curves:
-        table.add_row(c.estimator, "-" if c.k is None else str(c.k), str(c.peak), f"{c.peak / n:.3f}", f"{c.eta[c.peak]:.3f}")
+        table.add_row(
+            c.estimator, "-" if c.k is None else str(c.k), str(c.peak), f"{c.peak / n:.3f}", f"{c.eta[c.peak]:.3f}"
+        )
     console = Console(width=100)
     console.print(table)
     console.print(f"wrote {csv_path} and {png_path}")

@@ -28,11 +28,10 @@ spread in their group rewards and get advantage 0, never NaN or inf.
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-import functools
 from typing import Literal
 
 import torch
@@ -172,9 +171,7 @@ def _prepare(rewards: Tensor, mask: Tensor | None) -> Groups:
         if not isinstance(mask, Tensor):
             raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.shape != rewards.shape:
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} does not match rewards shape {tuple(rewards.shape)}"
-            )
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match rewards shape {tuple(rewards.shape)}")
         if mask.dtype != torch.bool:
             if bool(((mask != 0) & (mask != 1)).any()):
                 raise ValueError("mask must be boolean or contain only 0 and 1")

@@ -80,9 +80,10 @@ def write_png(curves: list[Curve], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for c in curves:
         x = list(range(c.n + 1))
-        for ax, y in zip(axes, (c.a_pos, c.a_neg, c.eta)):
+        for ax, y in zip(axes, (c.a_pos, c.a_neg, c.eta), strict=True):
             ax.plot(x, y, marker=".", linewidth=1.2, label=c.label)
-    for ax, title in zip(axes, ("A_pos (correct response)", "A_neg (wrong response)", "eta = sum |A| (Eq. 16)")):
+    titles = ("A_pos (correct response)", "A_neg (wrong response)", "eta = sum |A| (Eq. 16)")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("N_pos (correct responses in the group)")
         ax.grid(alpha=0.3)

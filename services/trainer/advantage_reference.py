@@ -50,11 +50,11 @@ def passk_by_enumeration(rewards: Sequence[float], k: int) -> list[float]:
     group_adv = grpo([max(rewards[i] for i in s) for s in subsets])
     total = [0.0] * n
     count = [0] * n
-    for subset, adv in zip(subsets, group_adv):
+    for subset, adv in zip(subsets, group_adv, strict=True):
         for i in subset:
             total[i] += adv
             count[i] += 1
-    return [t / c for t, c in zip(total, count)]
+    return [t / c for t, c in zip(total, count, strict=True)]
 
 
 def passk_full(rewards: Sequence[float], k: int) -> list[float]:
@@ -74,7 +74,7 @@ def passk_bootstrap(rewards: Sequence[float], k: int, n_group: int, rng: random.
     groups = [rng.sample(range(len(rewards)), k) for _ in range(n_group)]
     group_adv = grpo([max(rewards[i] for i in g) for g in groups])
     out = [0.0] * len(rewards)
-    for group, adv in zip(groups, group_adv):
+    for group, adv in zip(groups, group_adv, strict=True):
         for i in group:
             out[i] += adv
     return out
@@ -83,7 +83,7 @@ def passk_bootstrap(rewards: Sequence[float], k: int, n_group: int, rng: random.
 def passk_combination(rewards: Sequence[float], k: int) -> list[float]:
     """Eq. 18."""
     w = sum(rewards) / len(rewards)
-    return [w * a + (1 - w) * b for a, b in zip(passk_analytic(rewards, k), grpo(rewards))]
+    return [w * a + (1 - w) * b for a, b in zip(passk_analytic(rewards, k), grpo(rewards), strict=True)]
 
 
 def passk_exceeding(rewards: Sequence[float], k: int) -> list[float]:

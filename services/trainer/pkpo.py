@@ -61,7 +61,7 @@ def pkpo_weights(rewards: Tensor, mask: Tensor, k: int, *, baseline: Baseline = 
     n = mask.sum(1)  # (B,)
     if baseline == "loo" and bool((n <= k).any()):
         raise ValueError(f"pkpo baseline 'loo' needs k < N, got k={k} and N={int(n.min())}")
-    batch, width = rewards.shape
+    width = rewards.shape[1]
     # Ascending sort with padding first: the valid entries of row b occupy the
     # last n[b] positions, and rank = position - offset[b] (from 1).
     keys = rewards.masked_fill(~mask, -math.inf)
@@ -158,4 +158,4 @@ def anneal_k(
         frac = 0.5 * (1.0 - math.cos(math.pi * progress))
     else:
         raise ValueError(f"schedule must be 'constant', 'linear', 'cosine' or 'step', got {schedule!r}")
-    return int(round(k_start + (k_end - k_start) * frac))
+    return round(k_start + (k_end - k_start) * frac)

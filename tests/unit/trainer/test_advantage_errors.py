@@ -32,7 +32,10 @@ def options_for(name: str) -> dict:
             lambda: compute_advantages("grpo", R, k=1, mask=torch.ones(2, 3, dtype=torch.bool)),
             r"mask shape \(2, 3\) does not match rewards shape \(2, 4\)",
         ),
-        (lambda: compute_advantages("grpo", R, k=1, mask=torch.full((2, 4), 2)), r"mask must be boolean or contain only 0 and 1"),
+        (
+            lambda: compute_advantages("grpo", R, k=1, mask=torch.full((2, 4), 2)),
+            r"mask must be boolean or contain only 0 and 1",
+        ),
         (lambda: compute_advantages("grpo", R, k=1, mask=[[1, 1, 1, 1]] * 2), r"mask must be a torch.Tensor"),
         (
             lambda: compute_advantages("grpo", R, k=1, mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 0]])),
@@ -42,8 +45,14 @@ def options_for(name: str) -> dict:
             lambda: compute_advantages("passk_analytic", R, k=3, mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])),
             r"k=3 is larger than the group size N=2 \(group 1\)",
         ),
-        (lambda: compute_advantages("grpo", R, k=1, unknown=3), r"unknown option\(s\) \['unknown'\] for estimator 'grpo'"),
-        (lambda: compute_advantages("passk_analytic", R, k=1, seed=3), r"for estimator 'passk_analytic'; accepted: none"),
+        (
+            lambda: compute_advantages("grpo", R, k=1, unknown=3),
+            r"unknown option\(s\) \['unknown'\] for estimator 'grpo'",
+        ),
+        (
+            lambda: compute_advantages("passk_analytic", R, k=1, seed=3),
+            r"for estimator 'passk_analytic'; accepted: none",
+        ),
         (lambda: compute_advantages("grpo", R, k=1, std_normalize="yes"), r"std_normalize must be a bool"),
         (lambda: compute_advantages("passk_bootstrap", R, k=2, n_group=0), r"n_group must be an integer >= 1, got 0"),
         (lambda: compute_advantages("passk_bootstrap", R, k=2, seed=1.5), r"seed must be an integer, got 1.5"),
@@ -58,9 +67,15 @@ def options_for(name: str) -> dict:
             r"entropy must be finite",
         ),
         (lambda: compute_advantages("passk_adaptive", R, k=2, entropy=[0.1, 0.2]), r"entropy must be a torch.Tensor"),
-        (lambda: compute_advantages("pkpo", R, k=2, baseline="mean"), r"baseline must be 'none', 'loo' or 'loo_minus_one'"),
+        (
+            lambda: compute_advantages("pkpo", R, k=2, baseline="mean"),
+            r"baseline must be 'none', 'loo' or 'loo_minus_one'",
+        ),
         (lambda: compute_advantages("pkpo", R, k=4, baseline="loo"), r"baseline 'loo' needs k < N, got k=4 and N=4"),
-        (lambda: compute_advantages("pkpo", R, k=2, reward_type="ordinal"), r"reward_type must be 'binary' or 'continuous'"),
+        (
+            lambda: compute_advantages("pkpo", R, k=2, reward_type="ordinal"),
+            r"reward_type must be 'binary' or 'continuous'",
+        ),
         (lambda: compute_advantages("grpo", torch.complex(R, R), k=1), r"rewards must be real numbers"),
     ],
 )
@@ -90,7 +105,9 @@ def test_non_finite_values_in_padding_are_ignored():
 def test_binary_estimators_reject_other_rewards(name):
     rewards = R.clone()
     rewards[0, 1] = 0.5
-    with pytest.raises(ValueError, match=rf"estimator '{name}' needs binary rewards in \{{0, 1\}}, got 0.5 at \[0, 1\]"):
+    with pytest.raises(
+        ValueError, match=rf"estimator '{name}' needs binary rewards in \{{0, 1\}}, got 0.5 at \[0, 1\]"
+    ):
         compute_advantages(name, rewards, k=2, **options_for(name))
 
 

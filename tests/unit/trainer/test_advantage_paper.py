@@ -52,7 +52,9 @@ def test_enumeration_reference_agrees_with_independent_numpy_enumeration():
     # the list-based oracle used by the benchmark is the same definition
     for n, k in [(5, 2), (6, 3), (7, 7)]:
         rows = binary_rows(n).tolist()
-        np.testing.assert_allclose(ref.per_group(ref.passk_by_enumeration, rows, k), enumerate_analytic(n, k), atol=1e-12)
+        np.testing.assert_allclose(
+            ref.per_group(ref.passk_by_enumeration, rows, k), enumerate_analytic(n, k), atol=1e-12
+        )
 
 
 def test_k_equal_one_gives_grpo():
@@ -65,9 +67,7 @@ def test_k_equal_one_gives_grpo():
         torch.testing.assert_close(compute_advantages(name, rewards, k=1, mask=mask), grpo, rtol=0, atol=1e-12)
     # exact equality on full groups for the closed form
     full = binary_rows(12)
-    assert torch.equal(
-        compute_advantages("passk_full", full, k=1), compute_advantages("grpo", full, k=1)
-    )
+    assert torch.equal(compute_advantages("passk_full", full, k=1), compute_advantages("grpo", full, k=1))
 
 
 def test_grpo_matches_eq_1_to_3():
@@ -133,7 +133,7 @@ def test_bootstrap_sum_is_eq_6_on_the_sampled_groups():
     for b in range(6):
         groups = index[b].tolist()
         group_adv = ref.grpo([max(rewards[b, i].item() for i in g) for g in groups])
-        want = [sum(adv for g, adv in zip(groups, group_adv) if i in g) for i in range(9)]
+        want = [sum(adv for g, adv in zip(groups, group_adv, strict=True) if i in g) for i in range(9)]
         np.testing.assert_allclose(got[b].numpy(), want, atol=1e-12)
 
 
@@ -150,7 +150,7 @@ def test_bootstrap_converges_to_analytic_like_one_over_sqrt_n_group():
         total = compute_advantages("passk_bootstrap", rewards, k=k, n_group=size, seed=7)
         scaled = total * n / (size * k)  # Eq. 6 sums over about n_group * k / N groups
         assert (scaled - analytic).pow(2).mean().sqrt().item() < 3 * errors[-1] + 0.05
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     slope = np.polyfit(np.log(sizes), np.log(errors), 1)[0]
     assert -0.65 < slope < -0.35, (slope, errors)
     assert errors[-1] < 0.05

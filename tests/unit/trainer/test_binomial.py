@@ -9,23 +9,23 @@ from services.trainer.binomial import comb_ratio, comb_ratio_table, pass_at_k
 
 
 def test_comb_ratio_matches_exact_fractions():
-    tops, bottoms, expected = [], [], {}
-    for bottom in range(0, 41):
+    tops, bottoms = [], []
+    for bottom in range(41):
         for top in range(-1, bottom + 1):
             tops.append(top)
             bottoms.append(bottom)
     top_t, bottom_t = torch.tensor(tops), torch.tensor(bottoms)
-    for k in range(0, 41):
+    for k in range(41):
         keep = bottom_t >= k
         got = comb_ratio(top_t[keep], bottom_t[keep], k)
-        for value, top, bottom in zip(got.tolist(), top_t[keep].tolist(), bottom_t[keep].tolist()):
+        for value, top, bottom in zip(got.tolist(), top_t[keep].tolist(), bottom_t[keep].tolist(), strict=True):
             exact = Fraction(math.comb(top, k), math.comb(bottom, k)) if top >= 0 else Fraction(0)
             assert value == pytest.approx(float(exact), rel=1e-12, abs=1e-300), (top, bottom, k)
 
 
 def test_comb_ratio_table_rows_follow_their_own_bottom():
     bottom = torch.tensor([3, 6, 10, 30])
-    for k in range(0, 4):
+    for k in range(4):
         table = comb_ratio_table(bottom, k, 30)
         assert table.shape == (4, 31)
         for b, n in enumerate(bottom.tolist()):

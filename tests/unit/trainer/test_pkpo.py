@@ -49,7 +49,9 @@ def test_sorted_reference_used_by_the_benchmark_matches_brute_force():
             if baseline == "loo" and k == 6:
                 continue
             np.testing.assert_allclose(
-                ref.per_group(ref.pkpo_sorted, rewards, k, baseline), ref.per_group(ref.pkpo, rewards, k, baseline), atol=1e-12
+                ref.per_group(ref.pkpo_sorted, rewards, k, baseline),
+                ref.per_group(ref.pkpo, rewards, k, baseline),
+                atol=1e-12,
             )
 
 
