@@ -128,13 +128,15 @@ def compute_advantages(
         **options: estimator-specific options (see each estimator's docstring).
 
     Returns:
-        (B, N) advantages in the dtype of ``rewards`` (float32 for integer input),
-        0 at masked positions.
+        (B, N) advantages in the dtype of ``rewards`` (float32 for integer input;
+        half-precision rewards are computed in float32), 0 at masked positions.
     """
     spec = _lookup(name)
     groups = _prepare(rewards, mask)
     k = _check_k(k, groups)
     _check_options(name, spec, options)
+    if rewards.shape[0] == 0:
+        return torch.zeros(rewards.shape, dtype=groups.values.dtype, device=rewards.device)
     advantages = spec.fn(groups, k, **options)
     if not groups.full:
         advantages = advantages.masked_fill(~groups.mask, 0.0)
@@ -164,6 +166,8 @@ def _prepare(rewards: Tensor, mask: Tensor | None) -> Groups:
         raise ValueError(f"each group needs N >= 2 responses to compare, got N={rewards.shape[1]}")
     if not rewards.is_floating_point():
         rewards = rewards.to(torch.float64)
+    elif rewards.element_size() < 4:
+        rewards = rewards.float()  # a group mean in bfloat16 keeps 3 significant digits
     if mask is None:
         mask = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
         full = True

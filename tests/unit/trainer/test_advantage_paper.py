@@ -253,3 +253,20 @@ def test_output_dtype_follows_rewards():
         compute_advantages("passk_analytic", rows.float(), k=2),
         compute_advantages("passk_analytic", rows, k=2).float(),
     )
+
+
+def test_half_precision_rewards_are_computed_in_float32():
+    gen = torch.Generator().manual_seed(8)
+    rewards = (torch.rand(16, 32, generator=gen) < 0.3).float()
+    for name in ("grpo", "passk_analytic", "passk_combination"):
+        got = compute_advantages(name, rewards.bfloat16(), k=4)
+        assert got.dtype == torch.bfloat16
+        want = compute_advantages(name, rewards, k=4).bfloat16()
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("name", [e.value for e in Estimator])
+def test_an_empty_batch_gives_an_empty_result(name):
+    options = {"entropy": torch.zeros(0)} if name == "passk_adaptive" else {}
+    got = compute_advantages(name, torch.zeros(0, 8), k=2, **options)
+    assert got.shape == (0, 8) and got.dtype == torch.float32
