@@ -82,22 +82,19 @@ def _expected_gradient_gap(
 
 
 @pytest.mark.parametrize("baseline", BASELINES)
-def test_expected_weighted_score_equals_gradient_of_pass_at_k(baseline):
-    # binary rewards: pass@k of a 3-outcome softmax policy, one outcome correct
+@pytest.mark.parametrize(
+    ("values", "reward_type"),
+    [
+        ([0.0, 1.0, 0.0], "binary"),  # pass@k of a 3-outcome softmax policy, one outcome correct
+        ([0.2, 1.0, 0.5, 0.0], "continuous"),  # maxg@k
+    ],
+)
+def test_expected_weighted_score_equals_the_gradient(values, reward_type, baseline):
     for n in (3, 4):
         for k in range(1, n + 1):
             if baseline == "loo" and k == n:
                 continue
-            assert _expected_gradient_gap([0.0, 1.0, 0.0], n, k, baseline, "binary") < 1e-12
-
-
-@pytest.mark.parametrize("baseline", BASELINES)
-def test_expected_weighted_score_equals_gradient_of_maxg_at_k(baseline):
-    for n in (3, 4):
-        for k in range(1, n + 1):
-            if baseline == "loo" and k == n:
-                continue
-            assert _expected_gradient_gap([0.2, 1.0, 0.5, 0.0], n, k, baseline, "continuous") < 1e-12
+            assert _expected_gradient_gap(values, n, k, baseline, reward_type) < 1e-12, (n, k)
 
 
 def test_gradient_check_can_fail():
