@@ -379,7 +379,8 @@ def sample_bootstrap_groups(mask: Tensor, k: int, n_group: int, generator: torch
     batch, width = mask.shape
     full = bool(mask.all())
     n = width if full else mask.sum(1, keepdim=True)  # int, or (B, 1) for ragged groups
-    # float64 uniforms: floor(u * m) is uniform on 0..m-1 up to m / 2**53
+    # floor(u * m) with float64 u in [0, 1) is uniform on 0..m-1 up to m / 2**53,
+    # and never m: u * m rounds down below m for every m < 2**52.
     uniforms = torch.rand((k, batch, n_group), generator=generator, dtype=torch.float64, device=mask.device)
     # What each group has taken: one 64-bit word per group when N <= 64 (the
     # common case, and twice as fast), else a bool per response.
@@ -390,7 +391,6 @@ def sample_bootstrap_groups(mask: Tensor, k: int, n_group: int, generator: torch
     for step in range(k):
         top = n - k + step  # the draw is uniform in 0..top
         t = (uniforms[step] * (top + 1)).to(torch.int64)
-        t = t.clamp_(max=top) if full else torch.minimum(t, top)  # u < 1, but rounding
         if packed:
             pick = torch.where(torch.bitwise_right_shift(taken, t).bitwise_and_(1).bool(), top, t)
             taken.bitwise_or_(torch.bitwise_left_shift(torch.ones_like(pick), pick))

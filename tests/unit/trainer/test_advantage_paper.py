@@ -270,3 +270,10 @@ def test_an_empty_batch_gives_an_empty_result(name):
     options = {"entropy": torch.zeros(0)} if name == "passk_adaptive" else {}
     got = compute_advantages(name, torch.zeros(0, 8), k=2, **options)
     assert got.shape == (0, 8) and got.dtype == torch.float32
+
+
+def test_scaled_uniforms_never_reach_their_bound():
+    # sample_bootstrap_groups takes floor(u * m) as a draw in 0..m-1 without clamping
+    u = torch.tensor(1 - 2**-53, dtype=torch.float64)  # the largest float64 below 1
+    m = torch.arange(1, 1 << 16, dtype=torch.float64)
+    assert bool(((u * m).to(torch.int64) < m.to(torch.int64)).all())
