@@ -379,29 +379,36 @@ def sample_bootstrap_groups(mask: Tensor, k: int, n_group: int, generator: torch
     batch, width = mask.shape
     full = bool(mask.all())
     n = width if full else mask.sum(1, keepdim=True)  # int, or (B, 1) for ragged groups
-    # floor(u * m) with float64 u in [0, 1) is uniform on 0..m-1 up to m / 2**53,
-    # and never m: u * m rounds down below m for every m < 2**52.
-    uniforms = torch.rand((k, batch, n_group), generator=generator, dtype=torch.float64, device=mask.device)
+    # Each draw takes 31 random bits: floor(r * m / 2**31) is uniform on 0..m-1
+    # up to m / 2**31 (3e-8 at m = 64). One 62-bit random yields two draws, which
+    # halves the generator's work, the largest cost here.
+    bits = torch.randint(0, 1 << 62, ((k + 1) // 2, batch, n_group), generator=generator, device=mask.device)
+    low, high = bits & ((1 << 31) - 1), bits >> 31
     # What each group has taken: one 64-bit word per group when N <= 64 (the
     # common case, and twice as fast), else a bool per response.
     packed = width <= 64
     shape = (batch, n_group) if packed else (batch, n_group, width)
     taken = torch.zeros(shape, dtype=torch.int64 if packed else torch.bool, device=mask.device)
-    picks = []
+    one = torch.ones((), dtype=torch.int64, device=mask.device)
+    index = torch.empty((k, batch, n_group), dtype=torch.int64, device=mask.device)
     for step in range(k):
-        top = n - k + step  # the draw is uniform in 0..top
-        t = (uniforms[step] * (top + 1)).to(torch.int64)
+        top = n - k + step  # Floyd: a uniform t in 0..top, or top itself if t is taken
+        t = ((low if step % 2 == 0 else high)[step // 2] * (top + 1)) >> 31
         if packed:
-            pick = torch.where(torch.bitwise_right_shift(taken, t).bitwise_and_(1).bool(), top, t)
-            taken.bitwise_or_(torch.bitwise_left_shift(torch.ones_like(pick), pick))
+            seen = (taken & torch.bitwise_left_shift(one, t)) != 0
         else:
-            pick = torch.where(taken.gather(2, t.unsqueeze(2)).squeeze(2), top, t)
+            seen = taken.gather(2, t.unsqueeze(2)).squeeze(2)
+        pick = t.masked_fill_(seen, top) if full else torch.where(seen, top, t)
+        if packed:
+            taken |= torch.bitwise_left_shift(one, pick)
+        else:
             taken.scatter_(2, pick.unsqueeze(2), True)
-        picks.append(pick)
-    index = torch.stack(picks, dim=2)  # ranks among the valid responses
-    if full:
-        return index
-    return valid_first(mask).gather(1, index.reshape(batch, -1)).reshape(batch, n_group, k)
+        index[step] = pick  # ranks among the valid responses
+    if not full:
+        positions = valid_first(mask)
+        index = torch.stack([positions.gather(1, ranks) for ranks in index])
+    # (B, G, k) as a view of the (k, B, G) draws: bootstrap_from_groups walks the draws
+    return index.permute(1, 2, 0)
 
 
 @register(Estimator.PASSK_BOOTSTRAP)
@@ -438,16 +445,24 @@ def passk_bootstrap(
 
 
 def bootstrap_from_groups(rewards: Tensor, index: Tensor, reduction: str) -> Tensor:
-    """Eq. 6 given sampled groups: rewards (B, N), index (B, G, k) -> (B, N)."""
-    batch, n_group, k = index.shape
-    members = rewards.unsqueeze(1).expand(batch, n_group, rewards.shape[1]).gather(2, index)  # (B, G, k)
-    group_reward = members.amax(2)  # (B, G), Eq. 5
-    group_adv = group_normalize(group_reward, torch.ones_like(group_reward, dtype=torch.bool))
-    flat = index.reshape(batch, n_group * k)
-    total = torch.zeros_like(rewards).scatter_add_(1, flat, group_adv.repeat_interleave(k, dim=1))
+    """Eq. 6 given sampled groups: rewards (B, N), index (B, G, k) -> (B, N).
+
+    Walks the k members of every group at once (a loop over k, not over groups).
+    """
+    draws = index.permute(2, 0, 1)  # (k, B, G)
+    group_reward = rewards.gather(1, draws[0])
+    for member in draws[1:]:
+        group_reward = torch.maximum(group_reward, rewards.gather(1, member))  # Eq. 5
+    group_adv = group_normalize(group_reward)  # (B, G)
+    total = torch.zeros_like(rewards)
+    for member in draws:
+        total.scatter_add_(1, member, group_adv)
     if reduction == "sum":
         return total
-    count = torch.zeros_like(rewards).scatter_add_(1, flat, torch.ones_like(flat, dtype=rewards.dtype))
+    count = torch.zeros_like(rewards)
+    ones = torch.ones_like(group_adv)
+    for member in draws:
+        count.scatter_add_(1, member, ones)
     return torch.where(count > 0, total / count.clamp_min(1.0), 0.0)
 
 
