@@ -1,0 +1,124 @@
+"""Messages that travel the Redis streams, validated on both ends.
+
+prompts stream:   PromptJob     trainer -> rollout replicas
+rollouts stream:  RolloutGroup  rollout -> verifiers
+scored stream:    ScoredGroup   verifier -> trainer
+
+One job is one prompt and its N samples, so a group is never split. Every
+message carries the policy version that produced it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_TEXT = 65_536  # characters of a prompt, reference or sample
+Identifier = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SamplingParams(Message):
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    max_tokens: int = Field(64, ge=1, le=32_768)
+    """New tokens per sample at most."""
+    seed: int | None = Field(None, ge=0)
+    """Seed of the sampling, for reproducible rollouts."""
+
+
+class PromptJob(Message):
+    job_id: str = Identifier
+    """Unique id of this job; the dedupe key is (job_id, policy_version)."""
+    prompt_id: str = Identifier
+    """Id of the prompt in its dataset."""
+    task: str = Identifier
+    """Task name, which picks the grader (e.g. 'maze')."""
+    policy_version: int = Field(ge=0)
+    """Policy version the rollouts must come from."""
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
+    """The text the model continues."""
+    reference: str = Field(max_length=MAX_TEXT)
+    """What the grader checks against (the maze grid, the gold answer)."""
+    n: int = Field(ge=1, le=4096)
+    """Samples to draw (N_rollout)."""
+    sampling: SamplingParams = SamplingParams()
+    """Sampling parameters."""
+
+
+class Sample(Message):
+    text: str = Field(max_length=MAX_TEXT)
+    """The generated text."""
+    token_ids: list[int] = Field(max_length=32_768)
+    """Generated token ids."""
+    logprobs: list[float] = Field(max_length=32_768)
+    """Log-probability of each generated token under the sampling policy."""
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Sample:
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(f"token_ids ({len(self.token_ids)}) and logprobs ({len(self.logprobs)}) differ in length")
+        return self
+
+
+class RolloutGroup(Message):
+    job: PromptJob
+    """The job these samples answer."""
+    policy_version: int = Field(ge=0)
+    """Version of the weights that generated the samples."""
+    prompt_token_ids: list[int] = Field(min_length=1, max_length=32_768)
+    """The tokenized prompt."""
+    samples: list[Sample] = Field(min_length=1, max_length=4096)
+    """N samples of the prompt."""
+    replica: str = Identifier
+    """Id of the rollout replica that generated them."""
+
+    @model_validator(mode="after")
+    def _n_samples(self) -> RolloutGroup:
+        if len(self.samples) != self.job.n:
+            raise ValueError(f"job asked for {self.job.n} samples, group has {len(self.samples)}")
+        return self
+
+
+class VerdictStatus(StrEnum):
+    CORRECT = "correct"
+    WRONG = "wrong"
+    TIMEOUT = "timeout"
+    GRADER_ERROR = "grader_error"
+    INVALID_REQUEST = "invalid_request"
+
+
+class Verdict(Message):
+    reward: float = Field(ge=-1e6, le=1e6)
+    """The reward; only meaningful for correct and wrong."""
+    status: VerdictStatus
+    """Correct and wrong are answers; the others are failures never trained on as 0."""
+    detail: str = Field("", max_length=1024)
+    """Why, for failures."""
+    grader: str = Identifier
+    """Grader name."""
+    elapsed: float = Field(ge=0.0)
+    """Seconds the grading took."""
+
+    @property
+    def failed(self) -> bool:
+        return self.status not in (VerdictStatus.CORRECT, VerdictStatus.WRONG)
+
+
+class ScoredGroup(Message):
+    group: RolloutGroup
+    """The graded rollouts."""
+    verdicts: list[Verdict] = Field(min_length=1, max_length=4096)
+    """One verdict per sample, in order."""
+
+    @model_validator(mode="after")
+    def _one_per_sample(self) -> ScoredGroup:
+        if len(self.verdicts) != len(self.group.samples):
+            raise ValueError(f"{len(self.verdicts)} verdicts for {len(self.group.samples)} samples")
+        return self

@@ -1,0 +1,143 @@
+"""Redis streams with consumer groups: at-least-once delivery, a dead-letter
+stream, and a dedupe key so a replayed message is never used twice.
+
+A worker loop:
+
+    for delivery in stream.read():
+        job = stream.decode(delivery, PromptJob)     # malformed -> dead letters
+        if job is None:
+            continue
+        out.publish(handle(job))
+        stream.ack(delivery)                          # only after publishing
+
+Entries a dead consumer left pending are taken over with XAUTOCLAIM once they
+have been idle for ``claim_idle_ms``; an entry delivered more than
+``max_deliveries`` times goes to ``<stream>:dead`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+FIELD = "data"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry handed to this consumer."""
+
+    entry_id: str
+    payload: bytes | None  # None when the entry has no 'data' field
+    deliveries: int  # how many times it has been delivered, this one included
+
+
+def dead_letter_stream(stream: str) -> str:
+    return f"{stream}:dead"
+
+
+def publish(client: redis.Redis, stream: str, message: BaseModel) -> str:
+    """Append a message; returns its entry id."""
+    return client.xadd(stream, {FIELD: message.model_dump_json()}).decode()
+
+
+class StreamConsumer:
+    """One consumer of one consumer group on one stream."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        claim_idle_ms: int = 30_000,
+        max_deliveries: int = 5,
+        block_ms: int = 1000,
+    ) -> None:
+        self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
+        self.claim_idle_ms, self.max_deliveries, self.block_ms = claim_idle_ms, max_deliveries, block_ms
+        self.dead_letters = dead_letter_stream(stream)
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    def read(self, count: int = 1) -> list[Delivery]:
+        """Entries abandoned by dead consumers first, then new ones (blocking up to block_ms)."""
+        claimed = self._claim(count)
+        if claimed:
+            return claimed
+        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=self.block_ms)
+        return [Delivery(eid.decode(), fields.get(FIELD.encode()), 1) for _, entries in reply or [] for eid, fields in entries]
+
+    def _claim(self, count: int) -> list[Delivery]:
+        _next, entries, *_ = self.client.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=count
+        )
+        out = []
+        for eid, fields in entries:
+            if fields is None:  # deleted while pending
+                self.client.xack(self.stream, self.group, eid)
+                continue
+            entry_id = eid.decode()
+            pending = self.client.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+            deliveries = int(pending[0]["times_delivered"]) if pending else 1
+            delivery = Delivery(entry_id, fields.get(FIELD.encode()), deliveries)
+            if deliveries > self.max_deliveries:
+                self.dead_letter(delivery, f"delivered {deliveries} times (max {self.max_deliveries})")
+                continue
+            log.warning("claimed %s from a dead consumer (delivery %d)", entry_id, deliveries)
+            out.append(delivery)
+        return out
+
+    def decode(self, delivery: Delivery, model: type[M]) -> M | None:
+        """The validated message, or None after moving a malformed entry to the dead letters."""
+        if delivery.payload is None:
+            self.dead_letter(delivery, f"entry has no '{FIELD}' field")
+            return None
+        try:
+            return model.model_validate_json(delivery.payload)
+        except ValidationError as err:
+            reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()[:5])
+            self.dead_letter(delivery, f"invalid {model.__name__}: {reason}")
+            return None
+
+    def ack(self, delivery: Delivery) -> None:
+        self.client.xack(self.stream, self.group, delivery.entry_id)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move an entry to ``<stream>:dead`` with the reason, then ack it so it is not redelivered."""
+        payload = delivery.payload if delivery.payload is not None else b""
+        self.client.xadd(
+            self.dead_letters,
+            {"entry_id": delivery.entry_id, "reason": reason[:2000], FIELD: payload, "consumer": self.consumer},
+        )
+        self.ack(delivery)
+        log.error("dead-lettered %s from %s: %s", delivery.entry_id, self.stream, reason)
+
+    def pending(self) -> int:
+        """Entries delivered to this group and not acked yet."""
+        return int(self.client.xpending(self.stream, self.group)["pending"])
+
+
+def claim_once(client: redis.Redis, key: str, ttl_s: int = 7 * 24 * 3600) -> bool:
+    """True the first time ``key`` is seen: the dedupe guard for replayed messages."""
+    return bool(client.set(f"passk:dedupe:{key}", 1, nx=True, ex=ttl_s))
+
+
+def dead_letters(client: redis.Redis, stream: str) -> list[dict[str, str]]:
+    """The dead-letter entries of a stream, decoded (for tests and the CLI)."""
+    out = []
+    for eid, fields in client.xrange(dead_letter_stream(stream)):
+        row = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+        row["dead_id"] = eid.decode()
+        out.append(row)
+    return out

@@ -1,0 +1,97 @@
+import pytest
+
+from services.common.schemas import PromptJob, RolloutGroup, Sample, SamplingParams
+from services.common.streams import StreamConsumer, claim_once, dead_letters, publish
+
+
+def job(i: int = 0, **overrides) -> PromptJob:
+    fields = {
+        "job_id": f"job-{i}",
+        "prompt_id": f"maze-{i}",
+        "task": "maze",
+        "policy_version": 0,
+        "prompt": "S..\n.*.\n..E\n",
+        "reference": "S..\n.*.\n..E",
+        "n": 4,
+    }
+    return PromptJob(**{**fields, **overrides})
+
+
+def test_publish_read_ack_roundtrip(redis_client):
+    consumer = StreamConsumer(redis_client, "prompts", "rollout", "r1", block_ms=10)
+    publish(redis_client, "prompts", job(1))
+    [delivery] = consumer.read()
+    assert consumer.decode(delivery, PromptJob) == job(1)
+    assert consumer.pending() == 1
+    consumer.ack(delivery)
+    assert consumer.pending() == 0
+    assert consumer.read() == []
+
+
+def test_a_dead_consumers_entries_are_claimed_by_another(redis_client):
+    dead = StreamConsumer(redis_client, "prompts", "rollout", "dead", claim_idle_ms=50, block_ms=10)
+    alive = StreamConsumer(redis_client, "prompts", "rollout", "alive", claim_idle_ms=50, block_ms=10)
+    publish(redis_client, "prompts", job(2))
+    [taken] = dead.read()  # and never acked
+    deadline_reads = [alive.read() for _ in range(100)]
+    claimed = next(batch for batch in deadline_reads if batch)
+    assert [d.entry_id for d in claimed] == [taken.entry_id]
+    assert claimed[0].deliveries == 2
+    alive.ack(claimed[0])
+    assert alive.pending() == 0
+
+
+def test_too_many_deliveries_go_to_the_dead_letters(redis_client):
+    consumer = StreamConsumer(redis_client, "prompts", "rollout", "c", claim_idle_ms=0, max_deliveries=2, block_ms=10)
+    publish(redis_client, "prompts", job(3))
+    consumer.read()  # delivery 1, not acked (a handler that crashes)
+    consumer.read()  # delivery 2, reclaimed
+    assert consumer.read() == []  # delivery 3 exceeds the limit
+    [dead] = dead_letters(redis_client, "prompts")
+    assert "delivered 3 times (max 2)" in dead["reason"]
+    assert consumer.pending() == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"not json", "invalid PromptJob"),
+        (b'{"job_id": "x"}', "prompt_id: Field required"),
+        (job(4).model_dump_json().replace('"n":4', '"n":"four"').encode(), "n: Input should be a valid integer"),
+        (job(4).model_dump_json().replace('"n":4', '"n":4,"extra":1').encode(), "extra: Extra inputs are not permitted"),
+        (job(4).model_dump_json().replace('"job-4"', '"bad id!"').encode(), "job_id: String should match pattern"),
+    ],
+)
+def test_malformed_messages_are_dead_lettered_with_the_reason(redis_client, payload, reason):
+    consumer = StreamConsumer(redis_client, "prompts", "rollout", "c", block_ms=10)
+    redis_client.xadd("prompts", {"data": payload})
+    [delivery] = consumer.read()
+    assert consumer.decode(delivery, PromptJob) is None
+    [dead] = dead_letters(redis_client, "prompts")
+    assert reason in dead["reason"], dead["reason"]
+    assert dead["data"] == payload.decode()
+    assert consumer.pending() == 0
+
+
+def test_an_entry_without_data_is_dead_lettered(redis_client):
+    consumer = StreamConsumer(redis_client, "prompts", "rollout", "c", block_ms=10)
+    redis_client.xadd("prompts", {"other": "x"})
+    [delivery] = consumer.read()
+    assert consumer.decode(delivery, PromptJob) is None
+    assert "no 'data' field" in dead_letters(redis_client, "prompts")[0]["reason"]
+
+
+def test_claim_once_is_the_dedupe_guard(redis_client):
+    assert claim_once(redis_client, "job-1:0")
+    assert not claim_once(redis_client, "job-1:0")
+    assert claim_once(redis_client, "job-1:1")
+
+
+def test_schema_cross_checks():
+    sample = Sample(text="UR", token_ids=[1, 2], logprobs=[-0.1, -0.2])
+    with pytest.raises(ValueError, match="asked for 4 samples, group has 1"):
+        RolloutGroup(job=job(5), policy_version=0, prompt_token_ids=[1], samples=[sample], replica="r1")
+    with pytest.raises(ValueError, match="differ in length"):
+        Sample(text="U", token_ids=[1, 2], logprobs=[-0.1])
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        SamplingParams(top_p=1.5)
