@@ -107,5 +107,69 @@ def advantage_curves(
     console.print(f"wrote {csv_path} and {png_path}")
 
 
+data_app = typer.Typer(help="Build task datasets.", no_args_is_help=True)
+serve_app = typer.Typer(help="Run one service in the foreground.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(serve_app, name="serve")
+
+
+@data_app.command("maze")
+def data_maze(
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.jsonl and test.jsonl.")] = Path("data/maze"),
+    train_sizes: Annotated[list[int], typer.Option("--train-size", help="Train maze sizes (repeatable).")] = [  # noqa: B006
+        9,
+        11,
+        13,
+        15,
+    ],
+    test_sizes: Annotated[list[int], typer.Option("--test-size", help="Test maze sizes (repeatable).")] = [  # noqa: B006
+        7,
+        9,
+        11,
+        13,
+        15,
+        17,
+        19,
+        21,
+    ],
+    train_per_size: Annotated[int, typer.Option(min=0, max=1_000_000, help="Train mazes per size.")] = 10_000,
+    test_per_size: Annotated[int, typer.Option(min=0, max=100_000, help="Test mazes per size.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+) -> None:
+    """Write the maze task's splits (the paper's Table 4 by default), deduplicated across splits."""
+    bad = [size for size in [*train_sizes, *test_sizes] if size < 5 or size % 2 == 0 or size > 201]
+    if bad:
+        raise typer.BadParameter(f"maze sizes must be odd and between 5 and 201, got {bad}", param_hint="--*-size")
+    from services.tasks.maze import build_splits, write_jsonl
+
+    try:
+        splits = build_splits(train_sizes, test_sizes, train_per_size, test_per_size, seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    for split, items in splits.items():
+        count = write_jsonl(items, out / f"{split}.jsonl")
+        typer.echo(f"wrote {count} mazes to {out / f'{split}.jsonl'}")
+
+
+@serve_app.command("verifier")
+def serve_verifier(
+    host: Annotated[str, typer.Option(help="HTTP bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port.")] = 8100,
+    redis_url: Annotated[str, typer.Option(help="Redis URL of the streams.")] = "redis://127.0.0.1:6379/0",
+    workers: Annotated[int, typer.Option(min=1, max=256, help="Grader processes.")] = 2,
+    timeout_s: Annotated[float, typer.Option(min=0.01, max=600, help="Wall-clock limit per answer.")] = 5.0,
+    queue: Annotated[bool, typer.Option(help="Also consume the rollouts stream.")] = True,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest HTTP request body.")] = 64 * 1024 * 1024,
+) -> None:
+    """Grade answers: from the rollouts stream and over HTTP (POST /v1/grade)."""
+    from services.common.config import VerifierSettings
+    from services.verifier.main import run
+
+    settings = VerifierSettings(
+        host=host, port=port, redis_url=redis_url, workers=workers, timeout_s=timeout_s, max_body_bytes=max_body_bytes
+    )
+    run(settings, queue=queue)
+
+
 if __name__ == "__main__":
     app()

@@ -76,7 +76,11 @@ class StreamConsumer:
         if claimed:
             return claimed
         reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=self.block_ms)
-        return [Delivery(eid.decode(), fields.get(FIELD.encode()), 1) for _, entries in reply or [] for eid, fields in entries]
+        return [
+            Delivery(eid.decode(), fields.get(FIELD.encode()), 1)
+            for _, entries in reply or []
+            for eid, fields in entries
+        ]
 
     def _claim(self, count: int) -> list[Delivery]:
         _next, entries, *_ = self.client.xautoclaim(

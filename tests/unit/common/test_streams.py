@@ -58,7 +58,10 @@ def test_too_many_deliveries_go_to_the_dead_letters(redis_client):
         (b"not json", "invalid PromptJob"),
         (b'{"job_id": "x"}', "prompt_id: Field required"),
         (job(4).model_dump_json().replace('"n":4', '"n":"four"').encode(), "n: Input should be a valid integer"),
-        (job(4).model_dump_json().replace('"n":4', '"n":4,"extra":1').encode(), "extra: Extra inputs are not permitted"),
+        (
+            job(4).model_dump_json().replace('"n":4', '"n":4,"extra":1').encode(),
+            "extra: Extra inputs are not permitted",
+        ),
         (job(4).model_dump_json().replace('"job-4"', '"bad id!"').encode(), "job_id: String should match pattern"),
     ],
 )

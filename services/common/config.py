@@ -1,0 +1,52 @@
+"""Service settings: pydantic models with a docstring per field, read from
+PASSK_<SERVICE>_<FIELD> environment variables (and given defaults)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StreamNames(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PASSK_STREAM_", use_attribute_docstrings=True, extra="forbid")
+
+    prompts: str = "passk:prompts"
+    """Prompt jobs, trainer -> rollout."""
+    rollouts: str = "passk:rollouts"
+    """Rollout groups, rollout -> verifier."""
+    scored: str = "passk:scored"
+    """Scored groups, verifier -> trainer."""
+
+
+class ConsumerSettings(BaseSettings):
+    model_config = SettingsConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis server holding the streams."""
+    consumer: str = Field("", max_length=128)
+    """This process's consumer name; empty picks host-pid."""
+    claim_idle_ms: int = Field(30_000, ge=10)
+    """Take over entries another consumer left pending this long (it is presumed dead)."""
+    max_deliveries: int = Field(5, ge=1)
+    """After this many deliveries an entry goes to the dead-letter stream."""
+    block_ms: int = Field(1000, ge=1)
+    """How long one read waits for new entries."""
+
+
+class VerifierSettings(ConsumerSettings):
+    model_config = SettingsConfigDict(env_prefix="PASSK_VERIFIER_", use_attribute_docstrings=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    """HTTP bind address."""
+    port: int = Field(8100, ge=0, le=65535)
+    """HTTP port (0 picks a free one)."""
+    workers: int = Field(2, ge=1, le=256)
+    """Grader processes."""
+    timeout_s: float = Field(5.0, gt=0, le=600)
+    """Wall-clock limit per answer."""
+    max_batch: int = Field(4096, ge=1)
+    """Answers one HTTP request may grade."""
+    max_answer_chars: int = Field(65_536, ge=1)
+    """Longest answer accepted over HTTP."""
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest HTTP request body."""

@@ -1,0 +1,86 @@
+"""The verifier service: grades rollout groups from the queue and over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.common.config import StreamNames, VerifierSettings
+from services.common.schemas import RolloutGroup, ScoredGroup, Verdict
+from services.common.streams import StreamConsumer, publish
+from services.verifier.pool import GraderPool
+
+log = logging.getLogger(__name__)
+
+
+class Verifier:
+    def __init__(self, settings: VerifierSettings, streams: StreamNames | None = None) -> None:
+        self.settings = settings
+        self.streams = streams or StreamNames()
+        self.pool = GraderPool(settings.workers, settings.timeout_s)
+        self.registry = CollectorRegistry()
+        self.verdicts = Counter(
+            "passk_verifier_verdicts", "Verdicts by grader and status", ["grader", "status"], registry=self.registry
+        )
+        self.grading_seconds = Histogram(
+            "passk_verifier_grading_seconds", "Wall time of one answer's grading", ["grader"], registry=self.registry
+        )
+        self.groups = Counter("passk_verifier_groups", "Rollout groups scored from the queue", registry=self.registry)
+        self.stop = threading.Event()
+        self.queue_thread: threading.Thread | None = None
+
+    def grade(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
+        verdicts = self.pool.grade_many(task, responses, reference)
+        for v in verdicts:
+            self.verdicts.labels(v.grader, v.status.value).inc()
+            self.grading_seconds.labels(v.grader).observe(v.elapsed)
+        return verdicts
+
+    def score(self, group: RolloutGroup) -> ScoredGroup:
+        verdicts = self.grade(group.job.task, [s.text for s in group.samples], group.job.reference)
+        return ScoredGroup(group=group, verdicts=verdicts)
+
+    def start_queue(self) -> None:
+        self.queue_thread = threading.Thread(target=self.run_queue, name="verifier-queue", daemon=True)
+        self.queue_thread.start()
+
+    def run_queue(self) -> None:
+        """Consume rollout groups until ``stop`` is set; ack each only after its scores are published."""
+        client = redis.Redis.from_url(self.settings.redis_url)
+        name = self.settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        consumer = StreamConsumer(
+            client,
+            self.streams.rollouts,
+            "verifier",
+            name,
+            claim_idle_ms=self.settings.claim_idle_ms,
+            max_deliveries=self.settings.max_deliveries,
+            block_ms=self.settings.block_ms,
+        )
+        while not self.stop.is_set():
+            try:
+                for delivery in consumer.read():
+                    group = consumer.decode(delivery, RolloutGroup)
+                    if group is None:
+                        continue
+                    publish(client, self.streams.scored, self.score(group))
+                    consumer.ack(delivery)
+                    self.groups.inc()
+            except redis.ConnectionError as err:  # Redis restarting: wait, then go on
+                log.warning("redis unavailable: %s", err)
+                self.stop.wait(1.0)
+
+    @property
+    def ready(self) -> bool:
+        return self.queue_thread is None or self.queue_thread.is_alive()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.queue_thread is not None:
+            self.queue_thread.join(10)
+        self.pool.close()

@@ -1,0 +1,67 @@
+"""Start the project's services as real subprocesses for the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from services.common.redis_server import free_port
+
+
+@contextmanager
+def service(
+    args: list[str], log: Path, *, port: int | None = None, timeout_s: float = 120
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run ``passk <args> --port P`` until /healthz answers; yield (process, base URL); stop it after."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "services.cli", *args, "--port", str(port)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("ab") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{args[:2]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{args[:2]} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield process, url
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 15) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for(predicate, timeout_s: float = 60, interval_s: float = 0.1):
+    """Poll until predicate() is truthy; return its value, or fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)

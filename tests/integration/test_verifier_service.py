@@ -1,0 +1,98 @@
+"""The verifier as a real process: HTTP API and the rollouts -> scored queue."""
+
+import httpx
+import pytest
+
+from services.common.config import StreamNames
+from services.common.schemas import PromptJob, RolloutGroup, Sample, ScoredGroup
+from services.common.streams import dead_letters, publish
+from tests.helpers.procs import service, wait_for
+
+MAZE = "*****\n*S.E*\n*****"
+STREAMS = StreamNames()
+
+
+@pytest.fixture(scope="module")
+def verifier(redis_server, tmp_path_factory):
+    log = tmp_path_factory.mktemp("verifier") / "verifier.log"
+    args = [
+        "serve",
+        "verifier",
+        "--redis-url",
+        redis_server.url,
+        "--workers",
+        "2",
+        "--timeout-s",
+        "2",
+        "--max-body-bytes",
+        "100000",
+    ]
+    with service(args, log) as (process, url):
+        yield process, url
+
+
+def group(job_id: str, texts: list[str]) -> RolloutGroup:
+    job = PromptJob(
+        job_id=job_id, prompt_id="m0", task="maze", policy_version=3, prompt=MAZE + "\n", reference=MAZE, n=len(texts)
+    )
+    samples = [Sample(text=t, token_ids=[1] * len(t), logprobs=[-0.5] * len(t)) for t in texts]
+    return RolloutGroup(job=job, policy_version=3, prompt_token_ids=[1, 2], samples=samples, replica="r0")
+
+
+def test_grade_over_http(verifier):
+    _, url = verifier
+    reply = httpx.post(
+        f"{url}/v1/grade", json={"task": "maze", "reference": MAZE, "responses": ["RR", "<answer>L</answer>"]}
+    )
+    assert reply.status_code == 200
+    assert [v["status"] for v in reply.json()["verdicts"]] == ["correct", "wrong"]
+    assert [v["reward"] for v in reply.json()["verdicts"]] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"task": "chess", "reference": MAZE, "responses": ["R"]}, 422, "unknown task 'chess'"),
+        ({"task": "maze", "reference": MAZE}, 422, "Field required"),
+        ({"task": "maze", "reference": MAZE, "responses": []}, 422, "at least 1 item"),
+        ({"task": "maze", "reference": MAZE, "responses": "R"}, 422, "valid list"),
+        ({"task": "maze", "reference": MAZE, "responses": ["R"], "x": 1}, 422, "Extra inputs"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(verifier, body, status, message):
+    _, url = verifier
+    reply = httpx.post(f"{url}/v1/grade", json=body)
+    assert reply.status_code == status
+    assert message in reply.text
+
+
+def test_oversized_body_is_refused(verifier):
+    _, url = verifier
+    reply = httpx.post(f"{url}/v1/grade", json={"task": "maze", "reference": MAZE, "responses": ["R" * 200_000]})
+    assert reply.status_code == 413 and "over 100000 bytes" in reply.text
+
+
+def test_invalid_reference_is_a_failure_not_a_zero(verifier):
+    _, url = verifier
+    reply = httpx.post(f"{url}/v1/grade", json={"task": "maze", "reference": "S.X", "responses": ["R"]})
+    assert reply.json()["verdicts"][0]["status"] == "invalid_request"
+
+
+def test_queue_scores_groups_and_dead_letters_malformed_ones(verifier, redis_server):
+    process, url = verifier
+    client = redis_server.client
+    publish(client, STREAMS.rollouts, group("job-a", ["RR", "L", "<answer>RR</answer>"]))
+    client.xadd(STREAMS.rollouts, {"data": b'{"job": 1}'})
+    publish(client, STREAMS.rollouts, group("job-b", ["R"]))
+    scored = wait_for(lambda: client.xrange(STREAMS.scored) if len(client.xrange(STREAMS.scored)) >= 2 else None)
+    results = [ScoredGroup.model_validate_json(fields[b"data"]) for _, fields in scored]
+    by_job = {r.group.job.job_id: [v.reward for v in r.verdicts] for r in results}
+    assert by_job == {"job-a": [1.0, 0.0, 1.0], "job-b": [0.0]}
+    [dead] = wait_for(lambda: dead_letters(client, STREAMS.rollouts))
+    assert "invalid RolloutGroup" in dead["reason"]
+    assert process.poll() is None  # still running
+    assert client.xpending(STREAMS.rollouts, "verifier")["pending"] == 0
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'passk_verifier_verdicts_total{grader="maze",status="correct"}' in metrics
+    assert "passk_verifier_groups_total 2.0" in metrics
+    assert httpx.get(f"{url}/readyz").json() == {"ready": True}
