@@ -171,5 +171,42 @@ def serve_verifier(
     run(settings, queue=queue)
 
 
+@serve_app.command("rollout")
+def serve_rollout(
+    model_dir: Annotated[Path, typer.Option(help="HF-format model directory.")] = Path("models/tiny-maze"),
+    host: Annotated[str, typer.Option(help="Bind address (HTTP and gRPC).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port.")] = 8200,
+    grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC weight-service port (0: any free).")] = 0,
+    redis_url: Annotated[str, typer.Option(help="Redis URL of the streams.")] = "redis://127.0.0.1:6379/0",
+    replica: Annotated[str, typer.Option(help="Replica id (default host-pid).")] = "",
+    threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads.")] = 1,
+    max_jobs: Annotated[int, typer.Option(min=1, max=4096, help="Prompt jobs per engine batch.")] = 16,
+    claim_idle_ms: Annotated[int, typer.Option(min=10, help="Take over jobs a dead replica left after this.")] = 30_000,
+    weights_token: Annotated[
+        str, typer.Option(envvar="PASSK_WEIGHTS_TOKEN", help="Bearer token for weight pushes.")
+    ] = "",
+) -> None:
+    """Serve a rollout replica: prompt jobs from the stream, /v1/generate, and gRPC weight pushes."""
+    if not (model_dir / "config.json").exists():
+        raise typer.BadParameter(f"{model_dir} holds no config.json (build one: passk model build-tiny)")
+    from services.common.config import RolloutSettings
+    from services.rollout.main import run
+
+    run(
+        RolloutSettings(
+            model_dir=str(model_dir),
+            host=host,
+            port=port,
+            grpc_port=grpc_port,
+            redis_url=redis_url,
+            replica=replica,
+            threads=threads,
+            max_jobs=max_jobs,
+            claim_idle_ms=claim_idle_ms,
+            weights_token=weights_token,
+        )
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -19,3 +19,11 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A client on a freshly emptied database."""
     redis_server.client.flushdb()
     yield redis_server.client
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny maze model with a few supervised steps: enough for the plumbing, not for skill."""
+    from services.trainer.tiny_model import build_tiny
+
+    return build_tiny(Path(tmp_path_factory.mktemp("model")) / "tiny", steps=3, batch=8)

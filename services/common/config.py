@@ -50,3 +50,28 @@ class VerifierSettings(ConsumerSettings):
     """Longest answer accepted over HTTP."""
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest HTTP request body."""
+
+
+class RolloutSettings(ConsumerSettings):
+    model_config = SettingsConfigDict(env_prefix="PASSK_ROLLOUT_", use_attribute_docstrings=True, extra="forbid")
+
+    model_dir: str = "models/tiny-maze"
+    """HF-format model directory (config, safetensors, tokenizer)."""
+    replica: str = Field("", max_length=64)
+    """Replica id; empty picks host-pid."""
+    host: str = "127.0.0.1"
+    """Bind address of the HTTP and gRPC servers."""
+    port: int = Field(8200, ge=0, le=65535)
+    """HTTP port."""
+    grpc_port: int = Field(0, ge=0, le=65535)
+    """gRPC weight-service port (0 picks a free one)."""
+    threads: int = Field(1, ge=1, le=256)
+    """torch threads for the engine."""
+    max_jobs: int = Field(16, ge=1, le=4096)
+    """Prompt jobs batched into one engine call."""
+    weights_token: str = ""
+    """Bearer token the weight service requires; empty disables the check."""
+    max_weight_bytes: int = Field(1 << 34, ge=1024)
+    """Largest weight payload accepted."""
+    heartbeat_s: float = Field(2.0, gt=0)
+    """Seconds between registry heartbeats."""

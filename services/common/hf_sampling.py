@@ -1,0 +1,110 @@
+"""Sampling from a transformers causal LM with each prompt prefilled once.
+
+All N samples of a prompt share the prompt's KV cache: the prompt runs through
+the model once, its cache is repeated N times, and the N continuations are
+sampled token by token together. Prompts of equal length are batched.
+
+Log-probs are those of the model's own distribution (temperature 1, before
+top-p), the quantity the trainer recomputes for importance ratios.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+    sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
+    return torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    tokenizer,  # noqa: ANN001 - any transformers tokenizer
+    prompts: list[str],
+    n: int,
+    *,
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> tuple[list[list[int]], list[list[Generation]]]:
+    """(prompt token ids per prompt, N generations per prompt)."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    bos = tokenizer.bos_token_id
+    encoded = [([bos] if bos is not None else []) + ids for ids in encoded]
+    results: list[list[Generation]] = [[] for _ in prompts]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
+    for indices in by_length.values():
+        batch = torch.tensor([encoded[i] for i in indices])  # (P, T)
+        outputs = _sample_batch(model, batch, n, max_tokens, temperature, top_p, tokenizer.eos_token_id, generator)
+        for i, (tokens, logprobs) in zip(indices, outputs, strict=True):
+            for toks, lps in zip(tokens, logprobs, strict=True):
+                results[i].append(Generation(tokenizer.decode(toks, skip_special_tokens=True), toks, lps))
+    return encoded, results
+
+
+def _sample_batch(
+    model, prompt_ids: Tensor, n: int, max_tokens: int, temperature: float, top_p: float, eos: int | None, generator
+):  # noqa: ANN001
+    device = next(model.parameters()).device
+    prompts = prompt_ids.to(device)
+    out = model(input_ids=prompts, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)  # (P * n) rows share each prompt's prefill
+    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # (P*n, V)
+    rows = logits.shape[0]
+    tokens = torch.zeros((rows, max_tokens), dtype=torch.long)
+    logprobs = torch.zeros((rows, max_tokens))
+    alive = torch.ones(rows, dtype=torch.bool)
+    lengths = torch.full((rows,), max_tokens)
+    position = prompts.shape[1]
+    for step in range(max_tokens):
+        log_p = logits.log_softmax(-1)
+        if temperature == 0:
+            choice = log_p.argmax(-1)
+        else:
+            probs = _top_p_filter(logits / temperature, top_p).softmax(-1)
+            choice = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        tokens[:, step] = choice.cpu()
+        logprobs[:, step] = log_p.gather(1, choice.unsqueeze(1)).squeeze(1).cpu()
+        if eos is not None:
+            ended = alive & (choice.cpu() == eos)
+            lengths[ended] = step + 1
+            alive &= ~ended
+        if not alive.any() or step == max_tokens - 1:
+            break
+        positions = torch.full((rows, 1), position + step, device=device)
+        out = model(input_ids=choice.unsqueeze(1), past_key_values=cache, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+    per_prompt_tokens, per_prompt_logprobs = [], []
+    for p in range(prompt_ids.shape[0]):
+        toks, lps = [], []
+        for r in range(p * n, (p + 1) * n):
+            length = int(lengths[r])  # the eos token is part of the sample: the policy chose to stop
+            toks.append(tokens[r, :length].tolist())
+            lps.append(logprobs[r, :length].tolist())
+        per_prompt_tokens.append(toks)
+        per_prompt_logprobs.append(lps)
+    return list(zip(per_prompt_tokens, per_prompt_logprobs, strict=True))

@@ -1,0 +1,50 @@
+"""HTTP API of a rollout replica: POST /v1/generate, /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.metrics import mount_metrics
+from services.common.schemas import MAX_TEXT, Sample, SamplingParams
+from services.rollout.service import Rollout
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
+    n: int = Field(1, ge=1, le=256)
+    sampling: SamplingParams = SamplingParams()
+
+
+class GenerateResponse(BaseModel):
+    policy_version: int
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+
+
+def create_app(rollout: Rollout) -> FastAPI:
+    app = FastAPI(title="passk rollout")
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    def generate(body: GenerateRequest) -> GenerateResponse:
+        version = rollout.engine.version
+        ids, gens = rollout.engine.generate([body.prompt], body.n, body.sampling)
+        rollout.tokens.inc(sum(len(g.token_ids) for g in gens[0]))
+        samples = [Sample(text=g.text, token_ids=g.token_ids, logprobs=g.logprobs) for g in gens[0]]
+        return GenerateResponse(policy_version=version, prompt_token_ids=ids[0], samples=samples)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, object]:
+        return {"status": "ok", "replica": rollout.name, "version": rollout.engine.version}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        ready = rollout.ready()
+        body = {"ready": ready, "version": rollout.engine.version, "last_weight_error": rollout.last_weight_error}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    mount_metrics(app, rollout.metrics)
+    return app

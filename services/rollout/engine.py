@@ -1,0 +1,81 @@
+"""Rollout engines: generate N samples per prompt, load a new weight version.
+
+``HFEngine`` runs a transformers causal LM on the CPU (or one GPU), each prompt
+prefilled once for its N samples. Generation and weight swaps take the same
+lock, so a new version is swapped in between batches, never inside one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from services.common.hf_sampling import Generation, sample
+from services.common.schemas import SamplingParams
+from services.common.weights import WeightTransferError
+
+
+class Engine(ABC):
+    version: int = 0
+
+    @abstractmethod
+    def generate(
+        self, prompts: list[str], n: int, sampling: SamplingParams
+    ) -> tuple[list[list[int]], list[list[Generation]]]:
+        """(prompt token ids, N generations) for each prompt."""
+
+    @abstractmethod
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
+        """Swap in a version atomically; returns the seconds it took. WeightTransferError keeps the old one."""
+
+
+class HFEngine(Engine):
+    def __init__(self, model_dir: Path, *, device: str = "cpu", threads: int | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        self.lock = threading.Lock()
+        self.version = 0
+
+    def generate(
+        self, prompts: list[str], n: int, sampling: SamplingParams
+    ) -> tuple[list[list[int]], list[list[Generation]]]:
+        with self.lock:
+            return sample(
+                self.model,
+                self.tokenizer,
+                prompts,
+                n,
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+            )
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
+        current = self.model.state_dict()
+        missing = sorted(set(current) - set(state))
+        unknown = sorted(set(state) - set(current))
+        # tied embeddings appear once in a saved file and twice in state_dict()
+        missing = [m for m in missing if not (m == "lm_head.weight" and "model.embed_tokens.weight" in state)]
+        if missing or unknown:
+            raise WeightTransferError(f"weights do not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
+        for name, tensor in state.items():
+            if tensor.shape != current[name].shape:
+                raise WeightTransferError(
+                    f"{name}: shape {tuple(tensor.shape)}, model has {tuple(current[name].shape)}"
+                )
+            if not torch.isfinite(tensor).all():
+                raise WeightTransferError(f"{name}: NaN or inf values")
+        start = time.monotonic()
+        with self.lock:
+            self.model.load_state_dict(state, strict=False)
+            self.version = version
+        return time.monotonic() - start

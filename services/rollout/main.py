@@ -1,0 +1,48 @@
+"""``passk serve rollout``: engine, queue worker, weight service and HTTP app in one process."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import uvicorn
+
+from services.common.config import RolloutSettings
+from services.common.logs import setup_logging
+from services.rollout.app import create_app
+from services.rollout.engine import HFEngine
+from services.rollout.service import Rollout
+from services.rollout.weight_receiver import WeightReceiver, serve
+
+
+def run(settings: RolloutSettings) -> None:
+    setup_logging("rollout")
+    engine = HFEngine(Path(settings.model_dir), threads=settings.threads)
+    rollout = Rollout(engine, settings)
+    receiver = WeightReceiver(
+        engine,
+        rollout.name,
+        token=settings.weights_token or None,
+        max_bytes=settings.max_weight_bytes,
+        on_swap=rollout.swapped,
+        on_error=rollout.refused,
+        ready=rollout.ready,
+    )
+    rollout.receiver_swapping = lambda: receiver.swapping
+    grpc_server, grpc_port = serve(receiver, f"{settings.host}:{settings.grpc_port}")
+    rollout.grpc_address = f"{settings.host}:{grpc_port}"
+    rollout.http_address = f"http://{settings.host}:{settings.port}"
+    rollout.heartbeat()
+    threads = [
+        threading.Thread(target=rollout.run_queue, name="rollout-queue", daemon=True),
+        threading.Thread(target=rollout.run_heartbeat, name="rollout-heartbeat", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        uvicorn.run(create_app(rollout), host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        rollout.close()
+        grpc_server.stop(grace=2)
+        for thread in threads:
+            thread.join(10)

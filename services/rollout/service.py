@@ -1,0 +1,137 @@
+"""A rollout replica: the engine, the prompts-stream worker, the weight
+receiver and the registry heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common import registry
+from services.common.config import RolloutSettings, StreamNames
+from services.common.schemas import PromptJob, RolloutGroup, Sample, SamplingParams
+from services.common.streams import Delivery, StreamConsumer, publish
+from services.rollout.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class Rollout:
+    def __init__(self, engine: Engine, settings: RolloutSettings, streams: StreamNames | None = None) -> None:
+        self.engine, self.settings, self.streams = engine, settings, streams or StreamNames()
+        self.name = settings.replica or f"{socket.gethostname()}-{os.getpid()}"
+        self.client = redis.Redis.from_url(settings.redis_url)
+        self.stop = threading.Event()
+        self.http_address = ""
+        self.grpc_address = ""
+        self.metrics = CollectorRegistry()
+        self.running = Gauge("passk_rollout_requests_running", "Prompt jobs being generated", registry=self.metrics)
+        self.waiting = Gauge(
+            "passk_rollout_requests_waiting", "Prompt jobs in the stream not yet read", registry=self.metrics
+        )
+        self.tokens = Counter("passk_rollout_generated_tokens", "Tokens generated", registry=self.metrics)
+        self.groups = Counter("passk_rollout_groups", "Rollout groups published", registry=self.metrics)
+        self.sync_seconds = Histogram("passk_rollout_weight_sync_seconds", "Weight swap time", registry=self.metrics)
+        self.sync_errors = Counter("passk_rollout_weight_sync_errors", "Refused weight pushes", registry=self.metrics)
+        self.loaded_version = Gauge(
+            "passk_rollout_policy_version", "Policy version being served", registry=self.metrics
+        )
+        self.last_weight_error = ""
+        self.receiver_swapping = lambda: False
+
+    # -- readiness ---------------------------------------------------------
+    def behind(self) -> bool:
+        """True while the trainer has published a newer version than the one served."""
+        try:
+            return registry.current_version(self.client) > self.engine.version
+        except redis.ConnectionError:
+            return True
+
+    def ready(self) -> bool:
+        return not self.stop.is_set() and not self.receiver_swapping() and not self.behind()
+
+    # -- weights -----------------------------------------------------------
+    def swapped(self, version: int, seconds: float) -> None:
+        self.sync_seconds.observe(seconds)
+        self.loaded_version.set(version)
+        self.heartbeat()
+
+    def refused(self, error: str) -> None:
+        self.sync_errors.inc()
+        self.last_weight_error = error
+
+    # -- registry ----------------------------------------------------------
+    def heartbeat(self) -> None:
+        info = registry.ReplicaInfo(
+            replica=self.name,
+            http=self.http_address,
+            grpc=self.grpc_address,
+            version=self.engine.version,
+            heartbeat=time.time(),
+        )
+        registry.register(self.client, info)
+
+    def run_heartbeat(self) -> None:
+        while not self.stop.wait(self.settings.heartbeat_s):
+            try:
+                self.heartbeat()
+            except redis.ConnectionError as err:
+                log.warning("registry heartbeat failed: %s", err)
+
+    # -- the queue ---------------------------------------------------------
+    def run_queue(self) -> None:
+        consumer = StreamConsumer(
+            self.client,
+            self.streams.prompts,
+            "rollout",
+            self.name,
+            claim_idle_ms=self.settings.claim_idle_ms,
+            max_deliveries=self.settings.max_deliveries,
+            block_ms=self.settings.block_ms,
+        )
+        while not self.stop.is_set():
+            try:
+                if self.behind():  # a late or missed version: wait for the trainer's push before taking jobs
+                    self.stop.wait(0.2)
+                    continue
+                deliveries = consumer.read(self.settings.max_jobs)
+                self.waiting.set(self.client.xlen(self.streams.prompts) - consumer.pending())
+                jobs = [(d, job) for d in deliveries if (job := consumer.decode(d, PromptJob)) is not None]
+                if jobs:
+                    self.generate_and_publish(consumer, jobs)
+            except redis.ConnectionError as err:
+                log.warning("redis unavailable: %s", err)
+                self.stop.wait(1.0)
+
+    def generate_and_publish(self, consumer: StreamConsumer, jobs: list[tuple[Delivery, PromptJob]]) -> None:
+        # one engine call per (n, sampling): jobs that share them are batched
+        batches: dict[tuple[int, SamplingParams], list[tuple[Delivery, PromptJob]]] = defaultdict(list)
+        for delivery, job in jobs:
+            batches[(job.n, job.sampling)].append((delivery, job))
+        for (n, sampling), batch in batches.items():
+            self.running.set(len(batch))
+            version = self.engine.version
+            prompt_ids, generations = self.engine.generate([job.prompt for _, job in batch], n, sampling)
+            self.running.set(0)
+            for (delivery, job), ids, gens in zip(batch, prompt_ids, generations, strict=True):
+                samples = [Sample(text=g.text, token_ids=g.token_ids, logprobs=g.logprobs) for g in gens]
+                group = RolloutGroup(
+                    job=job, policy_version=version, prompt_token_ids=ids, samples=samples, replica=self.name
+                )
+                publish(self.client, self.streams.rollouts, group)
+                consumer.ack(delivery)  # only after the group is in the next stream
+                self.groups.inc()
+                self.tokens.inc(sum(len(g.token_ids) for g in gens))
+
+    def close(self) -> None:
+        self.stop.set()
+        try:
+            registry.unregister(self.client, self.name)
+        except redis.ConnectionError:
+            pass

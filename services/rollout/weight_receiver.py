@@ -1,0 +1,73 @@
+"""The replica's gRPC weight service: Push (chunked, checksummed) and Status."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common.weights import WeightTransferError, assemble, check_token, pb, pb_grpc
+from services.rollout.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class WeightReceiver(pb_grpc.WeightsServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        replica: str,
+        *,
+        token: str | None,
+        max_bytes: int,
+        on_swap: Callable[[int, float], None],
+        on_error: Callable[[str], None],
+        ready: Callable[[], bool],
+    ) -> None:
+        self.engine, self.replica, self.token, self.max_bytes = engine, replica, token, max_bytes
+        self.on_swap, self.on_error, self.ready = on_swap, on_error, ready
+        self.swapping = False
+
+    def Push(self, request_iterator, context):  # noqa: ANN001, ANN201, N802 - the gRPC method name
+        check_token(context, self.token)
+        try:
+            version, state = assemble(request_iterator, self.max_bytes)
+            if version <= self.engine.version:
+                raise WeightTransferError(f"version {version} is not newer than the served {self.engine.version}")
+            self.swapping = True
+            try:
+                seconds = self.engine.load_weights(state, version)
+            finally:
+                self.swapping = False
+        except WeightTransferError as err:
+            log.error("refused a weight push: %s", err)
+            self.on_error(str(err))
+            return pb.PushReply(accepted=False, version=self.engine.version, error=str(err))
+        log.info("serving policy version %d (swap %.3f s)", version, seconds)
+        self.on_swap(version, seconds)
+        return pb.PushReply(accepted=True, version=version)
+
+    def Status(self, request, context):  # noqa: ANN001, ANN201, N802
+        check_token(context, self.token)
+        return pb.StatusReply(version=self.engine.version, replica=self.replica, ready=self.ready())
+
+
+def serve(receiver: WeightReceiver, address: str) -> tuple[grpc.Server, int]:
+    """Start the weight and health services; returns (server, bound port)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[("grpc.max_receive_message_length", 8 << 20)],
+    )
+    pb_grpc.add_WeightsServicer_to_server(receiver, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("passk.weights.v1.Weights", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind the weight service to {address}")
+    server.start()
+    return server, port

@@ -1,0 +1,116 @@
+"""The tiny maze model: a small Llama with a character tokenizer, built locally
+and warm-started by supervised learning on shortest paths.
+
+``passk model build-tiny`` makes it reproducibly (seeded). The RL runs start
+from a model that solves some mazes but far from all, as the paper starts from
+an instruct model with partial skill.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from services.tasks.maze import generate_maze, shortest_path
+
+log = logging.getLogger(__name__)
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = ["\n", "S", "E", "*", ".", "U", "D", "L", "R", " ", "<", ">"]
+
+
+def build_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_model(tokenizer, seed: int, hidden: int = 128, layers: int = 4, heads: int = 4):  # noqa: ANN001, ANN201
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def supervised_batch(tokenizer, size: int, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """(input_ids, labels): maze prompt then its shortest path and eos; the loss is on the answer only."""
+    rows_ids, rows_labels = [], []
+    for _ in range(batch):
+        maze = generate_maze(size, rng)
+        prompt = [tokenizer.bos_token_id, *tokenizer(maze + "\n", add_special_tokens=False)["input_ids"]]
+        answer = [*tokenizer(shortest_path(maze), add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        rows_ids.append(prompt + answer)
+        rows_labels.append([-100] * len(prompt) + answer)
+    width = max(len(r) for r in rows_ids)
+    ids = torch.full((batch, width), tokenizer.pad_token_id)
+    labels = torch.full((batch, width), -100)
+    for i, (r, lab) in enumerate(zip(rows_ids, rows_labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return ids, labels
+
+
+def build_tiny(
+    out: Path,
+    *,
+    size: int = 7,
+    steps: int = 700,
+    horizon: int = 1200,
+    batch: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> Path:
+    """Build, warm-start and save the tiny model to ``out`` (HF format); returns ``out``.
+
+    The cosine learning-rate schedule spans ``horizon`` steps but training stops
+    after ``steps``: an under-trained, not annealed start, from which RL was
+    measured to help (a fully annealed start lost pass@k under RL).
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / horizon, 1.0)))
+    )
+    model.train()
+    start = time.monotonic()
+    for step in range(steps):
+        ids, labels = supervised_batch(tokenizer, size, batch, rng)
+        loss = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.info("warm-up step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss.item(), time.monotonic() - start)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,106 @@
+"""A rollout replica as a real process: generation, weight pushes over gRPC, the queue."""
+
+import hashlib
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from services.common import registry
+from services.common.config import StreamNames
+from services.common.schemas import PromptJob, RolloutGroup
+from services.common.weights import encode, pb, pb_grpc, push, status
+from tests.helpers.procs import service, wait_for
+
+STREAMS = StreamNames()
+MAZE = "*******\n*S....*\n*****.*\n*E....*\n*******\n*******\n*******"
+
+
+@pytest.fixture(scope="module")
+def replica(redis_server, tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("rollout") / "rollout.log"
+    redis_server.client.flushdb()
+    args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", redis_server.url, "--replica", "r-test"]
+    args += ["--weights-token", "s3cret", "--claim-idle-ms", "500"]
+    with service(args, log) as (process, url):
+        info = wait_for(lambda: {r.replica: r for r in registry.live_replicas(redis_server.client)}.get("r-test"))
+        yield process, url, info.grpc
+
+
+def weights_of(model_dir, scale: float) -> dict[str, torch.Tensor]:
+    state = load_file(model_dir / "model.safetensors")
+    return {name: t * scale for name, t in state.items()}
+
+
+def test_generate_over_http(replica):
+    _, url, _ = replica
+    body = {"prompt": MAZE + "\n", "n": 3, "sampling": {"max_tokens": 5, "seed": 1}}
+    reply = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    assert len(data["samples"]) == 3 and data["policy_version"] == 0
+    assert all(len(s["token_ids"]) == len(s["logprobs"]) <= 5 for s in data["samples"])
+    assert httpx.post(f"{url}/v1/generate", json={"prompt": "", "n": 3}).status_code == 422
+    assert httpx.post(f"{url}/v1/generate", json={"prompt": "x", "n": 0}).status_code == 422
+
+
+def test_weight_push_needs_the_token(replica, tiny_model):
+    _, _, address = replica
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        push(address, 1, encode(weights_of(tiny_model, 1.0)), token="wrong")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_corrupted_and_truncated_pushes_keep_the_old_version(replica, tiny_model):
+    import grpc
+
+    _, url, address = replica
+    payload = encode(weights_of(tiny_model, 1.0))
+    metadata = [("authorization", "Bearer s3cret")]
+    digest = hashlib.sha256(payload).hexdigest()
+    corrupted = bytearray(payload)
+    corrupted[len(corrupted) // 2] ^= 0xFF
+    streams = {
+        "checksum mismatch": [
+            pb.WeightChunk(version=7, total_bytes=len(payload), sha256=digest, data=bytes(corrupted))
+        ],
+        "truncated stream": [pb.WeightChunk(version=7, total_bytes=len(payload), sha256=digest, data=payload[:1000])],
+        "longer than": [pb.WeightChunk(version=7, total_bytes=10, sha256=digest, data=payload[:1000])],
+        "must carry the payload's SHA-256": [pb.WeightChunk(version=7, total_bytes=len(payload), data=payload)],
+    }
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.WeightsStub(channel)
+        for message, chunks in streams.items():
+            reply = stub.Push(iter(chunks), timeout=30, metadata=metadata)
+            assert not reply.accepted and message in reply.error, reply.error
+            assert reply.version == 0
+    assert status(address, token="s3cret").version == 0
+    assert "must carry" in httpx.get(f"{url}/readyz").json()["last_weight_error"]
+    assert "passk_rollout_weight_sync_errors_total 4.0" in httpx.get(f"{url}/metrics").text
+
+
+def test_a_pushed_version_is_served_and_tags_the_groups(replica, tiny_model, redis_server):
+    process, url, address = replica
+    client = redis_server.client
+    reply = push(address, 1, encode(weights_of(tiny_model, 1.0)), token="s3cret")
+    assert reply.accepted and reply.version == 1
+    assert push(address, 1, encode(weights_of(tiny_model, 1.0)), token="s3cret").error.startswith(
+        "version 1 is not newer"
+    )
+    registry.set_current_version(client, 1)
+    assert wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200)
+    job = PromptJob(job_id="j1", prompt_id="m1", task="maze", policy_version=1, prompt=MAZE + "\n", reference=MAZE, n=4)
+    client.xadd(STREAMS.prompts, {"data": job.model_dump_json()})
+    client.xadd(STREAMS.prompts, {"data": b'{"job_id": 5}'})
+    entries = wait_for(lambda: client.xrange(STREAMS.rollouts))
+    group = RolloutGroup.model_validate_json(entries[0][1][b"data"])
+    assert group.policy_version == 1 and group.replica == "r-test" and len(group.samples) == 4
+    assert wait_for(lambda: client.xlen(f"{STREAMS.prompts}:dead") == 1)
+    assert process.poll() is None
+    # a version the replica does not have yet makes it unready and stops it taking jobs
+    registry.set_current_version(client, 2)
+    assert wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 503)
+    assert "passk_rollout_policy_version 1.0" in httpx.get(f"{url}/metrics").text
