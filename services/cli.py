@@ -208,5 +208,63 @@ def serve_rollout(
     )
 
 
+model_app = typer.Typer(help="Build and convert models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("build-tiny")
+def model_build_tiny(
+    out: Annotated[Path, typer.Option(help="Output directory (HF format).")] = Path("models/tiny-maze"),
+    steps: Annotated[int, typer.Option(min=0, max=100_000, help="Supervised warm-up steps.")] = 700,
+    horizon: Annotated[int, typer.Option(min=1, help="Length of the cosine schedule the steps run along.")] = 1200,
+    seed: Annotated[int, typer.Option(help="Seed of weights and data.")] = 0,
+) -> None:
+    """Build the tiny maze model and warm-start it on shortest paths (seeded, reproducible)."""
+    import logging
+
+    from services.trainer.tiny_model import build_tiny
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_tiny(out, steps=steps, horizon=horizon, seed=seed)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("train")
+def train(
+    preset: Annotated[Path, typer.Option(help="TOML preset.")] = Path("configs/maze-tiny.toml"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field: key=value.")] = None,
+) -> None:
+    """Run the trainer (it needs Redis, a verifier and rollout replicas; `passk up` starts them all)."""
+    from services.common.logs import setup_logging
+    from services.trainer.config import load_settings
+
+    try:
+        settings = load_settings(preset, set_)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
+    from services.trainer.loop import Trainer
+
+    setup_logging("trainer")
+    Trainer(settings).run()
+
+
+@app.command("up")
+def up(
+    preset: Annotated[Path, typer.Option(help="TOML preset.")] = Path("configs/maze-tiny.toml"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field: key=value.")] = None,
+    rollout_replicas: Annotated[int, typer.Option(min=1, max=64, help="Rollout replicas to start.")] = 2,
+) -> None:
+    """The main job: Redis, a verifier, rollout replicas and the trainer as separate processes, then a report."""
+    from services.trainer.config import load_settings
+
+    try:
+        load_settings(preset, set_)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
+    from services.launcher import up as run_up
+
+    raise typer.Exit(run_up(preset, set_ or [], rollout_replicas))
+
+
 if __name__ == "__main__":
     app()

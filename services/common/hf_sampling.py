@@ -37,7 +37,7 @@ def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
-    tokenizer,  # noqa: ANN001 - any transformers tokenizer
+    tokenizer,
     prompts: list[str],
     n: int,
     *,
@@ -66,7 +66,7 @@ def sample(
 
 def _sample_batch(
     model, prompt_ids: Tensor, n: int, max_tokens: int, temperature: float, top_p: float, eos: int | None, generator
-):  # noqa: ANN001
+):
     device = next(model.parameters()).device
     prompts = prompt_ids.to(device)
     out = model(input_ids=prompts, use_cache=True)

@@ -31,7 +31,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         self.on_swap, self.on_error, self.ready = on_swap, on_error, ready
         self.swapping = False
 
-    def Push(self, request_iterator, context):  # noqa: ANN001, ANN201, N802 - the gRPC method name
+    def Push(self, request_iterator, context):
         check_token(context, self.token)
         try:
             version, state = assemble(request_iterator, self.max_bytes)
@@ -50,7 +50,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         self.on_swap(version, seconds)
         return pb.PushReply(accepted=True, version=version)
 
-    def Status(self, request, context):  # noqa: ANN001, ANN201, N802
+    def Status(self, request, context):
         check_token(context, self.token)
         return pb.StatusReply(version=self.engine.version, replica=self.replica, ready=self.ready())
 

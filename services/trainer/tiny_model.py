@@ -23,7 +23,7 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = ["\n", "S", "E", "*", ".", "U", "D", "L", "R", " ", "<", ">"]
 
 
-def build_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
+def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,7 +36,7 @@ def build_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
     )
 
 
-def build_model(tokenizer, seed: int, hidden: int = 128, layers: int = 4, heads: int = 4):  # noqa: ANN001, ANN201
+def build_model(tokenizer, seed: int, hidden: int = 128, layers: int = 4, heads: int = 4):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -56,7 +56,7 @@ def build_model(tokenizer, seed: int, hidden: int = 128, layers: int = 4, heads:
     return LlamaForCausalLM(config)
 
 
-def supervised_batch(tokenizer, size: int, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def supervised_batch(tokenizer, size: int, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels): maze prompt then its shortest path and eos; the loss is on the answer only."""
     rows_ids, rows_labels = [], []
     for _ in range(batch):

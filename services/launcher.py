@@ -1,0 +1,222 @@
+"""``passk up``: the whole loop on one machine, every service a process of its own.
+
+redis-server, one verifier, R rollout replicas and the trainer start as
+separate processes on loopback ports; this process shows the trainer's
+progress, stops everything on Ctrl-C or when training ends, and reports
+pass@k before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.common.redis_server import RedisServer, free_port
+
+console = Console()
+
+
+class Cluster:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = (self.run_dir / "logs" / f"{name}.log").open("ab")
+        cmd = [sys.executable, "-m", "services.cli", *args]
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.processes.append((name, process))
+        return process
+
+    def wait_healthy(self, name: str, url: str, timeout_s: float = 300) -> None:
+        process = dict(self.processes)[name]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}; see {self.run_dir}/logs/{name}.log")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{name} not healthy after {timeout_s} s")
+
+    def stop(self) -> None:
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process in reversed(self.processes):
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def ensure_data(train: Path, test: Path, seed: int) -> None:
+    if train.exists() and test.exists():
+        return
+    from services.tasks.maze import build_splits, write_jsonl
+
+    splits = build_splits([7], [7], train_per_size=5000, test_per_size=100, seed=seed)
+    write_jsonl(splits["train"], train)
+    write_jsonl(splits["test"], test)
+    console.print(f"wrote {len(splits['train'])} train and {len(splits['test'])} test 7x7 mazes under {train.parent}")
+
+
+def ensure_model(model_dir: Path) -> None:
+    if (model_dir / "config.json").exists():
+        return
+    from services.trainer.tiny_model import build_tiny
+
+    console.print(f"building the warm-started tiny model in {model_dir} (once; a few minutes)")
+    build_tiny(model_dir)
+
+
+def up(preset: Path, overrides: list[str], replicas: int) -> int:
+    from services.trainer.config import load_settings
+
+    settings = load_settings(preset, overrides)
+    run_dir = Path(settings.run_dir)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "eval.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    ensure_data(Path(settings.train_data), Path(settings.test_data), settings.seed)
+    ensure_model(Path(settings.model_dir))
+    cluster = Cluster(run_dir)
+    redis_server = RedisServer(run_dir / "redis")
+    verifier_port = free_port()
+    verifier_url = f"http://127.0.0.1:{verifier_port}"
+    common = ["--redis-url", redis_server.url]
+    try:
+        cluster.start("verifier", ["serve", "verifier", "--port", str(verifier_port), *common])
+        ports = [free_port() for _ in range(replicas)]
+        for i, port in enumerate(ports):
+            args = [
+                "serve",
+                "rollout",
+                "--model-dir",
+                settings.model_dir,
+                "--port",
+                str(port),
+                "--replica",
+                f"rollout-{i}",
+            ]
+            cluster.start(f"rollout-{i}", [*args, *common], env={"PASSK_WEIGHTS_TOKEN": settings.weights_token})
+        cluster.wait_healthy("verifier", verifier_url)
+        for i, port in enumerate(ports):
+            cluster.wait_healthy(f"rollout-{i}", f"http://127.0.0.1:{port}")
+        trainer_overrides = [
+            f"redis_url='{redis_server.url}'",
+            f"verifier_url='{verifier_url}'",
+            f"min_replicas={replicas}",
+        ]
+        trainer = cluster.start(
+            "trainer",
+            [
+                "train",
+                "--preset",
+                str(preset),
+                *[arg for o in [*overrides, *trainer_overrides] for arg in ("--set", o)],
+            ],
+        )
+        follow(trainer, run_dir, settings.steps)
+        if trainer.returncode != 0:
+            console.print(f"[red]the trainer exited with {trainer.returncode}; see {run_dir}/logs/trainer.log")
+            return trainer.returncode
+        report(run_dir)
+        return 0
+    except KeyboardInterrupt:
+        console.print("stopping on Ctrl-C")
+        return 130
+    finally:
+        cluster.stop()
+        redis_server.stop()
+
+
+def follow(trainer: subprocess.Popen, run_dir: Path, steps: int) -> None:
+    """Show the trainer's steps and evaluations while it runs."""
+    metrics, evals = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
+    seen_steps, seen_evals = 0, 0
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("training", total=steps)
+        while True:
+            done = trainer.poll() is not None
+            rows = metrics.read_text().splitlines() if metrics.exists() else []
+            for line in rows[seen_steps:]:
+                m = json.loads(line)
+                progress.update(
+                    task, completed=m["step"], description=f"step {m['step']} reward {m['reward_mean']:.3f}"
+                )
+            seen_steps = len(rows)
+            entries = evals.read_text().splitlines() if evals.exists() else []
+            for line in entries[seen_evals:]:
+                e = json.loads(line)
+                cells = ", ".join(
+                    f"{size}x{size} " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("pass@"))
+                    for size, row in e["table"].items()
+                )
+                progress.console.print(f"eval at version {e['version']}: {cells}")
+            seen_evals = len(entries)
+            if done:
+                return
+            time.sleep(1.0)
+
+
+def report(run_dir: Path) -> None:
+    """Print pass@k per maze size before and after training; draw the curves."""
+    entries = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    first, last = entries[0], entries[-1]
+    table = Table(title=f"Held-out pass@k, version {first['version']} -> {last['version']}")
+    table.add_column("maze")
+    metrics = [k for k in next(iter(first["table"].values())) if k.startswith("pass@")]
+    for name in metrics:
+        table.add_column(f"{name} before", justify="right")
+        table.add_column(f"{name} after", justify="right")
+    for size, row in first["table"].items():
+        after = last["table"][size]
+        table.add_row(
+            f"{size}x{size} ({row['mazes']})", *[f"{100 * v:.1f}" for m in metrics for v in (row[m], after[m])]
+        )
+    console.print(table)
+    draw_curves(entries, run_dir / "eval_curves.png")
+    console.print(f"curves: {run_dir / 'eval_curves.png'}; metrics: {run_dir / 'metrics.jsonl'}")
+
+
+def draw_curves(entries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    versions = [e["version"] for e in entries]
+    for size in entries[0]["table"]:
+        for name in (k for k in entries[0]["table"][size] if k.startswith("pass@")):
+            ax.plot(
+                versions, [100 * e["table"][size][name] for e in entries], marker="o", label=f"{size}x{size} {name}"
+            )
+    ax.set_xlabel("policy version (training step)")
+    ax.set_ylabel("held-out %")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,105 @@
+"""Trainer settings: a TOML preset in configs/, overridable field by field."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.trainer.advantage import Estimator
+
+
+class TrainerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model_dir: str = "models/tiny-maze"
+    """Starting policy, HF format."""
+    run_dir: str = "runs/maze-tiny"
+    """Where metrics.jsonl, TensorBoard logs and the report go."""
+    train_data: str = "data/maze-tiny/train.jsonl"
+    """Maze train split (JSONL from `passk data maze`)."""
+    test_data: str = "data/maze-tiny/test.jsonl"
+    """Maze test split."""
+    prompt_template: Literal["compact", "paper"] = "compact"
+    """How a maze becomes a prompt."""
+    estimator: Estimator = Estimator.PASSK_ANALYTIC
+    """Advantage estimator (any registry name)."""
+    k: int = Field(8, ge=1)
+    """The k of Pass@k training."""
+    estimator_options: dict[str, float | int | str] = {}
+    """Extra options for the estimator (e.g. n_group for passk_bootstrap)."""
+    n_rollout: int = Field(32, ge=2, le=4096)
+    """Samples per prompt."""
+    prompts_per_step: int = Field(16, ge=1)
+    """Prompts per training step (the prompt batch)."""
+    steps: int = Field(60, ge=0)
+    """Training steps (policy versions)."""
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up."""
+    clip_low: float = Field(0.2, ge=0, le=1)
+    """PPO ratio clip below 1 (DAPO: 0.2)."""
+    clip_high: float = Field(0.28, ge=0, le=10)
+    """PPO ratio clip above 1 (DAPO clip-higher: 0.28)."""
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    """Token-level (DAPO) or sequence-level (GRPO) loss averaging."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping."""
+    temperature: float = Field(1.0, gt=0)
+    """Rollout sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Rollout nucleus sampling."""
+    max_tokens: int = Field(24, ge=1)
+    """New tokens per sample at most."""
+    eval_every: int = Field(20, ge=0)
+    """Evaluate every this many steps (0: only before and after)."""
+    eval_mazes: int = Field(100, ge=1)
+    """Held-out mazes per size in an evaluation."""
+    eval_n: int = Field(32, ge=1)
+    """Samples per held-out maze."""
+    eval_k: list[int] = [1, 8]
+    """The k of the reported pass@k."""
+    seed: int = 0
+    """Seed of prompt sampling, rollouts and evaluation."""
+    threads: int = Field(1, ge=1)
+    """torch threads of the trainer."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis server of the streams."""
+    verifier_url: str = "http://127.0.0.1:8100"
+    """Verifier HTTP API, used to grade evaluations."""
+    weights_token: str = ""
+    """Bearer token for weight pushes to the replicas."""
+    group_timeout_s: float = Field(600, gt=0)
+    """How long a step waits for its scored groups."""
+    min_replicas: int = Field(1, ge=1)
+    """Replicas that must be live before training starts."""
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> TrainerSettings:
+        if self.k > self.n_rollout:
+            raise ValueError(f"k={self.k} is larger than n_rollout={self.n_rollout}")
+        if any(k > self.eval_n or k < 1 for k in self.eval_k):
+            raise ValueError(f"every eval_k must be between 1 and eval_n={self.eval_n}, got {self.eval_k}")
+        return self
+
+
+def load_settings(preset: Path, overrides: list[str] | None = None) -> TrainerSettings:
+    """A preset file, then ``key=value`` overrides (values parsed as TOML, else as strings)."""
+    try:
+        data = tomllib.loads(preset.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"cannot read preset {preset}: {err}") from None
+    data = data.get("trainer", data)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        data[key.strip()] = value
+    return TrainerSettings.model_validate(data)
