@@ -1,0 +1,109 @@
+"""The whole loop with real processes: Redis, a verifier, two rollout replicas and the trainer."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+
+from services.common import registry
+from services.common.config import StreamNames
+from services.common.schemas import PromptJob, ScoredGroup
+from services.common.streams import dead_letters
+from services.tasks.maze import build_splits, write_jsonl
+from tests.helpers.procs import service, stop, wait_for
+
+STREAMS = StreamNames()
+STEPS, PROMPTS = 4, 6
+
+
+def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
+    client = redis_server.client
+    client.flushdb()
+    splits = build_splits([7], [7], train_per_size=50, test_per_size=4, seed=3)
+    write_jsonl(splits["train"], tmp_path / "train.jsonl")
+    write_jsonl(splits["test"], tmp_path / "test.jsonl")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    common = ["--redis-url", redis_server.url]
+    replica_args = [
+        "serve",
+        "rollout",
+        "--model-dir",
+        str(tiny_model),
+        "--claim-idle-ms",
+        "1500",
+        "--max-jobs",
+        "2",
+        *common,
+    ]
+    with (
+        service(["serve", "verifier", *common], logs / "verifier.log") as (_, verifier_url),
+        service([*replica_args, "--replica", "r0"], logs / "r0.log") as (r0, _),
+        service([*replica_args, "--replica", "r1"], logs / "r1.log") as (_, r1_url),
+    ):
+        overrides = {
+            "model_dir": f"'{tiny_model}'",
+            "run_dir": f"'{tmp_path / 'run'}'",
+            "train_data": f"'{tmp_path / 'train.jsonl'}'",
+            "test_data": f"'{tmp_path / 'test.jsonl'}'",
+            "redis_url": f"'{redis_server.url}'",
+            "verifier_url": f"'{verifier_url}'",
+            "steps": STEPS,
+            "prompts_per_step": PROMPTS,
+            "n_rollout": 8,
+            "k": 4,
+            "max_tokens": 16,
+            "eval_mazes": 4,
+            "eval_n": 4,
+            "eval_k": "[1, 2]",
+            "eval_every": 0,
+            "min_replicas": 2,
+            "group_timeout_s": 120,
+        }
+        args = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+        with (logs / "trainer.log").open("ab") as out:
+            trainer = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "train", "--preset", "configs/maze-tiny.toml", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        try:
+            # a malformed message on the trainer's stream goes to the dead letters
+            client.xadd(STREAMS.scored, {"data": b'{"group": "nope"}'})
+            # kill r0 while it holds jobs it has not acked
+            wait_for(
+                lambda: client.xpending_range(STREAMS.prompts, "rollout", "-", "+", 10, consumername="r0"), 120, 0.01
+            )
+            os.kill(r0.pid, signal.SIGKILL)
+            assert trainer.wait(300) == 0, (logs / "trainer.log").read_text()[-3000:]
+        finally:
+            stop(trainer)
+
+        metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [m["version"] for m in metrics] == list(range(1, STEPS + 1))
+        assert all(math.isfinite(m["loss"]) for m in metrics)
+        assert all(m["groups"] == PROMPTS for m in metrics)  # every job yielded exactly one scored group
+
+        jobs = [PromptJob.model_validate_json(f[b"data"]) for _, f in client.xrange(STREAMS.prompts)]
+        assert len(jobs) == STEPS * PROMPTS
+        scored = {
+            ScoredGroup.model_validate_json(f[b"data"]).group.job.job_id
+            for _, f in client.xrange(STREAMS.scored)
+            if b"nope" not in f[b"data"]
+        }
+        assert scored == {job.job_id for job in jobs}  # nothing lost with r0
+        assert client.xpending(STREAMS.prompts, "rollout")["pending"] == 0
+
+        # the surviving replica serves the last version
+        assert httpx.get(f"{r1_url}/healthz").json()["version"] == STEPS
+        assert registry.current_version(client) == STEPS
+        [dead] = dead_letters(client, STREAMS.scored)
+        assert "invalid ScoredGroup" in dead["reason"]
+        evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+        assert [e["version"] for e in evals] == [0, STEPS]
+        assert set(evals[-1]["table"]["7"]) == {"pass@1", "pass@2", "mazes"}
