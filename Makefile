@@ -3,18 +3,27 @@
 VENV ?= .venv
 STAMP := $(VENV)/.passk-installed
 
-.PHONY: run test setup bench
+.PHONY: run test setup bench curves redis
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV)
 	@touch $@
 
-# The main job. For now: the advantage-curve report (Figures 9 and 18).
-run: setup
+# The main job: Redis, a verifier, two rollout replicas and the trainer on the
+# maze-tiny preset, then pass@k before and after RL.
+run: setup redis
+	$(VENV)/bin/passk up --preset configs/maze-tiny.toml --rollout-replicas 2
+
+# The advantage-curve report (the paper's Figures 9 and 18).
+curves: setup
 	$(VENV)/bin/passk advantage-curves --n 32 --k 1 4 8 --out runs/advantage-curves
 
-test: setup
+# redis-server from Debian when it is missing (the services need a real one).
+redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+test: setup redis
 	$(VENV)/bin/ruff check services bench tests
 	$(VENV)/bin/python -m pytest
 

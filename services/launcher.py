@@ -103,16 +103,9 @@ def up(preset: Path, overrides: list[str], replicas: int) -> int:
         cluster.start("verifier", ["serve", "verifier", "--port", str(verifier_port), *common])
         ports = [free_port() for _ in range(replicas)]
         for i, port in enumerate(ports):
-            args = [
-                "serve",
-                "rollout",
-                "--model-dir",
-                settings.model_dir,
-                "--port",
-                str(port),
-                "--replica",
-                f"rollout-{i}",
-            ]
+            jobs_per_read = -(-settings.prompts_per_step // replicas)  # share a step's jobs out
+            args = ["serve", "rollout", "--model-dir", settings.model_dir, "--port", str(port)]
+            args += ["--replica", f"rollout-{i}", "--max-jobs", str(jobs_per_read)]
             cluster.start(f"rollout-{i}", [*args, *common], env={"PASSK_WEIGHTS_TOKEN": settings.weights_token})
         cluster.wait_healthy("verifier", verifier_url)
         for i, port in enumerate(ports):

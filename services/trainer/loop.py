@@ -27,7 +27,7 @@ from services.trainer.advantage import compute_advantages
 from services.trainer.binomial import pass_at_k
 from services.trainer.config import TrainerSettings
 from services.trainer.evaluate import evaluate
-from services.trainer.loss import policy_loss, token_logprobs_and_entropy
+from services.trainer.loss import policy_loss, response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -147,25 +147,19 @@ class Trainer:
         n = self.s.n_rollout
         rewards = torch.zeros(len(groups), n, dtype=torch.float64)
         valid = torch.zeros(len(groups), n, dtype=torch.bool)
-        sequences, old_logprobs, lengths = [], [], []
         for g, scored in enumerate(groups):
-            for i, (sample, verdict) in enumerate(zip(scored.group.samples, scored.verdicts, strict=True)):
+            for i, verdict in enumerate(scored.verdicts):
                 rewards[g, i] = verdict.reward
                 valid[g, i] = not verdict.failed  # grader failures are excluded, never trained on as 0
-                sequences.append(scored.group.prompt_token_ids + sample.token_ids)
-                old_logprobs.append(sample.logprobs)
-                lengths.append((len(scored.group.prompt_token_ids), len(sample.token_ids)))
-        width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(sequences), width), pad)
-        response = torch.zeros((len(sequences), width - 1), dtype=torch.bool)
-        old = torch.zeros((len(sequences), width - 1))
-        for r, (seq, lps, (p_len, r_len)) in enumerate(zip(sequences, old_logprobs, lengths, strict=True)):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            response[r, p_len - 1 : p_len - 1 + r_len] = True  # position t predicts token t + 1
-            old[r, p_len - 1 : p_len - 1 + r_len] = torch.tensor(lps)
-        attention = torch.arange(width).unsqueeze(0) < torch.tensor([len(s) for s in sequences]).unsqueeze(1)
-        logprobs, entropy = token_logprobs_and_entropy(self.model, ids, attention)
+        logprobs, entropy, response = response_logprobs(
+            self.model,
+            [scored.group.prompt_token_ids for scored in groups],
+            [[sample.token_ids for sample in scored.group.samples] for scored in groups],
+            self.tokenizer.pad_token_id,
+        )
+        old = torch.zeros_like(logprobs)
+        for row, sample in enumerate(s for scored in groups for s in scored.group.samples):
+            old[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
         tokens = response.sum(1).clamp_min(1)
         response_entropy = ((entropy.detach() * response).sum(1) / tokens).view(len(groups), n)
 

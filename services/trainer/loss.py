@@ -49,7 +49,7 @@ def policy_loss(
     else:
         raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
     with torch.no_grad():
-        was_clipped = (unclipped != clipped) & mask
+        was_clipped = (clipped < unclipped) & mask  # the clipped objective is the one in force
         stats = LossStats(
             clip_fraction=float(was_clipped.sum() / mask.sum().clamp_min(1)),
             ratio_mean=float((ratio * maskf).sum() / maskf.sum().clamp_min(1)),
@@ -64,3 +64,63 @@ def token_logprobs_and_entropy(model: torch.nn.Module, sequences: Tensor, attent
     chosen = log_p.gather(2, sequences[:, 1:].unsqueeze(2)).squeeze(2)
     entropy = -(log_p.exp() * log_p).sum(-1)
     return chosen, entropy
+
+
+def response_logprobs(
+    model: torch.nn.Module, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs and entropies of every response token, each prompt computed once.
+
+    A group's prompt runs through the model once and its KV cache (with its
+    gradient path) is repeated for the group's responses, which then run on
+    top of it: for N = 32 samples of a 57-token prompt and 6-token answers this
+    is about 7x fewer tokens than running every full sequence.
+
+    Args:
+        prompts: G prompt token lists (prompts of a call may differ in length).
+        responses: for each prompt, its responses' token lists.
+
+    Returns:
+        (logprobs, entropy, mask), each (S, T) with S = all responses in order
+        and T the longest response.
+    """
+    rows = [(g, r) for g, group in enumerate(responses) for r in range(len(group))]
+    width = max((len(resp) for group in responses for resp in group), default=0)
+    logprobs = torch.zeros(len(rows), max(width, 1))
+    entropy = torch.zeros(len(rows), max(width, 1))
+    mask = torch.zeros(len(rows), max(width, 1), dtype=torch.bool)
+    by_length: dict[int, list[int]] = {}
+    for g, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(g)
+    out_lp, out_ent, out_rows = [], [], []
+    for length, members in by_length.items():
+        prompt_ids = torch.tensor([prompts[g] for g in members])  # (P, Tp)
+        counts = [len(responses[g]) for g in members]
+        prefill = model(input_ids=prompt_ids, use_cache=True)
+        cache = prefill.past_key_values
+        repeats = torch.tensor(counts)
+        cache_rows = torch.repeat_interleave(torch.arange(len(members)), repeats)
+        cache.batch_select_indices(cache_rows)  # (sum(counts), ...) views of each prompt's cache
+        first_logits = prefill.logits[:, -1].float()[cache_rows]  # predicts each response's first token
+        resp = [responses[g][r] for g in members for r in range(len(responses[g]))]
+        t = max(len(x) for x in resp)
+        ids = torch.full((len(resp), t), pad_id)
+        valid = torch.zeros((len(resp), t), dtype=torch.bool)
+        for i, x in enumerate(resp):
+            ids[i, : len(x)] = torch.tensor(x)
+            valid[i, : len(x)] = True
+        attention = torch.cat([torch.ones(len(resp), length, dtype=torch.bool), valid], dim=1)
+        positions = torch.arange(length, length + t).unsqueeze(0).expand(len(resp), t)
+        logits = model(input_ids=ids, past_key_values=cache, attention_mask=attention, position_ids=positions).logits
+        logits = torch.cat([first_logits.unsqueeze(1), logits[:, :-1].float()], dim=1)  # (S_g, t): logits for token i
+        log_p = logits.log_softmax(-1)
+        out_lp.append(log_p.gather(2, ids.unsqueeze(2)).squeeze(2))
+        out_ent.append(-(log_p.exp() * log_p).sum(-1))
+        out_rows.append([rows.index((g, r)) for g in members for r in range(len(responses[g]))])
+    for lp, ent, idx in zip(out_lp, out_ent, out_rows, strict=True):
+        index = torch.tensor(idx)
+        logprobs = logprobs.index_put((index,), torch.nn.functional.pad(lp, (0, logprobs.shape[1] - lp.shape[1])))
+        entropy = entropy.index_put((index,), torch.nn.functional.pad(ent, (0, entropy.shape[1] - ent.shape[1])))
+    for i, (g, r) in enumerate(rows):
+        mask[i, : len(responses[g][r])] = True
+    return logprobs, entropy, mask

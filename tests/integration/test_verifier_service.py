@@ -15,6 +15,7 @@ STREAMS = StreamNames()
 @pytest.fixture(scope="module")
 def verifier(redis_server, tmp_path_factory):
     log = tmp_path_factory.mktemp("verifier") / "verifier.log"
+    redis_server.client.flushdb()  # streams other test modules left behind
     args = [
         "serve",
         "verifier",
