@@ -34,9 +34,9 @@ class TrainerSettings(BaseModel):
     """Samples per prompt."""
     prompts_per_step: int = Field(16, ge=1)
     """Prompts per training step (the prompt batch)."""
-    steps: int = Field(60, ge=0)
+    steps: int = Field(150, ge=0)
     """Training steps (policy versions)."""
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(2e-4, gt=0)
     """AdamW learning rate."""
     warmup_steps: int = Field(0, ge=0)
     """Linear learning-rate warm-up."""
@@ -54,7 +54,7 @@ class TrainerSettings(BaseModel):
     """Rollout nucleus sampling."""
     max_tokens: int = Field(24, ge=1)
     """New tokens per sample at most."""
-    eval_every: int = Field(20, ge=0)
+    eval_every: int = Field(50, ge=0)
     """Evaluate every this many steps (0: only before and after)."""
     eval_mazes: int = Field(100, ge=1)
     """Held-out mazes per size in an evaluation."""
