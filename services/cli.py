@@ -218,11 +218,16 @@ def model_build_tiny(
     steps: Annotated[int, typer.Option(min=0, max=100_000, help="Supervised warm-up steps.")] = 700,
     horizon: Annotated[int, typer.Option(min=1, help="Length of the cosine schedule the steps run along.")] = 1200,
     seed: Annotated[int, typer.Option(help="Seed of weights and data.")] = 0,
+    threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads (results depend on it).")] = 1,
 ) -> None:
     """Build the tiny maze model and warm-start it on shortest paths (seeded, reproducible)."""
     import logging
 
+    import torch
+
     from services.trainer.tiny_model import build_tiny
+
+    torch.set_num_threads(threads)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     build_tiny(out, steps=steps, horizon=horizon, seed=seed)

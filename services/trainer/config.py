@@ -63,7 +63,9 @@ class TrainerSettings(BaseModel):
     eval_k: list[int] = [1, 8]
     """The k of the reported pass@k."""
     seed: int = 0
-    """Seed of prompt sampling, rollouts and evaluation."""
+    """Seed of prompt sampling and rollouts."""
+    eval_seed: int = 1234
+    """Seed of the evaluation's sampling: fixed, so that runs of different seeds are judged alike."""
     threads: int = Field(1, ge=1)
     """torch threads of the trainer."""
     redis_url: str = "redis://127.0.0.1:6379/0"

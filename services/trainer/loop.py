@@ -246,7 +246,7 @@ class Trainer:
             max_tokens=self.s.max_tokens,
             template=self.s.prompt_template,
             verifier_url=self.s.verifier_url,
-            seed=self.s.seed + 1_000_003,
+            seed=self.s.eval_seed,
         )
         entry = {"version": self.version, "table": {str(size): row for size, row in table.items()}}
         entry["eval_s"] = time.monotonic() - start
