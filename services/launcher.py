@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.common.processes import stop, wait_healthy
 from services.common.redis_server import RedisServer, free_port
 
 console = Console()
@@ -39,29 +39,14 @@ class Cluster:
         return process
 
     def wait_healthy(self, name: str, url: str, timeout_s: float = 300) -> None:
-        process = dict(self.processes)[name]
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}; see {self.run_dir}/logs/{name}.log")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{name} not healthy after {timeout_s} s")
+        wait_healthy(dict(self.processes)[name], url, self.run_dir / "logs" / f"{name}.log", timeout_s)
 
     def stop(self) -> None:
         for _, process in reversed(self.processes):
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signal.SIGTERM)  # all at once, then wait for each
         for _, process in reversed(self.processes):
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def ensure_data(train: Path, test: Path, seed: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,8 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
+from services.common.processes import stop, wait_healthy
 from services.common.redis_server import free_port
 
 
@@ -28,31 +26,10 @@ def service(
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{args[:2]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{args[:2]} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_healthy(process, url, log, timeout_s)
         yield process, url
     finally:
         stop(process)
-
-
-def stop(process: subprocess.Popen, timeout_s: float = 15) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def wait_for(predicate, timeout_s: float = 60, interval_s: float = 0.1):
