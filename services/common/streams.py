@@ -127,6 +127,13 @@ class StreamConsumer:
         self.ack(delivery)
         log.error("dead-lettered %s from %s: %s", delivery.entry_id, self.stream, reason)
 
+    def lag(self) -> int:
+        """Entries in the stream not yet delivered to this group."""
+        for group in self.client.xinfo_groups(self.stream):
+            if group["name"].decode() == self.group:
+                return int(group.get("lag") or 0)
+        return 0
+
     def pending(self) -> int:
         """Entries delivered to this group and not acked yet."""
         return int(self.client.xpending(self.stream, self.group)["pending"])

@@ -21,6 +21,11 @@ from services.common.weights import WeightTransferError
 
 class Engine(ABC):
     version: int = 0
+    context_length: int = 0  # prompt plus generated tokens, at most
+
+    @abstractmethod
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens the prompt takes, special tokens included."""
 
     @abstractmethod
     def generate(
@@ -43,6 +48,12 @@ class HFEngine(Engine):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         self.lock = threading.Lock()
         self.version = 0
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + (
+            self.tokenizer.bos_token_id is not None
+        )
 
     def generate(
         self, prompts: list[str], n: int, sampling: SamplingParams

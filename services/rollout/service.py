@@ -101,13 +101,28 @@ class Rollout:
                     self.stop.wait(0.2)
                     continue
                 deliveries = consumer.read(self.settings.max_jobs)
-                self.waiting.set(self.client.xlen(self.streams.prompts) - consumer.pending())
+                self.waiting.set(consumer.lag())
                 jobs = [(d, job) for d in deliveries if (job := consumer.decode(d, PromptJob)) is not None]
+                jobs = [(d, job) for d, job in jobs if self.fits(consumer, d, job)]
                 if jobs:
                     self.generate_and_publish(consumer, jobs)
             except redis.ConnectionError as err:
                 log.warning("redis unavailable: %s", err)
                 self.stop.wait(1.0)
+            except Exception:  # unacked jobs come back after claim_idle_ms, then go to the dead letters
+                log.exception("generation failed; the jobs stay pending")
+                self.stop.wait(1.0)
+
+    def fits(self, consumer: StreamConsumer, delivery: Delivery, job: PromptJob) -> bool:
+        """Dead-letter a job whose prompt and answer cannot fit the model's context."""
+        limit = self.engine.context_length
+        tokens = self.engine.count_tokens(job.prompt)
+        if tokens + job.sampling.max_tokens <= limit:
+            return True
+        consumer.dead_letter(
+            delivery, f"prompt of {tokens} tokens + max_tokens {job.sampling.max_tokens} exceeds the context of {limit}"
+        )
+        return False
 
     def generate_and_publish(self, consumer: StreamConsumer, jobs: list[tuple[Delivery, PromptJob]]) -> None:
         # one engine call per (n, sampling): jobs that share them are batched

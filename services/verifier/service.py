@@ -74,6 +74,9 @@ class Verifier:
             except redis.ConnectionError as err:  # Redis restarting: wait, then go on
                 log.warning("redis unavailable: %s", err)
                 self.stop.wait(1.0)
+            except Exception:  # an unacked group comes back after claim_idle_ms, then goes to the dead letters
+                log.exception("scoring failed; the group stays pending")
+                self.stop.wait(1.0)
 
     @property
     def ready(self) -> bool:

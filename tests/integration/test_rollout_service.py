@@ -99,6 +99,11 @@ def test_a_pushed_version_is_served_and_tags_the_groups(replica, tiny_model, red
     group = RolloutGroup.model_validate_json(entries[0][1][b"data"])
     assert group.policy_version == 1 and group.replica == "r-test" and len(group.samples) == 4
     assert wait_for(lambda: client.xlen(f"{STREAMS.prompts}:dead") == 1)
+    long_job = job.model_copy(update={"job_id": "j-long", "prompt": "*" * 600})
+    client.xadd(STREAMS.prompts, {"data": long_job.model_dump_json()})
+    assert wait_for(lambda: client.xlen(f"{STREAMS.prompts}:dead") == 2)
+    reasons = [fields[b"reason"].decode() for _, fields in client.xrange(f"{STREAMS.prompts}:dead")]
+    assert "prompt of 601 tokens + max_tokens 64 exceeds the context of 512" in reasons[1]
     assert process.poll() is None
     # a version the replica does not have yet makes it unready and stops it taking jobs
     registry.set_current_version(client, 2)
