@@ -215,7 +215,7 @@ app.add_typer(model_app, name="model")
 @model_app.command("build-tiny")
 def model_build_tiny(
     out: Annotated[Path, typer.Option(help="Output directory (HF format).")] = Path("models/tiny-maze"),
-    steps: Annotated[int, typer.Option(min=0, max=100_000, help="Supervised warm-up steps.")] = 700,
+    steps: Annotated[int, typer.Option(min=0, max=100_000, help="Supervised warm-up steps.")] = 450,
     horizon: Annotated[int, typer.Option(min=1, help="Length of the cosine schedule the steps run along.")] = 1200,
     seed: Annotated[int, typer.Option(help="Seed of weights and data.")] = 0,
     threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads (results depend on it).")] = 1,

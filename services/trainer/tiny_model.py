@@ -78,7 +78,7 @@ def build_tiny(
     out: Path,
     *,
     size: int = 7,
-    steps: int = 700,
+    steps: int = 450,
     horizon: int = 1200,
     batch: int = 64,
     lr: float = 2e-3,
