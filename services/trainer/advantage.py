@@ -103,11 +103,6 @@ def estimator_uses_k(name: str | Estimator) -> bool:
     return _lookup(name).uses_k
 
 
-def estimator_options(name: str | Estimator) -> dict[str, object]:
-    """The keyword options an estimator accepts, with their defaults."""
-    return dict(_lookup(name).options)
-
-
 def compute_advantages(
     name: str | Estimator,
     rewards: Tensor,

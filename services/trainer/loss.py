@@ -57,15 +57,6 @@ def policy_loss(
     return loss, stats
 
 
-def token_logprobs_and_entropy(model: torch.nn.Module, sequences: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:
-    """(S, T-1) log-prob of each next token and (S, T-1) entropy of the distribution it came from."""
-    logits = model(input_ids=sequences, attention_mask=attention).logits[:, :-1].float()
-    log_p = logits.log_softmax(-1)
-    chosen = log_p.gather(2, sequences[:, 1:].unsqueeze(2)).squeeze(2)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    return chosen, entropy
-
-
 def response_logprobs(
     model: torch.nn.Module, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int
 ) -> tuple[Tensor, Tensor, Tensor]:

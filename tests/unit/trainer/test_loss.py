@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from services.trainer.loss import policy_loss, response_logprobs, token_logprobs_and_entropy
+from services.trainer.loss import policy_loss, response_logprobs
 from services.trainer.tiny_model import build_model, build_tokenizer
 
 
@@ -12,6 +12,13 @@ def model():
 
 PROMPTS = [[1, 5, 6, 7, 8, 4], [1, 7, 7, 4], [1, 8, 8, 8, 8, 4]]
 RESPONSES = [[[9, 10, 2], [11, 2]], [[12, 12, 12, 2], [9]], [[10, 2]]]
+
+
+def token_logprobs_and_entropy(model, sequences, attention):
+    """(S, T-1) log-prob of each next token and the entropy it came from, by a plain forward pass."""
+    logits = model(input_ids=sequences, attention_mask=attention).logits[:, :-1].float()
+    log_p = logits.log_softmax(-1)
+    return log_p.gather(2, sequences[:, 1:].unsqueeze(2)).squeeze(2), -(log_p.exp() * log_p).sum(-1)
 
 
 def full_sequences(model):
