@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -53,7 +54,7 @@ def assemble(stream: Iterable[object], max_bytes: int) -> tuple[int, dict[str, t
         raise WeightTransferError("the first chunk must carry the payload's SHA-256 (64 hex digits)")
     buffer = bytearray(total)
     offset = 0
-    for chunk in _chain(first, iterator):
+    for chunk in itertools.chain([first], iterator):
         end = offset + len(chunk.data)
         if end > total:
             raise WeightTransferError(f"stream longer than its declared {total} bytes")
@@ -71,11 +72,6 @@ def assemble(stream: Iterable[object], max_bytes: int) -> tuple[int, dict[str, t
     return version, state
 
 
-def _chain(first: object, rest: Iterator[object]) -> Iterator[object]:
-    yield first
-    yield from rest
-
-
 def check_token(context: grpc.ServicerContext, token: str | None) -> None:
     """Abort the RPC with UNAUTHENTICATED unless the bearer token matches (when one is configured)."""
     if not token:
@@ -85,15 +81,17 @@ def check_token(context: grpc.ServicerContext, token: str | None) -> None:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
 
+def _metadata(token: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
 def push(address: str, version: int, payload: bytes, *, token: str | None = None, timeout_s: float = 60.0) -> object:
     """Push one version to one replica; returns its PushReply (grpc.RpcError on transport failure)."""
-    metadata = [("authorization", f"Bearer {token}")] if token else None
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.WeightsStub(channel)
-        return stub.Push(chunks(version, payload), timeout=timeout_s, metadata=metadata)
+        return stub.Push(chunks(version, payload), timeout=timeout_s, metadata=_metadata(token))
 
 
 def status(address: str, *, token: str | None = None, timeout_s: float = 5.0) -> object:
-    metadata = [("authorization", f"Bearer {token}")] if token else None
     with grpc.insecure_channel(address) as channel:
-        return pb_grpc.WeightsStub(channel).Status(pb.StatusRequest(), timeout=timeout_s, metadata=metadata)
+        return pb_grpc.WeightsStub(channel).Status(pb.StatusRequest(), timeout=timeout_s, metadata=_metadata(token))

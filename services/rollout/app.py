@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.metrics import mount_metrics
 from services.common.schemas import MAX_TEXT, Sample, SamplingParams
-from services.rollout.service import Rollout
+from services.rollout.service import Rollout, to_samples
 
 
 class GenerateRequest(BaseModel):
@@ -33,8 +33,7 @@ def create_app(rollout: Rollout) -> FastAPI:
         version = rollout.engine.version
         ids, gens = rollout.engine.generate([body.prompt], body.n, body.sampling)
         rollout.tokens.inc(sum(len(g.token_ids) for g in gens[0]))
-        samples = [Sample(text=g.text, token_ids=g.token_ids, logprobs=g.logprobs) for g in gens[0]]
-        return GenerateResponse(policy_version=version, prompt_token_ids=ids[0], samples=samples)
+        return GenerateResponse(policy_version=version, prompt_token_ids=ids[0], samples=to_samples(gens[0]))
 
     @app.get("/healthz")
     def healthz() -> dict[str, object]:

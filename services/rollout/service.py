@@ -15,11 +15,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common import registry
 from services.common.config import RolloutSettings, StreamNames
+from services.common.hf_sampling import Generation
 from services.common.schemas import PromptJob, RolloutGroup, Sample, SamplingParams
 from services.common.streams import Delivery, StreamConsumer, publish
 from services.rollout.engine import Engine
 
 log = logging.getLogger(__name__)
+
+
+def to_samples(generations: list[Generation]) -> list[Sample]:
+    return [Sample(text=g.text, token_ids=g.token_ids, logprobs=g.logprobs) for g in generations]
 
 
 class Rollout:
@@ -135,7 +140,7 @@ class Rollout:
             prompt_ids, generations = self.engine.generate([job.prompt for _, job in batch], n, sampling)
             self.running.set(0)
             for (delivery, job), ids, gens in zip(batch, prompt_ids, generations, strict=True):
-                samples = [Sample(text=g.text, token_ids=g.token_ids, logprobs=g.logprobs) for g in gens]
+                samples = to_samples(gens)
                 group = RolloutGroup(
                     job=job, policy_version=version, prompt_token_ids=ids, samples=samples, replica=self.name
                 )
