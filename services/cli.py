@@ -151,23 +151,73 @@ def data_maze(
         typer.echo(f"wrote {count} mazes to {out / f'{split}.jsonl'}")
 
 
+def _write_splits(splits: dict, out: Path, what: str) -> None:
+    from services.tasks.records import write_jsonl
+
+    for split, items in splits.items():
+        count = write_jsonl(items, out / f"{split}.jsonl")
+        typer.echo(f"wrote {count} {what} to {out / f'{split}.jsonl'}")
+
+
+@data_app.command("puzzles")
+def data_puzzles(
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.jsonl and test.jsonl.")] = Path("data/puzzles"),
+    train_per_task: Annotated[int, typer.Option(min=0, max=100_000, help="Train puzzles per task.")] = 500,
+    test_per_task: Annotated[int, typer.Option(min=0, max=100_000, help="Test puzzles per task.")] = 50,
+    seed: Annotated[int, typer.Option(min=0, max=2**40, help="Seed of the generators.")] = 0,
+) -> None:
+    """Write reasoning-gym puzzles, two tasks per Enigmata category, graded by reasoning-gym's scorers."""
+    from services.tasks.puzzles import build_splits
+
+    _write_splits(build_splits(train_per_task, test_per_task, seed), out, "puzzles")
+
+
+@data_app.command("math")
+def data_math(
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.jsonl and test.jsonl.")] = Path("data/math"),
+    train_per_kind: Annotated[int, typer.Option(min=0, max=100_000, help="Train problems per kind.")] = 1000,
+    test_per_kind: Annotated[int, typer.Option(min=0, max=100_000, help="Test problems per kind.")] = 100,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the generator.")] = 0,
+) -> None:
+    """Write the built-in math set (arithmetic, fractions, linear, quadratic), graded by math-verify."""
+    from services.tasks.math_problems import build_splits
+
+    _write_splits(build_splits(train_per_kind, test_per_kind, seed), out, "problems")
+
+
 @serve_app.command("verifier")
 def serve_verifier(
-    host: Annotated[str, typer.Option(help="HTTP bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port.")] = 8100,
-    redis_url: Annotated[str, typer.Option(help="Redis URL of the streams.")] = "redis://127.0.0.1:6379/0",
-    workers: Annotated[int, typer.Option(min=1, max=256, help="Grader processes.")] = 2,
-    timeout_s: Annotated[float, typer.Option(min=0.01, max=600, help="Wall-clock limit per answer.")] = 5.0,
+    host: Annotated[str | None, typer.Option(help="HTTP bind address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="HTTP port [8100].")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL of the streams.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=256, help="Grader processes [2].")] = None,
+    timeout_s: Annotated[float | None, typer.Option(min=0.01, max=600, help="Wall-clock limit per answer [5].")] = None,
+    graders: Annotated[str | None, typer.Option(help="Grader table, module[:attr].")] = None,
+    claim_idle_ms: Annotated[int | None, typer.Option(min=10, help="Take over groups a dead verifier left.")] = None,
+    max_answer_chars: Annotated[int | None, typer.Option(min=1, help="Longer answers are wrong.")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(min=1024, help="Largest HTTP request body.")] = None,
+    api_token: Annotated[
+        str | None, typer.Option(envvar="PASSK_VERIFIER_API_TOKEN", help="Bearer token /v1/grade requires.")
+    ] = None,
     queue: Annotated[bool, typer.Option(help="Also consume the rollouts stream.")] = True,
-    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest HTTP request body.")] = 64 * 1024 * 1024,
 ) -> None:
-    """Grade answers: from the rollouts stream and over HTTP (POST /v1/grade)."""
+    """Grade answers in a sandbox: from the rollouts stream and over HTTP (POST /v1/grade).
+
+    Unset options come from PASSK_VERIFIER_* environment variables, then the defaults in brackets."""
+    from pydantic import ValidationError
+
     from services.common.config import VerifierSettings
     from services.verifier.main import run
 
-    settings = VerifierSettings(
-        host=host, port=port, redis_url=redis_url, workers=workers, timeout_s=timeout_s, max_body_bytes=max_body_bytes
-    )
+    given = {
+        "host": host, "port": port, "redis_url": redis_url, "workers": workers, "timeout_s": timeout_s,
+        "graders": graders, "claim_idle_ms": claim_idle_ms, "max_answer_chars": max_answer_chars,
+        "max_body_bytes": max_body_bytes, "api_token": api_token,
+    }  # fmt: skip
+    try:
+        settings = VerifierSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise typer.BadParameter(str(err)) from None
     run(settings, queue=queue)
 
 

@@ -3,7 +3,7 @@ PASSK_<SERVICE>_<FIELD> environment variables (and given defaults)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,13 +43,27 @@ class VerifierSettings(ConsumerSettings):
     workers: int = Field(2, ge=1, le=256)
     """Grader processes."""
     timeout_s: float = Field(5.0, gt=0, le=600)
-    """Wall-clock limit per answer."""
+    """Wall-clock limit per answer; a grader over it is killed and the verdict is timeout."""
+    graders: str = Field("services.verifier.graders", pattern=r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
+    """Module (module:attr) whose dict maps task names to graders."""
     max_batch: int = Field(4096, ge=1)
     """Answers one HTTP request may grade."""
-    max_answer_chars: int = Field(65_536, ge=1)
-    """Longest answer accepted over HTTP."""
+    max_answer_chars: int = Field(262_144, ge=1)
+    """Longer answers are wrong without grading (a model that rambles this long failed)."""
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest HTTP request body."""
+    api_token: SecretStr = SecretStr("")
+    """Bearer token /v1/grade requires; empty disables the check."""
+    address_space_mb: int = Field(4096, ge=256)
+    """Address-space limit of each grader process."""
+    cpu_s: int = Field(600, ge=1)
+    """CPU-seconds limit of each grader process over its life (it is replaced at 80%)."""
+    open_files: int = Field(64, ge=16)
+    """Open-files limit of each grader process."""
+    file_size_mb: int = Field(16, ge=1)
+    """Largest file a grader process may write (in its own temporary directory)."""
+    start_timeout_s: float = Field(60.0, gt=0)
+    """How long a grader process may take to start."""
 
 
 class RolloutSettings(ConsumerSettings):

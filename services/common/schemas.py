@@ -14,7 +14,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_TEXT = 65_536  # characters of a prompt, reference or sample
+MAX_TEXT = 65_536  # characters of a prompt or reference
+MAX_SAMPLE_TEXT = 16 << 20  # characters of a sample: the verifier, not the queue, decides what is too long
 Identifier = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
 
 
@@ -53,7 +54,7 @@ class PromptJob(Message):
 
 
 class Sample(Message):
-    text: str = Field(max_length=MAX_TEXT)
+    text: str = Field(max_length=MAX_SAMPLE_TEXT)
     """The generated text."""
     token_ids: list[int] = Field(max_length=32_768)
     """Generated token ids."""

@@ -11,9 +11,10 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.common.config import StreamNames, VerifierSettings
-from services.common.schemas import RolloutGroup, ScoredGroup, Verdict
+from services.common.schemas import RolloutGroup, ScoredGroup, Verdict, VerdictStatus
 from services.common.streams import StreamConsumer, publish
 from services.verifier.pool import GraderPool
+from services.verifier.sandbox import Limits
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,22 @@ class Verifier:
     def __init__(self, settings: VerifierSettings, streams: StreamNames | None = None) -> None:
         self.settings = settings
         self.streams = streams or StreamNames()
-        self.pool = GraderPool(settings.workers, settings.timeout_s)
         self.registry = CollectorRegistry()
+        self.restarts = Counter(
+            "passk_verifier_worker_restarts",
+            "Grader processes replaced, by reason (timeout, died, cpu_budget)",
+            ["reason"],
+            registry=self.registry,
+        )
+        limits = Limits(settings.address_space_mb, settings.cpu_s, settings.open_files, 0, settings.file_size_mb)
+        self.pool = GraderPool(
+            settings.workers,
+            settings.timeout_s,
+            settings.graders,
+            limits,
+            settings.start_timeout_s,
+            on_restart=lambda reason: self.restarts.labels(reason).inc(),
+        )
         self.verdicts = Counter(
             "passk_verifier_verdicts", "Verdicts by grader and status", ["grader", "status"], registry=self.registry
         )
@@ -34,12 +49,34 @@ class Verifier:
         self.stop = threading.Event()
         self.queue_thread: threading.Thread | None = None
 
-    def grade(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
-        verdicts = self.pool.grade_many(task, responses, reference)
+    def _too_long(self, task: str, response: str) -> Verdict | None:
+        """An answer over the length limit is wrong without grading: the model failed to stop."""
+        if len(response) <= self.settings.max_answer_chars:
+            return None
+        detail = f"answer has {len(response)} characters, over the limit of {self.settings.max_answer_chars}"
+        return Verdict(reward=0.0, status=VerdictStatus.WRONG, detail=detail, grader=task, elapsed=0.0)
+
+    def _count(self, verdicts: list[Verdict]) -> list[Verdict]:
         for v in verdicts:
             self.verdicts.labels(v.grader, v.status.value).inc()
             self.grading_seconds.labels(v.grader).observe(v.elapsed)
         return verdicts
+
+    def _screen(self, task: str, responses: list[str]) -> tuple[list[Verdict | None], list[str]]:
+        screened = [self._too_long(task, r) for r in responses]
+        return screened, [r for r, v in zip(responses, screened, strict=True) if v is None]
+
+    def _merge(self, screened: list[Verdict | None], graded: list[Verdict]) -> list[Verdict]:
+        rest = iter(graded)
+        return self._count([v if v is not None else next(rest) for v in screened])
+
+    def grade(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
+        screened, todo = self._screen(task, responses)
+        return self._merge(screened, self.pool.grade_many(task, todo, reference))
+
+    async def grade_async(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
+        screened, todo = self._screen(task, responses)
+        return self._merge(screened, await self.pool.grade_many_async(task, todo, reference))
 
     def score(self, group: RolloutGroup) -> ScoredGroup:
         verdicts = self.grade(group.job.task, [s.text for s in group.samples], group.job.reference)

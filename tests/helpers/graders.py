@@ -4,6 +4,7 @@ import os
 import time
 
 from services.verifier.graders import GRADERS as REAL
+from services.verifier.graders import warm  # noqa: F401  (the pool warms the real graders too)
 
 
 def _sleep(response: str, reference: str) -> float:
@@ -19,4 +20,11 @@ def _exit(response: str, reference: str) -> float:
     os._exit(3)
 
 
-GRADERS = {**REAL, "sleep": _sleep, "crash": _crash, "exit": _exit}
+def _exec(response: str, reference: str) -> float:
+    """The worst grader there is: it runs the answer as Python (as parsers that eval do). 1.0 if it set ok."""
+    scope: dict = {}
+    exec(response, scope)
+    return 1.0 if scope.get("ok") else 0.0
+
+
+GRADERS = {**REAL, "sleep": _sleep, "crash": _crash, "exit": _exit, "exec": _exec}

@@ -27,6 +27,8 @@ def verifier(redis_server, tmp_path_factory):
         "2",
         "--max-body-bytes",
         "100000",
+        "--max-answer-chars",
+        "50000",
     ]
     with service(args, log) as (process, url):
         yield process, url
@@ -73,6 +75,15 @@ def test_oversized_body_is_refused(verifier):
     assert reply.status_code == 413 and "over 100000 bytes" in reply.text
 
 
+def test_overlong_answers_are_wrong_without_grading(verifier):
+    _, url = verifier
+    body = {"task": "maze", "reference": MAZE, "responses": ["R" * 50_001, "RR"]}
+    reply = httpx.post(f"{url}/v1/grade", json=body)
+    long, short = reply.json()["verdicts"]
+    assert long["status"] == "wrong" and "50001 characters, over the limit of 50000" in long["detail"]
+    assert short["status"] == "correct"
+
+
 def test_invalid_reference_is_a_failure_not_a_zero(verifier):
     _, url = verifier
     reply = httpx.post(f"{url}/v1/grade", json={"task": "maze", "reference": "S.X", "responses": ["R"]})
@@ -96,4 +107,4 @@ def test_queue_scores_groups_and_dead_letters_malformed_ones(verifier, redis_ser
     metrics = httpx.get(f"{url}/metrics").text
     assert 'passk_verifier_verdicts_total{grader="maze",status="correct"}' in metrics
     assert "passk_verifier_groups_total 2.0" in metrics
-    assert httpx.get(f"{url}/readyz").json() == {"ready": True}
+    assert httpx.get(f"{url}/readyz").json()["ready"] is True

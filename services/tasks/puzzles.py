@@ -1,0 +1,62 @@
+"""Logic puzzles from reasoning-gym, two tasks for each of the seven Enigmata
+categories of the paper (Appendix B: crypto, arithmetic, logic, grid, graph,
+search, sequential), generated with seeds into train and test splits.
+
+Each item's reference carries the dataset name, its configuration and the
+generated entry, so the verifier grades it with reasoning-gym's own scorer
+(services.verifier.puzzles) without generating anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from services.tasks.records import TaskItem
+
+# category -> reasoning-gym datasets, default configurations: each is generated
+# in milliseconds and its scorer gives the gold answer full marks.
+CATALOG: dict[str, tuple[str, ...]] = {
+    "crypto": ("caesar_cipher", "cryptarithm"),
+    "arithmetic": ("basic_arithmetic", "puzzle24"),
+    "logic": ("knights_knaves", "syllogism"),
+    "grid": ("mini_sudoku", "n_queens"),
+    "graph": ("shortest_path", "course_schedule"),
+    "search": ("word_ladder", "jugs"),
+    "sequential": ("tower_of_hanoi", "number_sequence"),
+}
+MAX_PER_TASK = 1 << 20
+INSTRUCTION = "\n\nThink it through, then give only the final answer inside <answer> </answer>."
+
+
+def generate(dataset: str, count: int, seed: int) -> Iterator[tuple[dict, dict]]:
+    """(config, entry) pairs of one reasoning-gym dataset."""
+    import reasoning_gym
+
+    config = {"seed": seed, "size": count}
+    data = reasoning_gym.create_dataset(dataset, **config)
+    for i in range(count):
+        entry = data[i]
+        yield config, {"question": entry["question"], "answer": entry["answer"], "metadata": entry["metadata"]}
+
+
+def build_splits(train_per_task: int, test_per_task: int, seed: int) -> dict[str, list[TaskItem]]:
+    """Train and test splits; test questions never appear in train."""
+    if not (0 <= train_per_task < MAX_PER_TASK and 0 <= test_per_task < MAX_PER_TASK) or seed < 0:
+        raise ValueError(f"items per task must be in [0, {MAX_PER_TASK}) and the seed >= 0")
+    splits: dict[str, list[TaskItem]] = {"test": [], "train": []}
+    for category, datasets in CATALOG.items():
+        for dataset in datasets:
+            seen: set[str] = set()
+            # reasoning-gym draws item i from Random(seed + i): splits start 2**20 apart so their items never coincide
+            base = seed << 21
+            for split, count, split_seed in (("test", test_per_task, base | 1 << 20), ("train", train_per_task, base)):
+                for config, entry in generate(dataset, count, split_seed):
+                    if entry["question"] in seen:
+                        continue
+                    seen.add(entry["question"])
+                    reference = json.dumps({"dataset": dataset, "config": config, "entry": entry}, default=list)
+                    prompt = entry["question"] + INSTRUCTION
+                    item_id = f"{dataset}-{split}-{len(splits[split])}"
+                    splits[split].append(TaskItem(item_id, "puzzle", category, prompt, reference, str(entry["answer"])))
+    return splits
