@@ -1,6 +1,7 @@
 """Misbehaving graders for the pool tests: they run in the grader processes."""
 
 import os
+import sys
 import time
 
 from services.verifier.graders import GRADERS as REAL
@@ -8,6 +9,7 @@ from services.verifier.graders import warm  # noqa: F401  (the pool warms the re
 
 
 def _sleep(response: str, reference: str) -> float:
+    print(f"grader {os.getpid()} sleeping", file=sys.stderr, flush=True)  # tests wait for this line
     time.sleep(3600)
     return 1.0
 
