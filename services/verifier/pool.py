@@ -34,6 +34,7 @@ from services.verifier.sandbox import Limits, confine
 log = logging.getLogger(__name__)
 
 # Single-threaded numeric libraries: threads would count against the process limit and the address space.
+INDEX, STARTED = 0, 1  # fields of a worker's shared progress record
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -48,7 +49,7 @@ def _printable(text: str) -> str:
     return text[:500].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _serve(conn: Connection, graders: str, limits: Limits) -> None:
+def _serve(conn: Connection, graders: str, limits: Limits, progress) -> None:
     os.environ.update(THREAD_ENV)
     sys.dont_write_bytecode = True  # the sandbox has no writable package directory
     try:
@@ -62,26 +63,44 @@ def _serve(conn: Connection, graders: str, limits: Limits) -> None:
     conn.send(("ready", report))
     while True:
         try:
-            task, response, reference = conn.recv()
+            task, responses, reference = conn.recv()
         except (EOFError, OSError):
             return
-        try:
-            grader = table[task]
-            reply = ("ok", float(grader(response, reference)), "")
-        except KeyError:
-            reply = ("invalid_request", 0.0, f"unknown task {task!r}; known: {', '.join(sorted(table))}")
-        except InvalidReference as err:
-            reply = ("invalid_request", 0.0, _printable(str(err)))
-        except BaseException as err:  # MemoryError, RecursionError, a grader bug: the worker lives on
-            reply = ("grader_error", 0.0, _printable(f"{type(err).__name__}: {err}"))
+        replies = []
+        for index, response in enumerate(responses):
+            progress[STARTED] = start = time.monotonic()  # the parent's deadline for this answer
+            progress[INDEX] = index  # written last: the parent re-reads both until they agree
+            replies.append((*_grade_one(table, task, response, reference), time.monotonic() - start))
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        conn.send((*reply, usage.ru_utime + usage.ru_stime))
+        conn.send((replies, usage.ru_utime + usage.ru_stime))
+
+
+def _grade_one(table: dict, task: str, response: str, reference: str) -> tuple[str, float, str]:
+    try:
+        grader = table[task]
+        return "ok", float(grader(response, reference)), ""
+    except KeyError:
+        return "invalid_request", 0.0, f"unknown task {task!r}; known: {', '.join(sorted(table))}"
+    except InvalidReference as err:
+        return "invalid_request", 0.0, _printable(str(err))
+    except BaseException as err:  # MemoryError, RecursionError, a grader bug: the worker lives on
+        return "grader_error", 0.0, _printable(f"{type(err).__name__}: {err}")
+
+
+def _verdict(task: str, status: str, reward: float, detail: str, elapsed: float) -> Verdict:
+    """A grader's (status, reward) as a verdict: "ok" is correct with full marks, else wrong."""
+    if status == "ok":
+        status = VerdictStatus.CORRECT if reward >= 1.0 else VerdictStatus.WRONG
+    return Verdict(reward=reward, status=VerdictStatus(status), detail=detail, grader=task, elapsed=elapsed)
 
 
 class _Worker:
     def __init__(self, ctx: mp.context.BaseContext, graders: str, limits: Limits, start_timeout_s: float) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, graders, limits), daemon=True)
+        # which answer of the current chunk the worker is on, and since when: shared memory, so that
+        # a chunk costs two messages, not two per answer, and the parent still times each answer
+        self.progress = ctx.RawArray("d", 2)
+        self.process = ctx.Process(target=_serve, args=(child, graders, limits, self.progress), daemon=True)
         self.process.start()
         child.close()
         self.sandbox: dict[str, str] = {}
@@ -100,6 +119,13 @@ class _Worker:
             self.kill()
             raise RuntimeError(f"grader process failed to start: {payload}")
         self.sandbox = payload
+
+    def position(self) -> tuple[int, float]:
+        """(index of the answer being graded, its start time); index -1 before the first."""
+        while True:
+            index, started = self.progress[INDEX], self.progress[STARTED]
+            if self.progress[INDEX] == index:
+                return int(index), started
 
     @property
     def pid(self) -> int | None:
@@ -190,43 +216,80 @@ class GraderPool:
                 return worker
             self._retire(worker, "died")
 
-    def grade(self, task: str, response: str, reference: str) -> Verdict:
-        worker = self._take()
-        if worker is None:
-            detail = f"no grader process free within {self.start_timeout_s:g} s"
-            return Verdict(reward=0.0, status=VerdictStatus.GRADER_ERROR, detail=detail, grader=task, elapsed=0.0)
-        start = time.monotonic()
-        retire = ""
-        try:
-            worker.conn.send((task, response, reference))
-            if worker.conn.poll(self.timeout_s):
-                status, reward, detail, worker.cpu_s = worker.conn.recv()
+    def _await(self, worker: _Worker, sent: float) -> tuple[str, object, float]:
+        """Wait for a chunk's replies, each answer within timeout_s of its start.
+
+        Returns ("done", (replies, cpu_s), 0), or ("timeout" | "died", index, elapsed) for the answer
+        the worker was on; the answers before it are lost with the worker and graded again."""
+        while True:
+            index, started = worker.position()
+            started = started if index >= 0 else sent  # index -1: still reading the chunk
+            try:
+                if worker.conn.poll(max(0.0, started + self.timeout_s - time.monotonic())):
+                    return "done", worker.conn.recv(), 0.0
+            except (EOFError, OSError):  # died: out of memory, CPU limit, killed
+                index, started = worker.position()
+                return "died", max(index, 0), time.monotonic() - (started if index >= 0 else sent)
+            now_index, now_started = worker.position()
+            if now_index == index and (index < 0 or now_started == started):  # still on it: overran
+                return "timeout", max(index, 0), time.monotonic() - started
+            # it moved on to another answer meanwhile: wait for that one's deadline
+
+    def _grade_chunk(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
+        verdicts: list[Verdict] = [_verdict(task, "grader_error", 0.0, "not graded", 0.0)] * len(responses)
+        pending = list(range(len(responses)))
+        while pending:
+            worker = self._take()
+            if worker is None:
+                detail = f"no grader process free within {self.start_timeout_s:g} s"
+                for i in pending:
+                    verdicts[i] = _verdict(task, "grader_error", 0.0, detail, 0.0)
+                break
+            worker.progress[INDEX] = -1.0
+            sent = time.monotonic()
+            try:
+                worker.conn.send((task, [responses[i] for i in pending], reference))
+                outcome, result, elapsed = self._await(worker, sent)
+            except OSError:  # the pipe broke on send: the worker is gone
+                outcome, result, elapsed = "died", 0, 0.0
+            if outcome == "done":
+                replies, worker.cpu_s = result
+                for i, reply in zip(pending, replies, strict=True):
+                    verdicts[i] = _verdict(task, *reply)
+                pending = []
+                if worker.cpu_s > 0.8 * self.limits.cpu_s:
+                    self._retire(worker, "cpu_budget")  # before RLIMIT_CPU would end it mid-answer
+                else:
+                    self._idle.put(worker)
+                continue
+            failed = pending.pop(result)
+            if outcome == "timeout":
+                detail = f"no verdict within {self.timeout_s:g} s"
             else:
-                status, reward, detail = "timeout", 0.0, f"no verdict within {self.timeout_s:g} s"
-                retire = "timeout"
-        except (EOFError, OSError) as err:  # the worker died: out of memory, CPU limit, killed
-            worker.process.join(1)
-            code = worker.process.exitcode
-            status, reward, detail = "grader_error", 0.0, f"grader process died (exit code {code}): {err!r}"
-            retire = "died"
-        elapsed = time.monotonic() - start
-        if not retire and worker.cpu_s > 0.8 * self.limits.cpu_s:
-            retire = "cpu_budget"  # before RLIMIT_CPU would end it mid-answer
-        if retire:
-            self._retire(worker, retire)
-        else:
-            self._idle.put(worker)
-        if status == "ok":
-            status = VerdictStatus.CORRECT if reward >= 1.0 else VerdictStatus.WRONG
-        return Verdict(reward=reward, status=VerdictStatus(status), detail=detail, grader=task, elapsed=elapsed)
+                worker.process.join(1)
+                detail = f"grader process died (exit code {worker.process.exitcode})"
+            status = "timeout" if outcome == "timeout" else "grader_error"
+            verdicts[failed] = _verdict(task, status, 0.0, detail, elapsed)
+            self._retire(worker, outcome)
+        return verdicts
+
+    def grade(self, task: str, response: str, reference: str) -> Verdict:
+        return self._grade_chunk(task, [response], reference)[0]
+
+    def _chunks(self, responses: list[str]) -> list[list[str]]:
+        size = max(1, -(-len(responses) // self.workers))
+        return [responses[i : i + size] for i in range(0, len(responses), size)]
 
     def grade_many(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
-        return list(self._threads.map(lambda r: self.grade(task, r, reference), responses))
+        """One chunk per worker: a chunk travels as one message each way."""
+        chunks = self._threads.map(lambda c: self._grade_chunk(task, c, reference), self._chunks(responses))
+        return [v for chunk in chunks for v in chunk]
 
     async def grade_many_async(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._threads, self.grade, task, r, reference) for r in responses]
-        return list(await asyncio.gather(*futures))
+        chunks = self._chunks(responses)
+        futures = [loop.run_in_executor(self._threads, self._grade_chunk, task, c, reference) for c in chunks]
+        return [v for chunk in await asyncio.gather(*futures) for v in chunk]
 
     def close(self) -> None:
         self._closed = True

@@ -88,3 +88,13 @@ def test_the_pool_refuses_bad_settings():
         GraderPool(workers=0)
     with pytest.raises(RuntimeError, match="failed to start"):
         GraderPool(workers=1, graders="services.no_such_module")
+
+
+def test_each_answer_of_a_batch_has_its_own_time_limit(pool):
+    """Hangs amid normal answers: each hang times out alone and every other answer is still graded."""
+    answers = ["ok = 1", "while True: pass", "ok = 0", "ok = 1", "while True: pass", "ok = 1", "ok = 1"]
+    verdicts = pool.grade_many("exec", answers, "")
+    assert [v.status.value for v in verdicts] == [
+        "correct", "timeout", "wrong", "correct", "timeout", "correct", "correct",
+    ]  # fmt: skip
+    assert all(v.elapsed < 2.0 for v in verdicts)  # the 1 s limit, per answer, not per batch
