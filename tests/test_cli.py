@@ -95,3 +95,19 @@ def test_advantage_curves_rejects_bad_arguments(tmp_path, args, message):
     assert result.returncode == 2
     assert message in " ".join(result.stderr.split()), result.stderr
     assert not (tmp_path / "advantage_curves.csv").exists()
+
+
+def test_data_puzzles_and_math_write_splits(tmp_path):
+    from services.tasks.records import read_jsonl
+
+    result = run("data", "puzzles", "--out", str(tmp_path / "p"), "--train-per-task", "2", "--test-per-task", "1")
+    assert result.returncode == 0, result.stderr
+    assert len(read_jsonl(tmp_path / "p" / "test.jsonl")) == 14  # 7 categories x 2 tasks x 1
+    result = run("data", "math", "--out", str(tmp_path / "m"), "--train-per-kind", "3", "--test-per-kind", "2")
+    assert result.returncode == 0, result.stderr
+    assert [len(read_jsonl(tmp_path / "m" / f"{s}.jsonl")) for s in ("train", "test")] == [12, 8]
+
+
+def test_serve_verifier_rejects_bad_settings():
+    result = run("serve", "verifier", "--graders", "not a module!")
+    assert result.returncode != 0 and "graders" in result.stderr and "pattern" in result.stderr

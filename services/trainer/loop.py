@@ -32,6 +32,31 @@ from services.trainer.loss import policy_loss, response_logprobs
 log = logging.getLogger(__name__)
 
 
+def verdict_tensors(groups: list[ScoredGroup], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards [G, n] and which of them are real answers: grader failures (timeout, grader_error,
+    invalid_request) are masked out, never trained on as a reward of 0."""
+    rewards = torch.zeros(len(groups), n, dtype=torch.float64)
+    valid = torch.zeros(len(groups), n, dtype=torch.bool)
+    for g, scored in enumerate(groups):
+        for i, verdict in enumerate(scored.verdicts):
+            rewards[g, i] = verdict.reward
+            valid[g, i] = not verdict.failed
+    return rewards, valid
+
+
+def masked_advantages(
+    estimator: str, rewards: torch.Tensor, valid: torch.Tensor, k: int, options: dict
+) -> torch.Tensor:
+    """Advantages of the valid answers, each group estimated on its valid answers alone; 0 for the
+    masked ones and for groups left with fewer than max(2, k) valid answers."""
+    usable = valid.sum(1) >= max(2, k)
+    advantages = torch.zeros(rewards.shape)
+    if usable.any():
+        options = {key: (v[usable] if key == "entropy" else v) for key, v in options.items()}
+        advantages[usable] = compute_advantages(estimator, rewards[usable], k=k, mask=valid[usable], **options).float()
+    return advantages
+
+
 class Trainer:
     def __init__(self, settings: TrainerSettings, streams: StreamNames | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -145,12 +170,7 @@ class Trainer:
     # -- the policy step -----------------------------------------------------
     def update(self, groups: list[ScoredGroup]) -> dict:
         n = self.s.n_rollout
-        rewards = torch.zeros(len(groups), n, dtype=torch.float64)
-        valid = torch.zeros(len(groups), n, dtype=torch.bool)
-        for g, scored in enumerate(groups):
-            for i, verdict in enumerate(scored.verdicts):
-                rewards[g, i] = verdict.reward
-                valid[g, i] = not verdict.failed  # grader failures are excluded, never trained on as 0
+        rewards, valid = verdict_tensors(groups, n)
         logprobs, entropy, response = response_logprobs(
             self.model,
             [scored.group.prompt_token_ids for scored in groups],
@@ -163,15 +183,10 @@ class Trainer:
         tokens = response.sum(1).clamp_min(1)
         response_entropy = ((entropy.detach() * response).sum(1) / tokens).view(len(groups), n)
 
-        usable = valid.sum(1) >= max(2, self.s.k)  # groups the estimator can use
-        advantages = torch.zeros(len(groups), n)
-        if usable.any():
-            options = dict(self.s.estimator_options)
-            if self.s.estimator == "passk_adaptive":
-                options["entropy"] = response_entropy[usable]
-            advantages[usable] = compute_advantages(
-                self.s.estimator, rewards[usable], k=self.s.k, mask=valid[usable], **options
-            ).float()
+        options = dict(self.s.estimator_options)
+        if self.s.estimator == "passk_adaptive":
+            options["entropy"] = response_entropy
+        advantages = masked_advantages(self.s.estimator, rewards, valid, self.s.k, options)
         loss, stats = policy_loss(
             logprobs,
             old,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Single-threaded numeric libraries: threads would count against the process limit and the address space.
 INDEX, STARTED = 0, 1  # fields of a worker's shared progress record
+FLUSH_EVERY = 32  # replies per message: the parent turns them into verdicts while the worker grades on
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -71,14 +73,20 @@ def _serve(conn: Connection, graders: str, limits: Limits, progress) -> None:
             progress[STARTED] = start = time.monotonic()  # the parent's deadline for this answer
             progress[INDEX] = index  # written last: the parent re-reads both until they agree
             replies.append((*_grade_one(table, task, response, reference), time.monotonic() - start))
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        conn.send((replies, usage.ru_utime + usage.ru_stime))
+            if len(replies) == FLUSH_EVERY or index == len(responses) - 1:
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                # JSON, not pickle: the parent must not unpickle what a process that ran hostile code sends
+                conn.send_bytes(json.dumps([replies, usage.ru_utime + usage.ru_stime]).encode())
+                replies = []
 
 
 def _grade_one(table: dict, task: str, response: str, reference: str) -> tuple[str, float, str]:
     try:
         grader = table[task]
-        return "ok", float(grader(response, reference)), ""
+        reward = float(grader(response, reference))
+        if not 0.0 <= reward <= 1.0:  # also NaN
+            return "grader_error", 0.0, f"reward {reward!r} is outside [0, 1]"
+        return "ok", reward, ""
     except KeyError:
         return "invalid_request", 0.0, f"unknown task {task!r}; known: {', '.join(sorted(table))}"
     except InvalidReference as err:
@@ -87,11 +95,44 @@ def _grade_one(table: dict, task: str, response: str, reference: str) -> tuple[s
         return "grader_error", 0.0, _printable(f"{type(err).__name__}: {err}")
 
 
+REPLY_STATUSES = frozenset({"ok", "invalid_request", "grader_error"})
+REPLY_BYTES_BASE, REPLY_BYTES_PER_ANSWER = 4096, 4096  # a reply's detail is at most 500 characters
+
+
+def parse_reply(raw: bytes, at_most: int) -> tuple[list[tuple[str, float, str, float]], float]:
+    """A worker's message, checked field by field: ``([(status, reward, detail, seconds), ...], cpu_s)``
+    with 1 to ``at_most`` replies."""
+    try:
+        replies, cpu_s = json.loads(raw)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"not a [replies, cpu] JSON pair: {err}") from None
+    if not isinstance(replies, list) or not 1 <= len(replies) <= at_most or not isinstance(cpu_s, float | int):
+        raise ValueError(f"expected 1 to {at_most} replies and a CPU time")
+    checked = []
+    for reply in replies:
+        if not (isinstance(reply, list) and len(reply) == 4):
+            raise ValueError("a reply is not [status, reward, detail, seconds]")
+        status, reward, detail, seconds = reply
+        if status not in REPLY_STATUSES or not isinstance(detail, str) or len(detail) > 1024:
+            raise ValueError(f"bad status or detail in {str(reply)[:100]}")
+        if not (isinstance(reward, float | int) and 0.0 <= reward <= 1.0):  # also rejects NaN
+            raise ValueError(f"reward {reward!r} is not in [0, 1]")
+        if not (isinstance(seconds, float | int) and 0.0 <= seconds < 1e6):
+            raise ValueError(f"elapsed {seconds!r} is not a duration")
+        checked.append((status, float(reward), detail, float(seconds)))
+    return checked, float(cpu_s)
+
+
 def _verdict(task: str, status: str, reward: float, detail: str, elapsed: float) -> Verdict:
-    """A grader's (status, reward) as a verdict: "ok" is correct with full marks, else wrong."""
+    """A grader's (status, reward) as a verdict: "ok" is correct with full marks, else wrong.
+
+    Built without pydantic's validation (a quarter of the cost of a cheap grade): ``parse_reply``
+    has checked every field, and the rest come from this process."""
     if status == "ok":
         status = VerdictStatus.CORRECT if reward >= 1.0 else VerdictStatus.WRONG
-    return Verdict(reward=reward, status=VerdictStatus(status), detail=detail, grader=task, elapsed=elapsed)
+    return Verdict.model_construct(
+        reward=reward, status=VerdictStatus(status), detail=detail, grader=task, elapsed=elapsed
+    )
 
 
 class _Worker:
@@ -216,24 +257,66 @@ class GraderPool:
                 return worker
             self._retire(worker, "died")
 
-    def _await(self, worker: _Worker, sent: float) -> tuple[str, object, float]:
-        """Wait for a chunk's replies, each answer within timeout_s of its start.
+    def _await(self, worker: _Worker, remaining: int, sent: float) -> tuple[str, object, float]:
+        """Wait for the worker's next message, each answer within timeout_s of its start.
 
-        Returns ("done", (replies, cpu_s), 0), or ("timeout" | "died", index, elapsed) for the answer
-        the worker was on; the answers before it are lost with the worker and graded again."""
+        Returns ("done", message bytes, 0), or ("timeout" | "died", index, elapsed) for the answer
+        the worker was on."""
+        limit = REPLY_BYTES_BASE + REPLY_BYTES_PER_ANSWER * min(remaining, FLUSH_EVERY)
         while True:
             index, started = worker.position()
             started = started if index >= 0 else sent  # index -1: still reading the chunk
             try:
                 if worker.conn.poll(max(0.0, started + self.timeout_s - time.monotonic())):
-                    return "done", worker.conn.recv(), 0.0
-            except (EOFError, OSError):  # died: out of memory, CPU limit, killed
+                    return "done", worker.conn.recv_bytes(limit), 0.0
+            except (EOFError, OSError):  # died (out of memory, CPU limit, killed) or sent too much
                 index, started = worker.position()
                 return "died", max(index, 0), time.monotonic() - (started if index >= 0 else sent)
             now_index, now_started = worker.position()
             if now_index == index and (index < 0 or now_started == started):  # still on it: overran
                 return "timeout", max(index, 0), time.monotonic() - started
             # it moved on to another answer meanwhile: wait for that one's deadline
+
+    def _dispatch(self, worker: _Worker, task: str, batch: list[int], responses: list[str], reference: str, verdicts):
+        """Grade ``batch`` on ``worker``, filling ``verdicts``; returns the indices left to grade elsewhere."""
+        worker.progress[INDEX] = -1.0
+        sent = time.monotonic()
+        received = 0
+        try:
+            worker.conn.send((task, [responses[i] for i in batch], reference))
+        except OSError:  # the pipe broke: the worker died before it got the batch
+            self._retire(worker, "died")
+            return batch
+        while received < len(batch):
+            outcome, result, elapsed = self._await(worker, len(batch) - received, sent)
+            if outcome == "done":
+                try:
+                    replies, worker.cpu_s = parse_reply(result, len(batch) - received)
+                except ValueError as err:  # a worker that sends nonsense is not trusted again
+                    for i in batch[received:]:
+                        verdicts[i] = _verdict(task, "grader_error", 0.0, f"bad reply from grader: {err}", 0.0)
+                    self._retire(worker, "bad_reply")
+                    return []
+                for i, reply in zip(batch[received:], replies, strict=False):
+                    verdicts[i] = _verdict(task, *reply)
+                received += len(replies)
+                continue
+            # the answer it overran or died on fails; the ones it graded but had not sent yet go elsewhere
+            failed = max(result, received)
+            if outcome == "timeout":
+                detail = f"no verdict within {self.timeout_s:g} s"
+            else:
+                worker.process.join(1)
+                detail = f"grader process died (exit code {worker.process.exitcode})"
+            status = "timeout" if outcome == "timeout" else "grader_error"
+            verdicts[batch[failed]] = _verdict(task, status, 0.0, detail, elapsed)
+            self._retire(worker, outcome)
+            return batch[received:failed] + batch[failed + 1 :]
+        if worker.cpu_s > 0.8 * self.limits.cpu_s:
+            self._retire(worker, "cpu_budget")  # before RLIMIT_CPU would end it mid-answer
+        else:
+            self._idle.put(worker)
+        return []
 
     def _grade_chunk(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
         verdicts: list[Verdict] = [_verdict(task, "grader_error", 0.0, "not graded", 0.0)] * len(responses)
@@ -245,32 +328,7 @@ class GraderPool:
                 for i in pending:
                     verdicts[i] = _verdict(task, "grader_error", 0.0, detail, 0.0)
                 break
-            worker.progress[INDEX] = -1.0
-            sent = time.monotonic()
-            try:
-                worker.conn.send((task, [responses[i] for i in pending], reference))
-                outcome, result, elapsed = self._await(worker, sent)
-            except OSError:  # the pipe broke on send: the worker is gone
-                outcome, result, elapsed = "died", 0, 0.0
-            if outcome == "done":
-                replies, worker.cpu_s = result
-                for i, reply in zip(pending, replies, strict=True):
-                    verdicts[i] = _verdict(task, *reply)
-                pending = []
-                if worker.cpu_s > 0.8 * self.limits.cpu_s:
-                    self._retire(worker, "cpu_budget")  # before RLIMIT_CPU would end it mid-answer
-                else:
-                    self._idle.put(worker)
-                continue
-            failed = pending.pop(result)
-            if outcome == "timeout":
-                detail = f"no verdict within {self.timeout_s:g} s"
-            else:
-                worker.process.join(1)
-                detail = f"grader process died (exit code {worker.process.exitcode})"
-            status = "timeout" if outcome == "timeout" else "grader_error"
-            verdicts[failed] = _verdict(task, status, 0.0, detail, elapsed)
-            self._retire(worker, outcome)
+            pending = self._dispatch(worker, task, pending, responses, reference, verdicts)
         return verdicts
 
     def grade(self, task: str, response: str, reference: str) -> Verdict:
