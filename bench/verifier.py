@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="timed batches per grader and mode (median)")
     parser.add_argument("--latency-count", type=int, default=300, help="single answers for p50/p99")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     if args.batch < 2 or args.repeat < 1 or args.latency_count < 100:
         parser.error("--batch >= 2, --repeat >= 1 and --latency-count >= 100")
@@ -118,10 +119,12 @@ def main() -> None:
             "sandbox verdicts per CPU-s (1w)", "p50 ms", "p99 ms", "in-process p50 ms", "p99 ms",
         ):  # fmt: skip
             table.add_column(column, justify="right")
+        results = {}
         for task, (reference, answers) in workloads(args.batch, args.seed).items():
             m = measure(pools, task, reference, answers, args.repeat)
             r = m["rates"]
             p50, p99, l50, l99 = latency(pools[1], task, reference, answers[1], args.latency_count)
+            results[task] = {**r, "per_cpu_1w": m["per_cpu"][1], "p50_ms": p50, "p99_ms": p99, "local_p50_ms": l50}
             table.add_row(
                 task,
                 f"{r['in-process']:.0f}",
@@ -136,6 +139,8 @@ def main() -> None:
                 f"{l99:.3f}",
             )
         console.print(table)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
     finally:
         for pool in pools.values():
             pool.close()

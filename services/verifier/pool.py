@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Single-threaded numeric libraries: threads would count against the process limit and the address space.
 INDEX, STARTED = 0, 1  # fields of a worker's shared progress record
-FLUSH_EVERY = 32  # replies per message: the parent turns them into verdicts while the worker grades on
+FLUSH_S = 0.002  # a message of replies at most this often: the parent makes verdicts while the worker grades on
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -68,12 +68,15 @@ def _serve(conn: Connection, graders: str, limits: Limits, progress) -> None:
             task, responses, reference = conn.recv()
         except (EOFError, OSError):
             return
-        replies = []
+        replies, flushed = [], time.monotonic()
         for index, response in enumerate(responses):
             progress[STARTED] = start = time.monotonic()  # the parent's deadline for this answer
             progress[INDEX] = index  # written last: the parent re-reads both until they agree
-            replies.append((*_grade_one(table, task, response, reference), time.monotonic() - start))
-            if len(replies) == FLUSH_EVERY or index == len(responses) - 1:
+            status, reward, detail = _grade_one(table, task, response, reference)
+            now = time.monotonic()
+            replies.append((status, reward, detail, now - start))
+            if now - flushed >= FLUSH_S or index == len(responses) - 1:
+                flushed = now
                 usage = resource.getrusage(resource.RUSAGE_SELF)
                 # JSON, not pickle: the parent must not unpickle what a process that ran hostile code sends
                 conn.send_bytes(json.dumps([replies, usage.ru_utime + usage.ru_stime]).encode())
@@ -124,15 +127,10 @@ def parse_reply(raw: bytes, at_most: int) -> tuple[list[tuple[str, float, str, f
 
 
 def _verdict(task: str, status: str, reward: float, detail: str, elapsed: float) -> Verdict:
-    """A grader's (status, reward) as a verdict: "ok" is correct with full marks, else wrong.
-
-    Built without pydantic's validation (a quarter of the cost of a cheap grade): ``parse_reply``
-    has checked every field, and the rest come from this process."""
+    """A grader's (status, reward) as a verdict: "ok" is correct with full marks, else wrong."""
     if status == "ok":
         status = VerdictStatus.CORRECT if reward >= 1.0 else VerdictStatus.WRONG
-    return Verdict.model_construct(
-        reward=reward, status=VerdictStatus(status), detail=detail, grader=task, elapsed=elapsed
-    )
+    return Verdict(reward=reward, status=status, detail=detail, grader=task, elapsed=elapsed)
 
 
 class _Worker:
@@ -262,7 +260,7 @@ class GraderPool:
 
         Returns ("done", message bytes, 0), or ("timeout" | "died", index, elapsed) for the answer
         the worker was on."""
-        limit = REPLY_BYTES_BASE + REPLY_BYTES_PER_ANSWER * min(remaining, FLUSH_EVERY)
+        limit = REPLY_BYTES_BASE + REPLY_BYTES_PER_ANSWER * remaining
         while True:
             index, started = worker.position()
             started = started if index >= 0 else sent  # index -1: still reading the chunk

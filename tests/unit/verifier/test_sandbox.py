@@ -1,5 +1,6 @@
 """Each confinement layer holds against a grader that runs the answer as Python."""
 
+import re
 import socket
 from pathlib import Path
 
@@ -75,3 +76,49 @@ def test_a_busy_loop_is_killed_at_the_wall_clock_limit(pool):
     verdict = run(pool, "while True: pass")
     assert verdict.status == VerdictStatus.TIMEOUT
     assert run(pool, "ok = 1").status == VerdictStatus.CORRECT  # a fresh worker took its place
+
+
+def test_a_worker_cannot_reach_the_parent_through_its_replies(pool, tmp_path):
+    """Hostile code finds the worker's pipe and sends a pickle that would run a command when unpickled:
+    the parent reads replies as JSON only, calls it a bad reply and retires the worker."""
+    marker = tmp_path / "parent-pwned"
+    code = f"""
+import gc, os, pickle
+from multiprocessing.connection import Connection
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+[conn] = [o for o in gc.get_objects() if isinstance(o, Connection)]
+conn.send(Payload())
+ok = 1
+"""
+    before = pool.restarts["bad_reply"]
+    verdict = run(pool, code)
+    assert verdict.status == VerdictStatus.GRADER_ERROR and "bad reply" in verdict.detail
+    assert not marker.exists()
+    assert pool.restarts["bad_reply"] == before + 1
+    assert run(pool, "ok = 1").status == VerdictStatus.CORRECT
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x80\x04K\x01.", "JSON pair"),
+        (b"[[], 0.1]", "1 to 2 replies"),
+        (b'[[["ok", 1.0, "", 0.1], ["ok", 1.0, "", 0.1], ["ok", 1.0, "", 0.1]], 0.1]', "1 to 2 replies"),
+        (b'[[["correct", 1.0, "", 0.1]], 0.1]', "bad status"),
+        (b'[[["ok", 7.0, "", 0.1]], 0.1]', "not in [0, 1]"),
+        (b'[[["ok", NaN, "", 0.1]], 0.1]', "not in [0, 1]"),
+        (b'[[["ok", 1.0, "", -1]], 0.1]', "not a duration"),
+        (b'[[["ok", 1.0]], 0.1]', "not [status, reward, detail, seconds]"),
+    ],
+)
+def test_replies_are_checked_field_by_field(raw, message):
+    from services.verifier.pool import parse_reply
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_reply(raw, 2)
+    assert parse_reply(b'[[["ok", 1, "", 0.5], ["grader_error", 0.0, "x", 0.1]], 3]', 2) == (
+        [("ok", 1.0, "", 0.5), ("grader_error", 0.0, "x", 0.1)],
+        3.0,
+    )
