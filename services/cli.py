@@ -140,7 +140,8 @@ def data_maze(
     bad = [size for size in [*train_sizes, *test_sizes] if size < 5 or size % 2 == 0 or size > 201]
     if bad:
         raise typer.BadParameter(f"maze sizes must be odd and between 5 and 201, got {bad}", param_hint="--*-size")
-    from services.tasks.maze import build_splits, write_jsonl
+    from services.tasks.maze import build_splits
+    from services.tasks.records import write_jsonl
 
     try:
         splits = build_splits(train_sizes, test_sizes, train_per_size, test_per_size, seed)

@@ -52,7 +52,8 @@ class Cluster:
 def ensure_data(train: Path, test: Path, seed: int) -> None:
     if train.exists() and test.exists():
         return
-    from services.tasks.maze import build_splits, write_jsonl
+    from services.tasks.maze import build_splits
+    from services.tasks.records import write_jsonl
 
     splits = build_splits([7], [7], train_per_size=5000, test_per_size=100, seed=seed)
     write_jsonl(splits["train"], train)

@@ -12,7 +12,7 @@ import json
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 MOVES = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
@@ -137,16 +137,6 @@ def build_splits(
             for i, maze in enumerate(unique_mazes(size, per_size, rng, seen)):
                 splits[split].append(MazeItem(f"maze{size}-{split}-{i}", size, maze, shortest_path(maze)))
     return splits
-
-
-def write_jsonl(items: Iterable[MazeItem], path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w") as f:
-        for item in items:
-            f.write(json.dumps(asdict(item)) + "\n")
-            count += 1
-    return count
 
 
 def read_jsonl(path: Path) -> list[MazeItem]:

@@ -1,5 +1,5 @@
 """Task items that are a prompt and a reference for a grader (puzzles, math),
-stored as JSON lines."""
+stored as JSON lines; ``write_jsonl`` writes every dataset's items."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class TaskItem:
     answer: str  # one correct answer, for supervised warm-up and tests
 
 
-def write_jsonl(items: Iterable[TaskItem], path: Path) -> int:
+def write_jsonl(items: Iterable, path: Path) -> int:
+    """One JSON object a line from dataclass items (task items, mazes); returns the count."""
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with path.open("w") as f:

@@ -34,9 +34,9 @@ from services.verifier.sandbox import Limits, confine
 
 log = logging.getLogger(__name__)
 
-# Single-threaded numeric libraries: threads would count against the process limit and the address space.
 INDEX, STARTED = 0, 1  # fields of a worker's shared progress record
 FLUSH_S = 0.002  # a message of replies at most this often: the parent makes verdicts while the worker grades on
+# Single-threaded numeric libraries: threads would count against the process limit and the address space.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -160,11 +160,14 @@ class _Worker:
         self.sandbox = payload
 
     def position(self) -> tuple[int, float]:
-        """(index of the answer being graded, its start time); index -1 before the first."""
+        """(index of the answer being graded, its start time); index -1 before the first.
+
+        The record is the worker's to write, so it is read as untrusted: anything but an index
+        in range reads as -1."""
         while True:
             index, started = self.progress[INDEX], self.progress[STARTED]
-            if self.progress[INDEX] == index:
-                return int(index), started
+            if self.progress[INDEX] == index or index != index:  # consistent, or NaN
+                return (int(index) if 0 <= index < 1 << 31 else -1), started
 
     @property
     def pid(self) -> int | None:
@@ -255,30 +258,40 @@ class GraderPool:
                 return worker
             self._retire(worker, "died")
 
-    def _await(self, worker: _Worker, remaining: int, sent: float) -> tuple[str, object, float]:
+    def _await(self, worker: _Worker, remaining: int, seen: list[float]) -> tuple[str, object, float]:
         """Wait for the worker's next message, each answer within timeout_s of its start.
 
+        ``seen`` is [index, when this process first saw the worker on it], kept across calls: an
+        answer's start is the worker's own record, but never later than that, so a process that
+        ran hostile code and keeps rewriting its record gets at most twice the limit.
         Returns ("done", message bytes, 0), or ("timeout" | "died", index, elapsed) for the answer
         the worker was on."""
         limit = REPLY_BYTES_BASE + REPLY_BYTES_PER_ANSWER * remaining
         while True:
-            index, started = worker.position()
-            started = started if index >= 0 else sent  # index -1: still reading the chunk
+            index, started = self._started(worker, seen)
             try:
                 if worker.conn.poll(max(0.0, started + self.timeout_s - time.monotonic())):
                     return "done", worker.conn.recv_bytes(limit), 0.0
             except (EOFError, OSError):  # died (out of memory, CPU limit, killed) or sent too much
-                index, started = worker.position()
-                return "died", max(index, 0), time.monotonic() - (started if index >= 0 else sent)
-            now_index, now_started = worker.position()
-            if now_index == index and (index < 0 or now_started == started):  # still on it: overran
+                index, started = self._started(worker, seen)
+                return "died", max(index, 0), time.monotonic() - started
+            if self._started(worker, seen)[0] == index:  # still on the same answer: it overran
                 return "timeout", max(index, 0), time.monotonic() - started
             # it moved on to another answer meanwhile: wait for that one's deadline
+
+    @staticmethod
+    def _started(worker: _Worker, seen: list[float]) -> tuple[int, float]:
+        index, started = worker.position()
+        if index < 0:
+            return index, seen[1]  # not on an answer yet: timed from the send
+        if index != seen[0]:
+            seen[0], seen[1] = index, time.monotonic()
+        return index, started if started <= seen[1] else seen[1]  # also when the record holds NaN
 
     def _dispatch(self, worker: _Worker, task: str, batch: list[int], responses: list[str], reference: str, verdicts):
         """Grade ``batch`` on ``worker``, filling ``verdicts``; returns the indices left to grade elsewhere."""
         worker.progress[INDEX] = -1.0
-        sent = time.monotonic()
+        seen = [-1.0, time.monotonic()]  # before the first answer: timed from the send
         received = 0
         try:
             worker.conn.send((task, [responses[i] for i in batch], reference))
@@ -286,7 +299,7 @@ class GraderPool:
             self._retire(worker, "died")
             return batch
         while received < len(batch):
-            outcome, result, elapsed = self._await(worker, len(batch) - received, sent)
+            outcome, result, elapsed = self._await(worker, len(batch) - received, seen)
             if outcome == "done":
                 try:
                     replies, worker.cpu_s = parse_reply(result, len(batch) - received)
@@ -300,7 +313,7 @@ class GraderPool:
                 received += len(replies)
                 continue
             # the answer it overran or died on fails; the ones it graded but had not sent yet go elsewhere
-            failed = max(result, received)
+            failed = min(max(result, received), len(batch) - 1)
             if outcome == "timeout":
                 detail = f"no verdict within {self.timeout_s:g} s"
             else:

@@ -13,7 +13,8 @@ from services.common import registry
 from services.common.config import StreamNames
 from services.common.schemas import PromptJob, ScoredGroup
 from services.common.streams import dead_letters
-from services.tasks.maze import build_splits, write_jsonl
+from services.tasks.maze import build_splits
+from services.tasks.records import write_jsonl
 from tests.helpers.procs import service, stop, wait_for
 
 STREAMS = StreamNames()

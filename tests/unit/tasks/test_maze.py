@@ -9,8 +9,8 @@ from services.tasks.maze import (
     read_jsonl,
     render_prompt,
     shortest_path,
-    write_jsonl,
 )
+from services.tasks.records import write_jsonl
 from services.verifier.maze import check
 
 

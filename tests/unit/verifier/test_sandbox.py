@@ -122,3 +122,18 @@ def test_replies_are_checked_field_by_field(raw, message):
         [("ok", 1.0, "", 0.5), ("grader_error", 0.0, "x", 0.1)],
         3.0,
     )
+
+
+def test_rewriting_the_progress_record_does_not_buy_time(pool):
+    """Hostile code keeps moving its own start time forward: the service's own clock still ends it."""
+    code = """
+import gc, time
+[record] = [o for o in gc.get_objects() if type(o).__name__ == "c_double_Array_2"]
+while True:
+    record[1] = time.monotonic() + 3600.0
+    time.sleep(0.01)
+"""
+    verdict = run(pool, code)
+    assert verdict.status == VerdictStatus.TIMEOUT
+    assert verdict.elapsed < 2 * pool.timeout_s + 1.0
+    assert run(pool, "ok = 1").status == VerdictStatus.CORRECT
