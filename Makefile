@@ -8,7 +8,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV)
-	@touch $@
+	@echo "$${PASSK_EXTRAS:-dev}" > $@
 
 # The main job: Redis, a verifier, two rollout replicas and the trainer on the
 # maze-tiny preset, then pass@k before and after RL.

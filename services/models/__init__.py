@@ -1,0 +1,1 @@
+"""Model conversion tools used by the command line (not a service)."""
