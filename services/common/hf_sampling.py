@@ -22,6 +22,25 @@ class Generation:
     text: str
     token_ids: list[int]
     logprobs: list[float]
+    finish_reason: str = "length"  # "stop": an end-of-sequence token or a stop string ended it
+
+
+def cut_at_stop(tokenizer, generation: Generation, stop: tuple[str, ...]) -> Generation:
+    """End a sample at its first stop string, as vLLM does: the text stops before it, the tokens
+    and log-probs keep the shortest prefix whose text contains it."""
+    hits = [(i, s) for s in stop if (i := generation.text.find(s)) >= 0]
+    if not hits:
+        return generation
+    cut, found = min(hits)
+    ids = generation.token_ids
+    low, high = 1, len(ids)  # the shortest prefix whose text holds the whole stop string
+    while low < high:
+        middle = (low + high) // 2
+        if tokenizer.decode(ids[:middle], skip_special_tokens=True).startswith(found, cut):
+            high = middle
+        else:
+            low = middle + 1
+    return Generation(generation.text[:cut], ids[:low], generation.logprobs[:low], "stop")
 
 
 def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
@@ -45,6 +64,7 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    stop: tuple[str, ...] = (),
 ) -> tuple[list[list[int]], list[list[Generation]]]:
     """(prompt token ids per prompt, N generations per prompt)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -60,7 +80,9 @@ def sample(
         outputs = _sample_batch(model, batch, n, max_tokens, temperature, top_p, tokenizer.eos_token_id, generator)
         for i, (tokens, logprobs) in zip(indices, outputs, strict=True):
             for toks, lps in zip(tokens, logprobs, strict=True):
-                results[i].append(Generation(tokenizer.decode(toks, skip_special_tokens=True), toks, lps))
+                reason = "stop" if len(toks) < max_tokens or (toks and toks[-1] == tokenizer.eos_token_id) else "length"
+                generation = Generation(tokenizer.decode(toks, skip_special_tokens=True), toks, lps, reason)
+                results[i].append(cut_at_stop(tokenizer, generation, stop))
     return encoded, results
 
 

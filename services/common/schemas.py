@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TEXT = 65_536  # characters of a prompt or reference
 MAX_SAMPLE_TEXT = 16 << 20  # characters of a sample: the verifier, not the queue, decides what is too long
@@ -32,6 +32,15 @@ class SamplingParams(Message):
     """New tokens per sample at most."""
     seed: int | None = Field(None, ge=0)
     """Seed of the sampling, for reproducible rollouts."""
+    stop: tuple[str, ...] = Field((), max_length=8)
+    """Strings that end a sample; the text stops before the first, the tokens that made it stay."""
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not 1 <= len(s) <= 256 for s in stop):
+            raise ValueError("each stop string must have 1 to 256 characters")
+        return stop
 
 
 class PromptJob(Message):

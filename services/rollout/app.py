@@ -1,6 +1,9 @@
-"""HTTP API of a rollout replica: POST /v1/generate, /healthz, /readyz, /metrics."""
+"""HTTP API of a rollout replica: POST /v1/generate, the OpenAI-compatible subset, /healthz, /readyz,
+/metrics."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -8,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.metrics import mount_metrics
 from services.common.schemas import MAX_TEXT, Sample, SamplingParams
+from services.rollout.openai_api import mount_openai
 from services.rollout.service import Rollout, to_samples
 
 
@@ -31,8 +35,7 @@ def create_app(rollout: Rollout) -> FastAPI:
     @app.post("/v1/generate", response_model=GenerateResponse)
     def generate(body: GenerateRequest) -> GenerateResponse:
         version = rollout.engine.version
-        ids, gens = rollout.engine.generate([body.prompt], body.n, body.sampling)
-        rollout.tokens.inc(sum(len(g.token_ids) for g in gens[0]))
+        ids, gens = rollout.generate([body.prompt], body.n, body.sampling)
         return GenerateResponse(policy_version=version, prompt_token_ids=ids[0], samples=to_samples(gens[0]))
 
     @app.get("/healthz")
@@ -45,5 +48,6 @@ def create_app(rollout: Rollout) -> FastAPI:
         body = {"ready": ready, "version": rollout.engine.version, "last_weight_error": rollout.last_weight_error}
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    mount_openai(app, rollout, Path(rollout.settings.model_dir).name)
     mount_metrics(app, rollout.metrics)
     return app

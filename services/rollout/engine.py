@@ -22,6 +22,7 @@ from services.common.weights import WeightTransferError
 class Engine(ABC):
     version: int = 0
     context_length: int = 0  # prompt plus generated tokens, at most
+    tokenizer = None  # a transformers tokenizer
 
     @abstractmethod
     def count_tokens(self, prompt: str) -> int:
@@ -36,6 +37,12 @@ class Engine(ABC):
     @abstractmethod
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
         """Swap in a version atomically; returns the seconds it took. WeightTransferError keeps the old one."""
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a conversation, by the model's own chat template (ValueError if it has none)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the served model has no chat template; use /v1/completions")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 class HFEngine(Engine):
@@ -68,6 +75,7 @@ class HFEngine(Engine):
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 seed=sampling.seed,
+                stop=sampling.stop,
             )
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:

@@ -36,9 +36,15 @@ class Rollout:
         self.http_address = ""
         self.grpc_address = ""
         self.metrics = CollectorRegistry()
-        self.running = Gauge("passk_rollout_requests_running", "Prompt jobs being generated", registry=self.metrics)
+        self.running = Gauge(
+            "passk_rollout_requests_running", "Prompts in the engine now (queue jobs and HTTP)", registry=self.metrics
+        )
         self.waiting = Gauge(
-            "passk_rollout_requests_waiting", "Prompt jobs in the stream not yet read", registry=self.metrics
+            "passk_rollout_requests_waiting", "Prompt jobs read from the stream, waiting for the engine",
+            registry=self.metrics,
+        )  # fmt: skip
+        self.queue_lag = Gauge(
+            "passk_rollout_queue_lag", "Prompt jobs in the stream not yet read by any replica", registry=self.metrics
         )
         self.tokens = Counter("passk_rollout_generated_tokens", "Tokens generated", registry=self.metrics)
         self.groups = Counter("passk_rollout_groups", "Rollout groups published", registry=self.metrics)
@@ -106,7 +112,7 @@ class Rollout:
                     self.stop.wait(0.2)
                     continue
                 deliveries = consumer.read(self.settings.max_jobs)
-                self.waiting.set(consumer.lag())
+                self.queue_lag.set(consumer.lag())
                 jobs = [(d, job) for d in deliveries if (job := consumer.decode(d, PromptJob)) is not None]
                 jobs = [(d, job) for d, job in jobs if self.fits(consumer, d, job)]
                 if jobs:
@@ -134,11 +140,11 @@ class Rollout:
         batches: dict[tuple[int, SamplingParams], list[tuple[Delivery, PromptJob]]] = defaultdict(list)
         for delivery, job in jobs:
             batches[(job.n, job.sampling)].append((delivery, job))
+        self.waiting.set(len(jobs))
         for (n, sampling), batch in batches.items():
-            self.running.set(len(batch))
+            self.waiting.dec(len(batch))
             version = self.engine.version
-            prompt_ids, generations = self.engine.generate([job.prompt for _, job in batch], n, sampling)
-            self.running.set(0)
+            prompt_ids, generations = self.generate([job.prompt for _, job in batch], n, sampling)
             for (delivery, job), ids, gens in zip(batch, prompt_ids, generations, strict=True):
                 samples = to_samples(gens)
                 group = RolloutGroup(
@@ -147,7 +153,18 @@ class Rollout:
                 publish(self.client, self.streams.rollouts, group)
                 consumer.ack(delivery)  # only after the group is in the next stream
                 self.groups.inc()
-                self.tokens.inc(sum(len(g.token_ids) for g in gens))
+
+    def generate(
+        self, prompts: list[str], n: int, sampling: SamplingParams
+    ) -> tuple[list[list[int]], list[list[Generation]]]:
+        """The engine's generate, counted in the metrics (the queue and the HTTP APIs all come here)."""
+        self.running.inc(len(prompts))
+        try:
+            prompt_ids, generations = self.engine.generate(prompts, n, sampling)
+        finally:
+            self.running.dec(len(prompts))
+        self.tokens.inc(sum(len(g.token_ids) for gens in generations for g in gens))
+        return prompt_ids, generations
 
     def close(self) -> None:
         self.stop.set()

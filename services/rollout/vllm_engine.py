@@ -31,7 +31,7 @@ SHM = Path("/dev/shm")
 def _generation(completion) -> Generation:
     ids = list(completion.token_ids)
     logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, ids, strict=True)]
-    return Generation(completion.text, ids, logprobs)
+    return Generation(completion.text, ids, logprobs, "stop" if completion.finish_reason == "stop" else "length")
 
 
 class VLLMEngine(Engine):
@@ -82,6 +82,7 @@ class VLLMEngine(Engine):
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
             seed=sampling.seed,
+            stop=list(sampling.stop),
             logprobs=0,  # the sampled token's log-prob, of the model's own distribution (raw logits)
         )
         encoded = [self._encode(p) for p in prompts]

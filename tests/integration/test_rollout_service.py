@@ -109,3 +109,37 @@ def test_a_pushed_version_is_served_and_tags_the_groups(replica, tiny_model, red
     registry.set_current_version(client, 2)
     assert wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 503)
     assert "passk_rollout_policy_version 1.0" in httpx.get(f"{url}/metrics").text
+
+
+def test_the_openai_compatible_api(replica):
+    """The official openai client talks to the replica's /v1 subset."""
+    import openai
+
+    _, url, _ = replica
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    [model] = client.models.list().data
+    completion = client.completions.create(
+        model=model.id, prompt=[MAZE + "\n"], max_tokens=6, temperature=0, n=2, logprobs=0
+    )
+    assert len(completion.choices) == 2 and completion.choices[0].text == completion.choices[1].text
+    first = completion.choices[0]
+    assert len(first.logprobs.token_logprobs) == len(first.logprobs.tokens) <= 6
+    assert completion.usage.completion_tokens == 2 * len(first.logprobs.tokens)
+    assert first.finish_reason in ("stop", "length")
+    # a stop string ends the text before it, as in vLLM
+    text = first.text
+    if len(text) >= 2:
+        stopped = client.completions.create(
+            model=model.id, prompt=MAZE + "\n", max_tokens=6, temperature=0, stop=text[1]
+        )
+        assert stopped.choices[0].text == text[: text.index(text[1])] and stopped.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="not served here"):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="exceeds the context"):
+        client.completions.create(model=model.id, prompt="*" * 600, max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model=model.id, prompt="x", max_tokens=2, stream=True)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "passk_rollout_requests_running 0.0" in metrics and "passk_rollout_generated_tokens_total" in metrics

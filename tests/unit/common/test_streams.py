@@ -103,3 +103,15 @@ def test_schema_cross_checks():
         Sample(text="U", token_ids=[1, 2], logprobs=[-0.1])
     with pytest.raises(ValueError, match="less than or equal to 1"):
         SamplingParams(top_p=1.5)
+
+
+def test_stop_strings_are_bounded():
+    from pydantic import ValidationError
+
+    from services.common.schemas import SamplingParams
+
+    assert SamplingParams(stop=("</answer>",)).stop == ("</answer>",)
+    with pytest.raises(ValidationError, match="1 to 256 characters"):
+        SamplingParams(stop=("",))
+    with pytest.raises(ValidationError, match="at most 8 items"):
+        SamplingParams(stop=tuple("abcdefghi"))
