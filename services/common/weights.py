@@ -1,9 +1,13 @@
-"""Versioned weight transfer over gRPC: a safetensors payload in checksummed chunks.
+"""Versioned weight transfer over gRPC: a safetensors file in checksummed chunks.
 
-The trainer calls ``push``; a rollout replica serves ``WeightsServicer`` through
-``assemble`` and swaps a version in only after ``assemble`` returned it whole
-and verified. Every RPC has a deadline; a token, when configured, travels in
-the ``authorization`` metadata and is compared in constant time.
+The trainer writes a version once (``stage``: a safetensors file in shared
+memory, mapped, hashed once) and ``push``-es it to every replica in parallel;
+chunks are cut from the mapping, so no whole-model copy passes through Python
+bytes. A replica streams the chunks into a file of its own (``receive``),
+hashing as they arrive, and its engine loads the verified file (memory-mapped;
+vLLM reads it in its worker) in one swap. Every RPC has a deadline; a token,
+when configured, travels in the ``authorization`` metadata and is compared in
+constant time.
 """
 
 from __future__ import annotations
@@ -11,37 +15,83 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import mmap
+import os
+import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
 
 from services.common.proto import load
 
 pb, pb_grpc = load("weights")
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 2 << 20  # a quarter of the receiver's largest message
+SHM = Path("/dev/shm")
 
 
 class WeightTransferError(ValueError):
     """A pushed version that cannot be used; the replica keeps its previous one."""
 
 
+@dataclass(frozen=True)
+class Payload:
+    """One version's safetensors bytes and their SHA-256, computed once for every push."""
+
+    view: memoryview
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().contiguous().cpu() for name, t in state.items()}
+
+
 def encode(state: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors({name: t.detach().contiguous().cpu() for name, t in state.items()})
+    """The safetensors bytes of a state dict, in memory (small models and tests)."""
+    return save_safetensors(_cpu(state))
 
 
-def chunks(version: int, payload: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[object]:
-    digest = hashlib.sha256(payload).hexdigest()
-    view = memoryview(payload)
-    yield pb.WeightChunk(version=version, total_bytes=len(payload), sha256=digest, data=bytes(view[:chunk_bytes]))
-    for start in range(chunk_bytes, len(payload), chunk_bytes):
-        yield pb.WeightChunk(data=bytes(view[start : start + chunk_bytes]))
+def scratch_dir() -> Path:
+    """Shared memory where there is some (files there never touch a disk), else the temporary directory."""
+    return SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else Path(tempfile.gettempdir())
 
 
-def assemble(stream: Iterable[object], max_bytes: int) -> tuple[int, dict[str, torch.Tensor]]:
-    """(version, state dict) from a chunk stream; WeightTransferError if anything is off."""
+def stage(state: dict[str, torch.Tensor], directory: Path | None = None) -> Payload:
+    """Write a version once as a file and map it; the file is unlinked at once and the
+    memory is freed with the payload."""
+    fd, name = tempfile.mkstemp(prefix="passk-publish-", suffix=".safetensors", dir=directory or scratch_dir())
+    try:
+        os.close(fd)
+        save_file(_cpu(state), name)
+        with open(name, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    finally:
+        os.unlink(name)
+    view = memoryview(mapping)
+    return Payload(view, hashlib.sha256(view).hexdigest())
+
+
+def chunks(version: int, payload: Payload | bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[object]:
+    """The Push stream: a header in the first chunk, then the payload in order."""
+    if not isinstance(payload, Payload):
+        payload = Payload(memoryview(payload), hashlib.sha256(payload).hexdigest())
+    view = payload.view
+    yield pb.WeightChunk(version=version, total_bytes=len(view), sha256=payload.sha256, data=bytes(view[:chunk_bytes]))
+    for start in range(chunk_bytes, len(view), chunk_bytes):
+        yield pb.WeightChunk(data=bytes(view[start : start + chunk_bytes]))  # protobuf wants bytes: one chunk's copy
+
+
+def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = None) -> tuple[int, Path]:
+    """(version, path of the verified safetensors file) from a chunk stream, written as it arrives;
+    WeightTransferError, and no file left behind, if anything is off. The caller removes the file."""
     iterator = iter(stream)
     try:
         first = next(iterator)
@@ -52,24 +102,31 @@ def assemble(stream: Iterable[object], max_bytes: int) -> tuple[int, dict[str, t
         raise WeightTransferError(f"declared size {total} bytes is outside 1..{max_bytes}")
     if len(expected) != 64:
         raise WeightTransferError("the first chunk must carry the payload's SHA-256 (64 hex digits)")
-    buffer = bytearray(total)
-    offset = 0
-    for chunk in itertools.chain([first], iterator):
-        end = offset + len(chunk.data)
-        if end > total:
-            raise WeightTransferError(f"stream longer than its declared {total} bytes")
-        buffer[offset:end] = chunk.data
-        offset = end
-    if offset != total:
-        raise WeightTransferError(f"truncated stream: {offset} of {total} bytes arrived")
-    digest = hashlib.sha256(buffer).hexdigest()
-    if not hmac.compare_digest(digest, expected):
-        raise WeightTransferError(f"checksum mismatch: payload hashes to {digest[:12]}, header says {expected[:12]}")
+    fd, name = tempfile.mkstemp(prefix=f"passk-v{version}-", suffix=".safetensors", dir=directory or scratch_dir())
     try:
-        state = load_safetensors(bytes(buffer))
-    except Exception as err:  # safetensors raises its own error types on bad headers
-        raise WeightTransferError(f"payload is not a safetensors file: {err}") from None
-    return version, state
+        hasher, offset = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as f:
+            for chunk in itertools.chain([first], iterator):
+                end = offset + len(chunk.data)
+                if end > total:
+                    raise WeightTransferError(f"stream longer than its declared {total} bytes")
+                f.write(chunk.data)
+                hasher.update(chunk.data)
+                offset = end
+        if offset != total:
+            raise WeightTransferError(f"truncated stream: {offset} of {total} bytes arrived")
+        digest = hasher.hexdigest()
+        if not hmac.compare_digest(digest, expected):
+            raise WeightTransferError(f"checksum mismatch: payload hashes to {digest[:12]}, header {expected[:12]}")
+        try:
+            with safe_open(name, framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types on bad headers
+            raise WeightTransferError(f"payload is not a safetensors file: {err}") from None
+    except BaseException:
+        os.unlink(name)
+        raise
+    return version, Path(name)
 
 
 def check_token(context: grpc.ServicerContext, token: str | None) -> None:
@@ -85,7 +142,9 @@ def _metadata(token: str | None) -> list[tuple[str, str]] | None:
     return [("authorization", f"Bearer {token}")] if token else None
 
 
-def push(address: str, version: int, payload: bytes, *, token: str | None = None, timeout_s: float = 60.0) -> object:
+def push(
+    address: str, version: int, payload: Payload | bytes, *, token: str | None = None, timeout_s: float = 120.0
+) -> object:
     """Push one version to one replica; returns its PushReply (grpc.RpcError on transport failure)."""
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.WeightsStub(channel)

@@ -35,8 +35,9 @@ class Engine(ABC):
         """(prompt token ids, N generations) for each prompt."""
 
     @abstractmethod
-    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
-        """Swap in a version atomically; returns the seconds it took. WeightTransferError keeps the old one."""
+    def load_weights(self, path: Path, version: int) -> float:
+        """Swap in the version held in a safetensors file, atomically; returns the seconds the swap
+        stopped generation. WeightTransferError keeps the old version."""
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The prompt text of a conversation, by the model's own chat template (ValueError if it has none)."""
@@ -78,7 +79,10 @@ class HFEngine(Engine):
                 stop=sampling.stop,
             )
 
-    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
+    def load_weights(self, path: Path, version: int) -> float:
+        from safetensors.torch import load_file
+
+        state = load_file(path)  # memory-mapped
         check_weights(state, {name: tuple(t.shape) for name, t in self.model.state_dict().items()})
         start = time.monotonic()
         with self.lock:

@@ -48,7 +48,14 @@ class Rollout:
         )
         self.tokens = Counter("passk_rollout_generated_tokens", "Tokens generated", registry=self.metrics)
         self.groups = Counter("passk_rollout_groups", "Rollout groups published", registry=self.metrics)
-        self.sync_seconds = Histogram("passk_rollout_weight_sync_seconds", "Weight swap time", registry=self.metrics)
+        self.sync_seconds = Histogram(
+            "passk_rollout_weight_sync_seconds", "Weight push: receive, verify and swap", registry=self.metrics,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+        )  # fmt: skip
+        self.swap_seconds = Histogram(
+            "passk_rollout_weight_swap_seconds", "Weight swap, generation stopped", registry=self.metrics,
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+        )  # fmt: skip
         self.sync_errors = Counter("passk_rollout_weight_sync_errors", "Refused weight pushes", registry=self.metrics)
         self.loaded_version = Gauge(
             "passk_rollout_policy_version", "Policy version being served", registry=self.metrics
@@ -68,8 +75,9 @@ class Rollout:
         return not self.stop.is_set() and not self.receiver_swapping() and not self.behind()
 
     # -- weights -----------------------------------------------------------
-    def swapped(self, version: int, seconds: float) -> None:
-        self.sync_seconds.observe(seconds)
+    def swapped(self, version: int, swap_s: float, sync_s: float) -> None:
+        self.swap_seconds.observe(swap_s)
+        self.sync_seconds.observe(sync_s)
         self.loaded_version.set(version)
         self.heartbeat()
 

@@ -2,30 +2,24 @@
 samples each, with token ids and sampled log-probs, and new weights loaded into
 the running engine.
 
-A new version is written once as a safetensors file in shared memory
-(/dev/shm) and read by vLLM's worker through ``reload_weights`` (a method this
-project registers on the worker, ``vllm_worker.WeightReloader``): on the CPU
-build that loaded 538 MB in about 1 s, where sending the tensors through
-``collective_rpc`` took about 18 s. The engine is created inside the serving
+A new version arrives as a safetensors file in shared memory (/dev/shm, written
+by the weight receiver as the chunks come in) and vLLM's worker reads it through
+``reload_weights`` (a method this project registers on the worker,
+``vllm_worker.WeightReloader``): on the CPU build that loaded 538 MB in about
+1 s, where sending the tensors through ``collective_rpc`` took about 18 s. The engine is created inside the serving
 process, which must run under ``if __name__ == "__main__"`` (vLLM starts worker
 processes).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import torch
-
 from services.common.hf_sampling import Generation
 from services.common.schemas import SamplingParams
 from services.rollout.engine import Engine, check_weights, checkpoint_shapes
-
-SHM = Path("/dev/shm")
 
 
 def _generation(completion) -> Generation:
@@ -93,20 +87,13 @@ class VLLMEngine(Engine):
         results = [[_generation(c) for c in completions[i * n : (i + 1) * n]] for i in range(len(prompts))]
         return encoded, results
 
-    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
-        check_weights(state, self.expected)
-        from safetensors.torch import save_file
+    def load_weights(self, path: Path, version: int) -> float:
+        from safetensors.torch import load_file
 
-        directory = SHM if SHM.is_dir() else Path(tempfile.gettempdir())
-        fd, name = tempfile.mkstemp(prefix=f"passk-weights-v{version}-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in state.items()}, name)
-            start = time.monotonic()
-            with self.lock:  # between batches: generate holds the same lock
-                self.llm.collective_rpc("reload_from_file", args=(name,))
-                self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
-                self.version = version
-            return time.monotonic() - start
-        finally:
-            os.unlink(name)
+        check_weights(load_file(path), self.expected)  # memory-mapped: names, shapes, finite values
+        start = time.monotonic()
+        with self.lock:  # between batches: generate holds the same lock
+            self.llm.collective_rpc("reload_from_file", args=(str(path),))
+            self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+            self.version = version
+        return time.monotonic() - start

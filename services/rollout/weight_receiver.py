@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common.weights import WeightTransferError, assemble, check_token, pb, pb_grpc
+from services.common.weights import WeightTransferError, check_token, pb, pb_grpc, receive
 from services.rollout.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         *,
         token: str | None,
         max_bytes: int,
-        on_swap: Callable[[int, float], None],
+        on_swap: Callable[[int, float, float], None],
         on_error: Callable[[str], None],
         ready: Callable[[], bool],
     ) -> None:
@@ -33,21 +34,23 @@ class WeightReceiver(pb_grpc.WeightsServicer):
 
     def Push(self, request_iterator, context):
         check_token(context, self.token)
+        start = time.monotonic()
         try:
-            version, state = assemble(request_iterator, self.max_bytes)
-            if version <= self.engine.version:
-                raise WeightTransferError(f"version {version} is not newer than the served {self.engine.version}")
-            self.swapping = True
+            version, path = receive(request_iterator, self.max_bytes)
             try:
-                seconds = self.engine.load_weights(state, version)
+                if version <= self.engine.version:
+                    raise WeightTransferError(f"version {version} is not newer than the served {self.engine.version}")
+                self.swapping = True
+                swap = self.engine.load_weights(path, version)
             finally:
                 self.swapping = False
+                path.unlink(missing_ok=True)
         except WeightTransferError as err:
             log.error("refused a weight push: %s", err)
             self.on_error(str(err))
             return pb.PushReply(accepted=False, version=self.engine.version, error=str(err))
-        log.info("serving policy version %d (swap %.3f s)", version, seconds)
-        self.on_swap(version, seconds)
+        log.info("serving policy version %d (swap %.3f s)", version, swap)
+        self.on_swap(version, swap, time.monotonic() - start)
         return pb.PushReply(accepted=True, version=version)
 
     def Status(self, request, context):

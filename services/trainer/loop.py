@@ -21,7 +21,7 @@ from services.common import registry
 from services.common.config import StreamNames
 from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
 from services.common.streams import StreamConsumer, claim_once, publish
-from services.common.weights import encode, push
+from services.common.weights import Payload, push, stage
 from services.tasks.maze import read_jsonl
 from services.trainer.advantage import compute_advantages
 from services.trainer.binomial import pass_at_k
@@ -228,7 +228,7 @@ class Trainer:
         state = self.model.state_dict()
         if getattr(self.model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # the same tensor as the embeddings
-        payload = encode(state)
+        payload = stage(state)  # written and hashed once, pushed to every replica from one mapping
         replicas = registry.live_replicas(self.client)
         token = self.s.weights_token or None
         with ThreadPoolExecutor(max(1, len(replicas))) as pool:
@@ -239,7 +239,7 @@ class Trainer:
         registry.set_current_version(self.client, self.version)
         return time.monotonic() - start
 
-    def _push(self, address: str, payload: bytes, token: str | None) -> bool:
+    def _push(self, address: str, payload: Payload, token: str | None) -> bool:
         try:
             reply = push(address, self.version, payload, token=token)
         except Exception as err:  # a replica that died mid-push: it drops out of the registry

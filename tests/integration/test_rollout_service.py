@@ -143,3 +143,26 @@ def test_the_openai_compatible_api(replica):
         client.completions.create(model=model.id, prompt="x", max_tokens=2, stream=True)
     metrics = httpx.get(f"{url}/metrics").text
     assert "passk_rollout_requests_running 0.0" in metrics and "passk_rollout_generated_tokens_total" in metrics
+
+
+def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica, tiny_model):
+    import grpc
+
+    from services.common.weights import chunks, scratch_dir
+
+    _, url, address = replica
+    served = status(address, token="s3cret").version
+    before = set(scratch_dir().glob("passk-v*"))
+    payload = encode(weights_of(tiny_model, 0.5))
+    stream = list(chunks(served + 1, payload, chunk_bytes=len(payload) // 4))
+
+    def cut():  # the trainer dies after half of the chunks
+        yield from stream[: len(stream) // 2]
+        raise ConnectionAbortedError("trainer gone")
+
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.WeightsStub(channel).Push(cut(), timeout=30, metadata=[("authorization", "Bearer s3cret")])
+    reply = wait_for(lambda: (s := status(address, token="s3cret")) and s)
+    assert reply.version == served
+    assert httpx.get(f"{url}/healthz").json()["version"] == served
+    assert wait_for(lambda: set(scratch_dir().glob("passk-v*")) == before)  # the partial file is gone

@@ -1,0 +1,155 @@
+"""Publishing one version of SmolLM2-135M (538 MB in float32) to rollout
+replicas over loopback gRPC, against a raw loopback TCP transfer of the same
+bytes, in the same run.
+
+The replicas are real ones (``passk serve rollout``, transformers backend) with
+the model loaded. *publish* is what the trainer does for a version: write it
+once (``stage``), push it to every replica in parallel, each replica streaming
+it into a file, hashing it and swapping it in; it ends when every replica
+answered. *swap* is the stop-the-world part inside a replica (generation waits
+on it), from the replicas' own histogram. *raw TCP* sends the same bytes with
+``socket.sendall`` to the same number of receiver processes that write them to
+a file in the same place and answer; nothing else.
+
+    passk model import-smollm2 --out models/smollm2-135m     # once
+    .venv/bin/python bench/weight_sync.py --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file
+
+from services.common import registry
+from services.common.processes import stop, wait_healthy
+from services.common.redis_server import RedisServer, free_port
+from services.common.weights import push, scratch_dir, stage
+
+RECEIVER = r"""
+import os, socket, sys, tempfile
+directory = sys.argv[1]
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+while True:
+    conn, _ = server.accept()
+    with conn:
+        size = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "big")
+        if size == 0:
+            break
+        fd, name = tempfile.mkstemp(dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            left = size
+            while left:
+                data = conn.recv(min(left, 2 << 20))
+                f.write(data)
+                left -= len(data)
+        os.unlink(name)
+        conn.sendall(b"ok")
+"""
+
+
+def raw_tcp(ports: list[int], view: memoryview) -> float:
+    def send(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(len(view).to_bytes(8, "big"))
+            conn.sendall(view)
+            assert conn.recv(2) == b"ok"
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(ports)) as pool:
+        list(pool.map(send, ports))
+    return time.perf_counter() - start
+
+
+def swap_seconds(urls: list[str]) -> float:
+    """The longest mean swap across the replicas, from their Prometheus histograms."""
+    worst = 0.0
+    for url in urls:
+        text = httpx.get(f"{url}/metrics").text
+        total = float(re.search(r"^passk_rollout_weight_swap_seconds_sum (\S+)", text, re.M).group(1))
+        count = float(re.search(r"^passk_rollout_weight_swap_seconds_count (\S+)", text, re.M).group(1))
+        worst = max(worst, total / count)
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=Path("models/smollm2-135m"))
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if not (args.model_dir / "model.safetensors").exists():
+        parser.error(f"{args.model_dir} has no model.safetensors: passk model import-smollm2 --out {args.model_dir}")
+    if args.replicas < 1 or args.repeat < 1:
+        parser.error("--replicas and --repeat must be >= 1")
+
+    console = Console(width=200)
+    state = load_file(args.model_dir / "model.safetensors")
+    logs = Path("runs/bench-weight-sync")
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / "redis").mkdir(exist_ok=True)
+    redis = RedisServer(logs / "redis", appendonly=False)
+    replicas, receivers = [], []
+    try:
+        for i in range(args.replicas):
+            port = free_port()
+            cmd = [sys.executable, "-m", "services.cli", "serve", "rollout", "--model-dir", str(args.model_dir)]
+            cmd += ["--port", str(port), "--redis-url", redis.url, "--replica", f"bench-{i}", "--threads", "1"]
+            with (logs / f"replica-{i}.log").open("wb") as log:
+                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            replicas.append((process, f"http://127.0.0.1:{port}"))
+        for process, url in replicas:
+            wait_healthy(process, url, logs / "replica.log", 300)
+        addresses = sorted(r.grpc for r in registry.live_replicas(redis.client))
+        for _ in range(args.replicas):
+            receiver = subprocess.Popen(
+                [sys.executable, "-c", RECEIVER, str(scratch_dir())], stdout=subprocess.PIPE, text=True
+            )
+            receivers.append((receiver, int(receiver.stdout.readline())))
+
+        rows = []
+        for version in range(1, args.repeat + 1):
+            start = time.perf_counter()
+            payload = stage(state)
+            staged = time.perf_counter() - start
+            with ThreadPoolExecutor(len(addresses)) as pool:
+                replies = list(pool.map(lambda a, v=version, p=payload: push(a, v, p), addresses))
+            published = time.perf_counter() - start
+            assert all(r.accepted for r in replies), [r.error for r in replies]
+            raw = raw_tcp([port for _, port in receivers], payload.view)
+            rows.append((len(payload), staged, published, raw, swap_seconds([url for _, url in replicas])))
+            del payload
+    finally:
+        for receiver, port in receivers:
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall((0).to_bytes(8, "big"))
+            receiver.wait(10)
+        for process, _ in replicas:
+            stop(process)
+        redis.stop()
+
+    table = Table(title=f"one version to {args.replicas} replicas over loopback ({args.repeat} versions)")
+    for column in ("bytes", "stage s", "publish s", "raw TCP s", "publish / raw", "swap s (stop-the-world)"):
+        table.add_column(column, justify="right")
+    for size, staged, published, raw, swap in rows:
+        table.add_row(f"{size:,}", f"{staged:.2f}", f"{published:.2f}", f"{raw:.2f}", f"{published / raw:.2f}",
+                      f"{swap:.2f}")  # fmt: skip
+    median = statistics.median(p / r for _, _, p, r, _ in rows)
+    console.print(table)
+    console.print(f"median publish / raw TCP: {median:.2f}")
+
+
+if __name__ == "__main__":
+    main()
