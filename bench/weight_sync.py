@@ -73,15 +73,10 @@ def raw_tcp(ports: list[int], view: memoryview) -> float:
     return time.perf_counter() - start
 
 
-def swap_seconds(urls: list[str]) -> float:
-    """The longest mean swap across the replicas, from their Prometheus histograms."""
-    worst = 0.0
-    for url in urls:
-        text = httpx.get(f"{url}/metrics").text
-        total = float(re.search(r"^passk_rollout_weight_swap_seconds_sum (\S+)", text, re.M).group(1))
-        count = float(re.search(r"^passk_rollout_weight_swap_seconds_count (\S+)", text, re.M).group(1))
-        worst = max(worst, total / count)
-    return worst
+def swap_sums(urls: list[str]) -> list[float]:
+    """Each replica's total swap seconds so far, from its Prometheus histogram."""
+    pattern = re.compile(r"^passk_rollout_weight_swap_seconds_sum (\S+)", re.M)
+    return [float(pattern.search(httpx.get(f"{url}/metrics").text).group(1)) for url in urls]
 
 
 def main() -> None:
@@ -120,6 +115,8 @@ def main() -> None:
             receivers.append((receiver, int(receiver.stdout.readline())))
 
         rows = []
+        urls = [url for _, url in replicas]
+        swapped = swap_sums(urls)
         for version in range(1, args.repeat + 1):
             start = time.perf_counter()
             payload = stage(state)
@@ -129,7 +126,9 @@ def main() -> None:
             published = time.perf_counter() - start
             assert all(r.accepted for r in replies), [r.error for r in replies]
             raw = raw_tcp([port for _, port in receivers], payload.view)
-            rows.append((len(payload), staged, published, raw, swap_seconds([url for _, url in replicas])))
+            now = swap_sums(urls)
+            rows.append((len(payload), staged, published, raw, max(b - a for a, b in zip(swapped, now, strict=True))))
+            swapped = now
             del payload
     finally:
         for receiver, port in receivers:

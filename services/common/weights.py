@@ -19,6 +19,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 from services.common.proto import load
 
 pb, pb_grpc = load("weights")
-CHUNK_BYTES = 2 << 20  # a quarter of the receiver's largest message
+CHUNK_BYTES = 4 << 20  # a quarter of the receiver's largest message
 SHM = Path("/dev/shm")
 
 
@@ -105,14 +106,19 @@ def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = N
     fd, name = tempfile.mkstemp(prefix=f"passk-v{version}-", suffix=".safetensors", dir=directory or scratch_dir())
     try:
         hasher, offset = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1) as sink:
+            pending = None  # hash and write one chunk while gRPC receives the next (both release the GIL)
             for chunk in itertools.chain([first], iterator):
-                end = offset + len(chunk.data)
+                data = chunk.data
+                end = offset + len(data)
                 if end > total:
                     raise WeightTransferError(f"stream longer than its declared {total} bytes")
-                f.write(chunk.data)
-                hasher.update(chunk.data)
+                if pending is not None:
+                    pending.result()
+                pending = sink.submit(_absorb, f, hasher, data)
                 offset = end
+            if pending is not None:
+                pending.result()
         if offset != total:
             raise WeightTransferError(f"truncated stream: {offset} of {total} bytes arrived")
         digest = hasher.hexdigest()
@@ -127,6 +133,11 @@ def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = N
         os.unlink(name)
         raise
     return version, Path(name)
+
+
+def _absorb(f, hasher, data: bytes) -> None:
+    f.write(data)
+    hasher.update(data)
 
 
 def check_token(context: grpc.ServicerContext, token: str | None) -> None:

@@ -37,6 +37,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         start = time.monotonic()
         try:
             version, path = receive(request_iterator, self.max_bytes)
+            received = time.monotonic() - start
             try:
                 if version <= self.engine.version:
                     raise WeightTransferError(f"version {version} is not newer than the served {self.engine.version}")
@@ -49,8 +50,10 @@ class WeightReceiver(pb_grpc.WeightsServicer):
             log.error("refused a weight push: %s", err)
             self.on_error(str(err))
             return pb.PushReply(accepted=False, version=self.engine.version, error=str(err))
-        log.info("serving policy version %d (swap %.3f s)", version, swap)
-        self.on_swap(version, swap, time.monotonic() - start)
+        total = time.monotonic() - start
+        log.info("serving policy version %d: received in %.3f s, swapped in %.3f s, %.3f s in all", version, received,
+                 swap, total)  # fmt: skip
+        self.on_swap(version, swap, total)
         return pb.PushReply(accepted=True, version=version)
 
     def Status(self, request, context):
@@ -62,7 +65,7 @@ def serve(receiver: WeightReceiver, address: str) -> tuple[grpc.Server, int]:
     """Start the weight and health services; returns (server, bound port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
-        options=[("grpc.max_receive_message_length", 8 << 20)],
+        options=[("grpc.max_receive_message_length", 16 << 20)],
     )
     pb_grpc.add_WeightsServicer_to_server(receiver, server)
     health_servicer = health.HealthServicer()
