@@ -81,6 +81,10 @@ class Trainer:
         self.client = redis.Redis.from_url(settings.redis_url)
         self.consumer = StreamConsumer(self.client, self.streams.scored, "trainer", "trainer", claim_idle_ms=600_000)
         self.version = 0
+        self.published: tuple[int, Payload] | None = None  # the last version pushed, for late joiners
+        self.catching_up: set[str] = set()
+        self.catch_up_pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
+        self.last_catch_up = 0.0
         registry.set_current_version(self.client, 0)
         self.run_dir = Path(settings.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +105,7 @@ class Trainer:
         if self.s.steps:
             self.record_eval()
         self.writer.close()
+        self.catch_up_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics_file.close()
         return self.evaluations
 
@@ -153,6 +158,7 @@ class Trainer:
         while waiting:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(waiting)} scored groups missing after {self.s.group_timeout_s} s")
+            self.catch_up()
             for delivery in self.consumer.read(32):
                 scored = self.consumer.decode(delivery, ScoredGroup)
                 if scored is None:
@@ -230,23 +236,43 @@ class Trainer:
             state.pop("lm_head.weight", None)  # the same tensor as the embeddings
         payload = stage(state)  # written and hashed once, pushed to every replica from one mapping
         replicas = registry.live_replicas(self.client)
-        token = self.s.weights_token or None
+        version = self.version
         with ThreadPoolExecutor(max(1, len(replicas))) as pool:
-            replies = list(pool.map(lambda r: self._push(r.grpc, payload, token), replicas))
+            replies = list(pool.map(lambda r: self._push(r.grpc, version, payload), replicas))
         accepted = sum(replies)
         if replicas and not accepted:
-            raise RuntimeError(f"no replica accepted policy version {self.version}")
-        registry.set_current_version(self.client, self.version)
+            raise RuntimeError(f"no replica accepted policy version {version}")
+        self.published = (version, payload)
+        registry.set_current_version(self.client, version)
         return time.monotonic() - start
 
-    def _push(self, address: str, payload: Payload, token: str | None) -> bool:
+    def catch_up(self) -> None:
+        """Push the current version to replicas that joined late or missed it (they take no jobs until
+        they serve it), in the background, at most once a second."""
+        if self.published is None or time.monotonic() - self.last_catch_up < 1.0:
+            return
+        self.last_catch_up = time.monotonic()
+        version, payload = self.published
+        for replica in registry.live_replicas(self.client):
+            if replica.version < version and replica.grpc not in self.catching_up:
+                log.info("replica %s serves version %d: pushing %d", replica.replica, replica.version, version)
+                self.catching_up.add(replica.grpc)
+                self.catch_up_pool.submit(self._catch_up_one, replica.grpc, version, payload)
+
+    def _catch_up_one(self, address: str, version: int, payload: Payload) -> None:
         try:
-            reply = push(address, self.version, payload, token=token)
+            self._push(address, version, payload)
+        finally:
+            self.catching_up.discard(address)
+
+    def _push(self, address: str, version: int, payload: Payload) -> bool:
+        try:
+            reply = push(address, version, payload, token=self.s.weights_token or None)
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
             return False
         if not reply.accepted:
-            log.warning("replica %s refused version %d: %s", address, self.version, reply.error)
+            log.warning("replica %s refused version %d: %s", address, version, reply.error)
         return bool(reply.accepted)
 
     # -- evaluation and logs ---------------------------------------------------

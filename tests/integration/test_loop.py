@@ -108,3 +108,58 @@ def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
         evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
         assert [e["version"] for e in evals] == [0, STEPS]
         assert set(evals[-1]["table"]["7"]) == {"pass@1", "pass@2", "mazes"}
+
+
+def test_replicas_join_and_leave_while_training(redis_server, tiny_model, tmp_path):
+    """One replica, a second added mid-run (it serves only once it holds the current version), the
+    first killed mid-step: every job is scored and trained on exactly once."""
+    client = redis_server.client
+    client.flushdb()
+    steps, prompts = 40, 4  # enough steps for a replica to start and join mid-run
+    splits = build_splits([7], [7], train_per_size=50, test_per_size=2, seed=5)
+    write_jsonl(splits["train"], tmp_path / "train.jsonl")
+    write_jsonl(splits["test"], tmp_path / "test.jsonl")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    common = ["--redis-url", redis_server.url]
+    replica_args = ["serve", "rollout", "--model-dir", str(tiny_model), "--claim-idle-ms", "1500", "--max-jobs", "1"]
+    with (
+        service(["serve", "verifier", *common], logs / "verifier.log") as (_, verifier_url),
+        service([*replica_args, *common, "--replica", "r0"], logs / "r0.log") as (r0, _),
+    ):
+        overrides = {
+            "model_dir": f"'{tiny_model}'", "run_dir": f"'{tmp_path / 'run'}'",
+            "train_data": f"'{tmp_path / 'train.jsonl'}'", "test_data": f"'{tmp_path / 'test.jsonl'}'",
+            "redis_url": f"'{redis_server.url}'", "verifier_url": f"'{verifier_url}'", "steps": steps,
+            "prompts_per_step": prompts, "n_rollout": 8, "k": 4, "max_tokens": 16, "eval_mazes": 2, "eval_n": 2,
+            "eval_k": "[1]", "eval_every": 0, "min_replicas": 1, "group_timeout_s": 180,
+        }  # fmt: skip
+        args = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+        with (logs / "trainer.log").open("ab") as out:
+            trainer = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "train", "--preset", "configs/maze-tiny.toml", *args],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        try:
+            wait_for(lambda: registry.current_version(client) >= 2, 300)
+            joined_at = registry.current_version(client)
+            with service([*replica_args, *common, "--replica", "r1"], logs / "r1.log") as (_, r1_url):
+                # the newcomer is brought to the current version, then takes jobs
+                wait_for(lambda: any(b'"replica":"r1"' in f[b"data"] for _, f in client.xrange(STREAMS.rollouts)), 300)
+                r0_busy = lambda: client.xpending_range(STREAMS.prompts, "rollout", "-", "+", 10, consumername="r0")  # noqa: E731
+                wait_for(r0_busy, 120, 0.01)
+                os.kill(r0.pid, signal.SIGKILL)
+                assert trainer.wait(600) == 0, (logs / "trainer.log").read_text()[-3000:]
+                assert httpx.get(f"{r1_url}/healthz").json()["version"] == steps
+        finally:
+            stop(trainer)
+
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["version"] for m in metrics] == list(range(1, steps + 1))
+    assert [m["groups"] for m in metrics] == [prompts] * steps  # each step trained on each of its jobs once
+    jobs = {PromptJob.model_validate_json(f[b"data"]).job_id for _, f in client.xrange(STREAMS.prompts)}
+    scored = [ScoredGroup.model_validate_json(f[b"data"]).group for _, f in client.xrange(STREAMS.scored)]
+    assert {g.job.job_id for g in scored} == jobs and len(jobs) == steps * prompts  # nothing lost with r0
+    from_r1 = [g for g in scored if g.replica == "r1"]
+    assert from_r1 and all(g.policy_version == g.job.policy_version >= joined_at for g in from_r1)
+    assert client.xpending(STREAMS.prompts, "rollout")["pending"] == 0
