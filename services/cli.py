@@ -240,6 +240,8 @@ def serve_rollout(
     weights_token: Annotated[
         str | None, typer.Option(envvar="PASSK_WEIGHTS_TOKEN", help="Bearer token for weight pushes.")
     ] = None,
+    weights_tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve weights over TLS.")] = None,
+    weights_tls_key: Annotated[Path | None, typer.Option(help="PEM private key of the weight service.")] = None,
 ) -> None:
     """Serve a rollout replica: prompt jobs from the stream, /v1/generate, and gRPC weight pushes.
 
@@ -255,6 +257,8 @@ def serve_rollout(
         "max_jobs": max_jobs, "claim_idle_ms": claim_idle_ms, "vllm_max_model_len": vllm_max_model_len,
         "vllm_cpu_kv_cache_gb": vllm_cpu_kv_cache_gb, "vllm_cpu_threads_bind": vllm_cpu_threads_bind,
         "weights_token": weights_token,
+        "weights_tls_cert": str(weights_tls_cert) if weights_tls_cert else None,
+        "weights_tls_key": str(weights_tls_key) if weights_tls_key else None,
     }  # fmt: skip
     try:
         settings = RolloutSettings(**{k: v for k, v in given.items() if v is not None})

@@ -3,9 +3,10 @@ PASSK_<SERVICE>_<FIELD> environment variables (and given defaults)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -97,6 +98,20 @@ class RolloutSettings(ConsumerSettings):
     """Prompt jobs batched into one engine call."""
     weights_token: str = ""
     """Bearer token the weight service requires; empty disables the check."""
+    weights_tls_cert: str = ""
+    """PEM certificate of the weight service; with weights_tls_key it serves TLS only."""
+    weights_tls_key: str = ""
+    """PEM private key of the weight service."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> RolloutSettings:
+        if bool(self.weights_tls_cert) != bool(self.weights_tls_key):
+            raise ValueError("weights_tls_cert and weights_tls_key go together")
+        for path in (self.weights_tls_cert, self.weights_tls_key):
+            if path and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
+
     max_weight_bytes: int = Field(1 << 34, ge=1024)
     """Largest weight payload accepted."""
     heartbeat_s: float = Field(2.0, gt=0)

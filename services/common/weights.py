@@ -153,15 +153,28 @@ def _metadata(token: str | None) -> list[tuple[str, str]] | None:
     return [("authorization", f"Bearer {token}")] if token else None
 
 
+def channel(address: str, tls_ca: bytes | None = None) -> grpc.Channel:
+    """A channel to a weight service: TLS, trusting ``tls_ca`` (PEM), when given."""
+    if tls_ca is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca))
+
+
 def push(
-    address: str, version: int, payload: Payload | bytes, *, token: str | None = None, timeout_s: float = 120.0
+    address: str,
+    version: int,
+    payload: Payload | bytes,
+    *,
+    token: str | None = None,
+    tls_ca: bytes | None = None,
+    timeout_s: float = 120.0,
 ) -> object:
     """Push one version to one replica; returns its PushReply (grpc.RpcError on transport failure)."""
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.WeightsStub(channel)
+    with channel(address, tls_ca) as channel_:
+        stub = pb_grpc.WeightsStub(channel_)
         return stub.Push(chunks(version, payload), timeout=timeout_s, metadata=_metadata(token))
 
 
-def status(address: str, *, token: str | None = None, timeout_s: float = 5.0) -> object:
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.WeightsStub(channel).Status(pb.StatusRequest(), timeout=timeout_s, metadata=_metadata(token))
+def status(address: str, *, token: str | None = None, tls_ca: bytes | None = None, timeout_s: float = 5.0) -> object:
+    with channel(address, tls_ca) as channel_:
+        return pb_grpc.WeightsStub(channel_).Status(pb.StatusRequest(), timeout=timeout_s, metadata=_metadata(token))

@@ -45,7 +45,10 @@ def run(settings: RolloutSettings) -> None:
         ready=rollout.ready,
     )
     rollout.receiver_swapping = lambda: receiver.swapping
-    grpc_server, grpc_port = serve(receiver, f"{settings.host}:{settings.grpc_port}")
+    tls = None
+    if settings.weights_tls_cert:
+        tls = (Path(settings.weights_tls_cert).read_bytes(), Path(settings.weights_tls_key).read_bytes())
+    grpc_server, grpc_port = serve(receiver, f"{settings.host}:{settings.grpc_port}", tls)
     rollout.grpc_address = f"{settings.host}:{grpc_port}"
     rollout.http_address = f"http://{settings.host}:{settings.port}"
     rollout.heartbeat()

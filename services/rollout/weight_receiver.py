@@ -61,8 +61,9 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         return pb.StatusReply(version=self.engine.version, replica=self.replica, ready=self.ready())
 
 
-def serve(receiver: WeightReceiver, address: str) -> tuple[grpc.Server, int]:
-    """Start the weight and health services; returns (server, bound port)."""
+def serve(receiver: WeightReceiver, address: str, tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.Server, int]:
+    """Start the weight and health services, over TLS when ``tls`` = (certificate, key) PEM is
+    given; returns (server, bound port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
         options=[("grpc.max_receive_message_length", 16 << 20)],
@@ -72,7 +73,10 @@ def serve(receiver: WeightReceiver, address: str) -> tuple[grpc.Server, int]:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("passk.weights.v1.Weights", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
     if port == 0:
         raise RuntimeError(f"could not bind the weight service to {address}")
     server.start()

@@ -74,6 +74,8 @@ class TrainerSettings(BaseModel):
     """Verifier HTTP API, used to grade evaluations."""
     weights_token: str = ""
     """Bearer token for weight pushes to the replicas."""
+    weights_tls_ca: str = ""
+    """PEM certificate(s) to trust: pushes go over TLS when set (the replicas then serve TLS)."""
     group_timeout_s: float = Field(600, gt=0)
     """How long a step waits for its scored groups."""
     min_replicas: int = Field(1, ge=1)

@@ -85,6 +85,7 @@ class Trainer:
         self.catching_up: set[str] = set()
         self.catch_up_pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
         self.last_catch_up = 0.0
+        self.tls_ca = Path(settings.weights_tls_ca).read_bytes() if settings.weights_tls_ca else None
         registry.set_current_version(self.client, 0)
         self.run_dir = Path(settings.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +268,7 @@ class Trainer:
 
     def _push(self, address: str, version: int, payload: Payload) -> bool:
         try:
-            reply = push(address, version, payload, token=self.s.weights_token or None)
+            reply = push(address, version, payload, token=self.s.weights_token or None, tls_ca=self.tls_ca)
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
             return False

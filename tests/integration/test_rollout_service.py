@@ -1,6 +1,7 @@
 """A rollout replica as a real process: generation, weight pushes over gRPC, the queue."""
 
 import hashlib
+import sys
 
 import httpx
 import pytest
@@ -166,3 +167,32 @@ def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica,
     assert reply.version == served
     assert httpx.get(f"{url}/healthz").json()["version"] == served
     assert wait_for(lambda: set(scratch_dir().glob("passk-v*")) == before)  # the partial file is gone
+
+
+def test_the_weight_service_over_tls(redis_server, tiny_model, tmp_path):
+    """With a certificate the weight service speaks TLS only; the trainer's side trusts the CA."""
+    import subprocess
+
+    import grpc
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", redis_server.url, "--replica", "r-tls"]
+    args += ["--weights-tls-cert", str(cert), "--weights-tls-key", str(key)]
+    with service(args, tmp_path / "rollout.log"):
+        replicas = lambda: {r.replica: r.grpc for r in registry.live_replicas(redis_server.client)}  # noqa: E731
+        address = wait_for(lambda: replicas().get("r-tls"))
+        ca = cert.read_bytes()
+        reply = push(address, 1, encode(weights_of(tiny_model, 1.0)), tls_ca=ca)
+        assert reply.accepted and status(address, tls_ca=ca).version == 1
+        with pytest.raises(grpc.RpcError) as err:  # plaintext is not served
+            status(address)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    bad = ["serve", "rollout", "--model-dir", str(tiny_model), "--weights-tls-cert", str(cert)]
+    cmd = [sys.executable, "-m", "services.cli", *bad]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0 and "weights_tls_cert and weights_tls_key go together" in result.stderr
