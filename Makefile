@@ -1,14 +1,18 @@
 # The two commands of the README: `make run` and `make test`. Both create or
 # refresh .venv first (again whenever pyproject.toml changes).
 VENV ?= .venv
-STAMP := $(VENV)/.passk-installed
+PASSK_EXTRAS ?= dev
+export PASSK_EXTRAS
+comma := ,
+# one stamp per set of extras: asking for more extras installs them
+STAMP := $(VENV)/.passk-installed-$(subst $(comma),-,$(PASSK_EXTRAS))
 
 .PHONY: run test setup bench curves redis
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV)
-	@echo "$${PASSK_EXTRAS:-dev}" > $@
+	@touch $@
 
 # The main job: Redis, a verifier, two rollout replicas and the trainer on the
 # maze-tiny preset, then pass@k before and after RL.
