@@ -21,14 +21,20 @@ STREAMS = StreamNames()
 STEPS, PROMPTS = 4, 6
 
 
-def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
-    client = redis_server.client
-    client.flushdb()
-    splits = build_splits([7], [7], train_per_size=50, test_per_size=4, seed=3)
+def maze_data(tmp_path, *, test_per_size: int, seed: int):
+    """7x7 train and test splits in tmp_path; returns a fresh logs folder."""
+    splits = build_splits([7], [7], train_per_size=50, test_per_size=test_per_size, seed=seed)
     write_jsonl(splits["train"], tmp_path / "train.jsonl")
     write_jsonl(splits["test"], tmp_path / "test.jsonl")
     logs = tmp_path / "logs"
     logs.mkdir()
+    return logs
+
+
+def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
+    client = redis_server.client
+    client.flushdb()
+    logs = maze_data(tmp_path, test_per_size=4, seed=3)
     common = ["--redis-url", redis_server.url]
     replica_args = [
         "serve",
@@ -116,11 +122,7 @@ def test_replicas_join_and_leave_while_training(redis_server, tiny_model, tmp_pa
     client = redis_server.client
     client.flushdb()
     steps, prompts = 40, 4  # enough steps for a replica to start and join mid-run
-    splits = build_splits([7], [7], train_per_size=50, test_per_size=2, seed=5)
-    write_jsonl(splits["train"], tmp_path / "train.jsonl")
-    write_jsonl(splits["test"], tmp_path / "test.jsonl")
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    logs = maze_data(tmp_path, test_per_size=2, seed=5)
     common = ["--redis-url", redis_server.url]
     replica_args = ["serve", "rollout", "--model-dir", str(tiny_model), "--claim-idle-ms", "1500", "--max-jobs", "1"]
     with (
