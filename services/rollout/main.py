@@ -26,6 +26,7 @@ def make_engine(settings: RolloutSettings) -> Engine:
 
     return VLLMEngine(
         Path(settings.model_dir),
+        dtype=settings.vllm_dtype,
         max_model_len=settings.vllm_max_model_len,
         gpu_memory_utilization=settings.vllm_memory_utilization,
     )

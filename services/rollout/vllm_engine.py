@@ -33,6 +33,7 @@ class VLLMEngine(Engine):
         self,
         model_dir: Path,
         *,
+        dtype: str = "float32",
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.5,
         enforce_eager: bool = True,
@@ -44,7 +45,7 @@ class VLLMEngine(Engine):
         self.expected = checkpoint_shapes(model_dir)
         self.llm = LLM(
             model=str(model_dir),
-            dtype="float32",
+            dtype=dtype,
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,  # no graph capture or compile: starts in a fraction of the time
             gpu_memory_utilization=gpu_memory_utilization,
