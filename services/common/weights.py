@@ -80,14 +80,70 @@ def stage(state: dict[str, torch.Tensor], directory: Path | None = None) -> Payl
     return Payload(view, hashlib.sha256(view).hexdigest())
 
 
-def chunks(version: int, payload: Payload | bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[object]:
-    """The Push stream: a header in the first chunk, then the payload in order."""
+PUSH_METHOD = "/passk.weights.v1.Weights/Push"
+DATA_TAG = b"\x22"  # field 4 (data), length-delimited: a data-only WeightChunk is this, a varint length, the bytes
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(raw: bytes, at: int) -> tuple[int, int]:
+    """(value, next position); ValueError past 10 bytes or the end."""
+    value = 0
+    for shift in range(0, 70, 7):
+        if at >= len(raw):
+            break
+        byte = raw[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+    raise ValueError("malformed varint")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A WeightChunk as the receiver reads it; ``data`` may be a view of the received message."""
+
+    version: int
+    total_bytes: int
+    sha256: str
+    data: bytes | memoryview
+
+
+def decode_chunk(raw: bytes) -> Chunk:
+    """A WeightChunk off the wire. A data-only chunk (all but the first) is read as a view of the
+    message, not copied twice through a protobuf object; anything else goes through protobuf."""
+    if raw[:1] == DATA_TAG:
+        try:
+            length, at = _read_varint(raw, 1)
+        except ValueError:
+            length, at = -1, 0
+        if at + length == len(raw):
+            return Chunk(0, 0, "", memoryview(raw)[at:])
+    message = pb.WeightChunk.FromString(raw)
+    return Chunk(message.version, message.total_bytes, message.sha256, message.data)
+
+
+def chunks(version: int, payload: Payload | bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The Push stream, serialized: the header and the first bytes in the first chunk, then data-only
+    chunks written straight from the payload's view (one copy each, where protobuf would make three)."""
     if not isinstance(payload, Payload):
         payload = Payload(memoryview(payload), hashlib.sha256(payload).hexdigest())
     view = payload.view
-    yield pb.WeightChunk(version=version, total_bytes=len(view), sha256=payload.sha256, data=bytes(view[:chunk_bytes]))
+    first = pb.WeightChunk(
+        version=version, total_bytes=len(view), sha256=payload.sha256, data=bytes(view[:chunk_bytes])
+    )
+    yield first.SerializeToString()
     for start in range(chunk_bytes, len(view), chunk_bytes):
-        yield pb.WeightChunk(data=bytes(view[start : start + chunk_bytes]))  # protobuf wants bytes: one chunk's copy
+        data = view[start : start + chunk_bytes]
+        yield b"".join((DATA_TAG, _varint(len(data)), data))
 
 
 def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = None) -> tuple[int, Path]:
@@ -160,6 +216,16 @@ def channel(address: str, tls_ca: bytes | None = None) -> grpc.Channel:
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca))
 
 
+def _identity(raw: bytes) -> bytes:
+    return raw
+
+
+def push_call(channel_: grpc.Channel):
+    """The Push RPC taking the already serialized chunks of ``chunks``."""
+    reply = pb.PushReply.FromString
+    return channel_.stream_unary(PUSH_METHOD, request_serializer=_identity, response_deserializer=reply)
+
+
 def push(
     address: str,
     version: int,
@@ -171,8 +237,10 @@ def push(
 ) -> object:
     """Push one version to one replica; returns its PushReply (grpc.RpcError on transport failure)."""
     with channel(address, tls_ca) as channel_:
-        stub = pb_grpc.WeightsStub(channel_)
-        return stub.Push(chunks(version, payload), timeout=timeout_s, metadata=_metadata(token))
+        call = channel_.stream_unary(
+            PUSH_METHOD, request_serializer=_identity, response_deserializer=pb.PushReply.FromString
+        )
+        return call(chunks(version, payload), timeout=timeout_s, metadata=_metadata(token))
 
 
 def status(address: str, *, token: str | None = None, tls_ca: bytes | None = None, timeout_s: float = 5.0) -> object:

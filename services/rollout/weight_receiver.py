@@ -10,7 +10,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common.weights import WeightTransferError, check_token, pb, pb_grpc, receive
+from services.common.weights import WeightTransferError, check_token, decode_chunk, pb, pb_grpc, receive
 from services.rollout.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,17 @@ def serve(receiver: WeightReceiver, address: str, tls: tuple[bytes, bytes] | Non
         futures.ThreadPoolExecutor(max_workers=4),
         options=[("grpc.max_receive_message_length", 16 << 20)],
     )
-    pb_grpc.add_WeightsServicer_to_server(receiver, server)
+    handlers = {  # the generated registration, but Push chunks decoded without extra copies
+        "Push": grpc.stream_unary_rpc_method_handler(
+            receiver.Push, request_deserializer=decode_chunk, response_serializer=pb.PushReply.SerializeToString
+        ),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            receiver.Status,
+            request_deserializer=pb.StatusRequest.FromString,
+            response_serializer=pb.StatusReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("passk.weights.v1.Weights", handlers),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("passk.weights.v1.Weights", health_pb2.HealthCheckResponse.SERVING)

@@ -149,7 +149,7 @@ def test_the_openai_compatible_api(replica):
 def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica, tiny_model):
     import grpc
 
-    from services.common.weights import chunks, scratch_dir
+    from services.common.weights import channel, chunks, push_call, scratch_dir
 
     _, url, address = replica
     served = status(address, token="s3cret").version
@@ -161,8 +161,8 @@ def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica,
         yield from stream[: len(stream) // 2]
         raise ConnectionAbortedError("trainer gone")
 
-    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError):
-        pb_grpc.WeightsStub(channel).Push(cut(), timeout=30, metadata=[("authorization", "Bearer s3cret")])
+    with channel(address) as to_replica, pytest.raises(grpc.RpcError):
+        push_call(to_replica)(cut(), timeout=30, metadata=[("authorization", "Bearer s3cret")])
     reply = wait_for(lambda: (s := status(address, token="s3cret")) and s)
     assert reply.version == served
     assert httpx.get(f"{url}/healthz").json()["version"] == served
