@@ -1,0 +1,40 @@
+"""The hand-serialized weight chunks are protobuf WeightChunks, and bad bytes are refused."""
+
+import pytest
+from google.protobuf.message import DecodeError
+
+from services.common.weights import chunks, decode_chunk, pb
+
+
+def test_chunks_are_weight_chunks_and_decode_to_the_payload():
+    payload = bytes(range(256)) * 1000
+    wire = list(chunks(7, payload, chunk_bytes=1000))
+    assert len(wire) == 256
+    parsed = [pb.WeightChunk.FromString(raw) for raw in wire]  # what any protobuf client would read
+    assert (parsed[0].version, parsed[0].total_bytes, len(parsed[0].sha256)) == (7, len(payload), 64)
+    assert b"".join(p.data for p in parsed) == payload
+    decoded = [decode_chunk(raw) for raw in wire]
+    assert decoded[0].version == 7 and isinstance(decoded[1].data, memoryview)
+    assert b"".join(bytes(d.data) for d in decoded) == payload
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x22\x05abc",  # declares 5 bytes, has 3
+        b"\x22" + b"\xff" * 11,  # a varint that never ends
+        b"\x22\x80",  # cut inside the varint
+        b"\xff\xff\xff",  # not protobuf at all
+    ],
+)
+def test_malformed_chunks_are_refused(raw):
+    with pytest.raises(DecodeError):
+        decode_chunk(raw)
+
+
+def test_a_chunk_protobuf_wrote_is_read_the_same():
+    raw = pb.WeightChunk(data=b"x" * 300).SerializeToString()
+    assert bytes(decode_chunk(raw).data) == b"x" * 300
+    header = pb.WeightChunk(version=3, total_bytes=9, sha256="a" * 64, data=b"abc").SerializeToString()
+    chunk = decode_chunk(header)
+    assert (chunk.version, chunk.total_bytes, chunk.sha256, bytes(chunk.data)) == (3, 9, "a" * 64, b"abc")
