@@ -75,22 +75,23 @@ def response_logprobs(
         (logprobs, entropy, mask), each (S, T) with S = all responses in order
         and T the longest response.
     """
+    device = next(model.parameters()).device  # every tensor made here lives beside the model
     rows = [(g, r) for g, group in enumerate(responses) for r in range(len(group))]
     width = max((len(resp) for group in responses for resp in group), default=0)
-    logprobs = torch.zeros(len(rows), max(width, 1))
-    entropy = torch.zeros(len(rows), max(width, 1))
-    mask = torch.zeros(len(rows), max(width, 1), dtype=torch.bool)
+    logprobs = torch.zeros(len(rows), max(width, 1), device=device)
+    entropy = torch.zeros(len(rows), max(width, 1), device=device)
+    mask = torch.zeros(len(rows), max(width, 1), dtype=torch.bool, device=device)
     by_length: dict[int, list[int]] = {}
     for g, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(g)
     out_lp, out_ent, out_rows = [], [], []
     for length, members in by_length.items():
-        prompt_ids = torch.tensor([prompts[g] for g in members])  # (P, Tp)
+        prompt_ids = torch.tensor([prompts[g] for g in members], device=device)  # (P, Tp)
         counts = [len(responses[g]) for g in members]
         prefill = model(input_ids=prompt_ids, use_cache=True)
         cache = prefill.past_key_values
-        repeats = torch.tensor(counts)
-        cache_rows = torch.repeat_interleave(torch.arange(len(members)), repeats)
+        repeats = torch.tensor(counts, device=device)
+        cache_rows = torch.repeat_interleave(torch.arange(len(members), device=device), repeats)
         cache.batch_select_indices(cache_rows)  # (sum(counts), ...) views of each prompt's cache
         first_logits = prefill.logits[:, -1].float()[cache_rows]  # predicts each response's first token
         resp = [responses[g][r] for g in members for r in range(len(responses[g]))]
@@ -100,8 +101,9 @@ def response_logprobs(
         for i, x in enumerate(resp):
             ids[i, : len(x)] = torch.tensor(x)
             valid[i, : len(x)] = True
-        attention = torch.cat([torch.ones(len(resp), length, dtype=torch.bool), valid], dim=1)
-        positions = torch.arange(length, length + t).unsqueeze(0).expand(len(resp), t)
+        ids, valid = ids.to(device), valid.to(device)
+        attention = torch.cat([torch.ones(len(resp), length, dtype=torch.bool, device=device), valid], dim=1)
+        positions = torch.arange(length, length + t, device=device).unsqueeze(0).expand(len(resp), t)
         logits = model(input_ids=ids, past_key_values=cache, attention_mask=attention, position_ids=positions).logits
         logits = torch.cat([first_logits.unsqueeze(1), logits[:, :-1].float()], dim=1)  # (S_g, t): logits for token i
         log_p = logits.log_softmax(-1)
@@ -109,7 +111,7 @@ def response_logprobs(
         out_ent.append(-(log_p.exp() * log_p).sum(-1))
         out_rows.append([rows.index((g, r)) for g in members for r in range(len(responses[g]))])
     for lp, ent, idx in zip(out_lp, out_ent, out_rows, strict=True):
-        index = torch.tensor(idx)
+        index = torch.tensor(idx, device=device)
         logprobs = logprobs.index_put((index,), torch.nn.functional.pad(lp, (0, logprobs.shape[1] - lp.shape[1])))
         entropy = entropy.index_put((index,), torch.nn.functional.pad(ent, (0, entropy.shape[1] - ent.shape[1])))
     for i, (g, r) in enumerate(rows):
