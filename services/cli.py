@@ -186,6 +186,16 @@ def data_math(
     _write_splits(build_splits(train_per_kind, test_per_kind, seed), out, "problems")
 
 
+def _settings(cls, given: dict):
+    """Service settings from the options given on the command line; the rest from PASSK_* variables."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
 @serve_app.command("verifier")
 def serve_verifier(
     host: Annotated[str | None, typer.Option(help="HTTP bind address [127.0.0.1].")] = None,
@@ -205,8 +215,6 @@ def serve_verifier(
     """Grade answers in a sandbox: from the rollouts stream and over HTTP (POST /v1/grade).
 
     Unset options come from PASSK_VERIFIER_* environment variables, then the defaults in brackets."""
-    from pydantic import ValidationError
-
     from services.common.config import VerifierSettings
     from services.verifier.main import run
 
@@ -215,10 +223,7 @@ def serve_verifier(
         "graders": graders, "claim_idle_ms": claim_idle_ms, "max_answer_chars": max_answer_chars,
         "max_body_bytes": max_body_bytes, "api_token": api_token,
     }  # fmt: skip
-    try:
-        settings = VerifierSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as err:
-        raise typer.BadParameter(str(err)) from None
+    settings = _settings(VerifierSettings, given)
     run(settings, queue=queue)
 
 
@@ -246,8 +251,6 @@ def serve_rollout(
     """Serve a rollout replica: prompt jobs from the stream, /v1/generate, and gRPC weight pushes.
 
     Unset options come from PASSK_ROLLOUT_* environment variables, then the defaults in brackets."""
-    from pydantic import ValidationError
-
     from services.common.config import RolloutSettings
     from services.rollout.main import run
 
@@ -260,10 +263,7 @@ def serve_rollout(
         "weights_tls_cert": str(weights_tls_cert) if weights_tls_cert else None,
         "weights_tls_key": str(weights_tls_key) if weights_tls_key else None,
     }  # fmt: skip
-    try:
-        settings = RolloutSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as err:
-        raise typer.BadParameter(str(err)) from None
+    settings = _settings(RolloutSettings, given)
     if not (Path(settings.model_dir) / "config.json").exists():
         raise typer.BadParameter(f"{settings.model_dir} holds no config.json (build one: passk model build-tiny)")
     run(settings)

@@ -25,6 +25,13 @@ class Generation:
     finish_reason: str = "length"  # "stop": an end-of-sequence token or a stop string ended it
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids as every part of the system sees them: BOS (if the tokenizer has one),
+    then the text without other special tokens. Both rollout engines and the trainer agree on it."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
 def cut_at_stop(tokenizer, generation: Generation, stop: tuple[str, ...]) -> Generation:
     """End a sample at its first stop string, as vLLM does: the text stops before it, the tokens
     and log-probs keep the shortest prefix whose text contains it."""
@@ -68,9 +75,7 @@ def sample(
 ) -> tuple[list[list[int]], list[list[Generation]]]:
     """(prompt token ids per prompt, N generations per prompt)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    bos = tokenizer.bos_token_id
-    encoded = [([bos] if bos is not None else []) + ids for ids in encoded]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     results: list[list[Generation]] = [[] for _ in prompts]
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):

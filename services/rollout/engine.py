@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from services.common.hf_sampling import Generation, sample
+from services.common.hf_sampling import Generation, encode_prompt, sample
 from services.common.schemas import SamplingParams
 from services.common.weights import WeightTransferError
 
@@ -24,9 +24,9 @@ class Engine(ABC):
     context_length: int = 0  # prompt plus generated tokens, at most
     tokenizer = None  # a transformers tokenizer
 
-    @abstractmethod
     def count_tokens(self, prompt: str) -> int:
         """Tokens the prompt takes, special tokens included."""
+        return len(encode_prompt(self.tokenizer, prompt))
 
     @abstractmethod
     def generate(
@@ -57,11 +57,6 @@ class HFEngine(Engine):
         self.lock = threading.Lock()
         self.version = 0
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + (
-            self.tokenizer.bos_token_id is not None
-        )
 
     def generate(
         self, prompts: list[str], n: int, sampling: SamplingParams

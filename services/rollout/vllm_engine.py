@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.common.hf_sampling import Generation
+from services.common.hf_sampling import Generation, encode_prompt
 from services.common.schemas import SamplingParams
 from services.rollout.engine import Engine, check_weights, checkpoint_shapes
 
@@ -64,14 +64,6 @@ class VLLMEngine(Engine):
         self.lock = threading.Lock()
         self.version = 0
 
-    def _encode(self, prompt: str) -> list[int]:
-        """The same ids as the transformers backend and the trainer: BOS (if any), then the text."""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return ([self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []) + ids
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self._encode(prompt))
-
     def generate(
         self, prompts: list[str], n: int, sampling: SamplingParams
     ) -> tuple[list[list[int]], list[list[Generation]]]:
@@ -87,7 +79,7 @@ class VLLMEngine(Engine):
             stop=list(sampling.stop),
             logprobs=0,  # the sampled token's log-prob, of the model's own distribution (raw logits)
         )
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]  # the ids the trainer recomputes
         requests = [{"prompt_token_ids": ids} for ids in encoded for _ in range(n if greedy else 1)]
         with self.lock:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
