@@ -4,12 +4,15 @@ bytes, in the same run.
 
 The replicas are real ones (``passk serve rollout``, transformers backend) with
 the model loaded. *publish* is what the trainer does for a version: write it
-once (``stage``), push it to every replica in parallel, each replica streaming
-it into a file, hashing it and swapping it in; it ends when every replica
-answered. *swap* is the stop-the-world part inside a replica (generation waits
+once (``stage``, in the background), push it to every replica in parallel as
+it is written, each replica streaming it into a file, hashing and scanning it
+and swapping it in; it ends when every replica answered. *stage* is when the
+background write finished (it overlaps the pushes). *swap* is the stop-the-world part inside a replica (generation waits
 on it), from the replicas' own histogram. *raw TCP* sends the same bytes with
 ``socket.sendall`` to the same number of receiver processes that write them to
-a file in the same place and answer; nothing else.
+a file in the same place and answer; nothing else. *gRPC only* sends the same
+framed chunks through bare gRPC servers that write them to a file the same way:
+what the gRPC library itself costs over raw TCP.
 
     passk model import-smollm2 --out models/smollm2-135m     # once
     .venv/bin/python bench/weight_sync.py --repeat 3
@@ -27,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import httpx
 from rich.console import Console
 from rich.table import Table
@@ -35,7 +39,8 @@ from safetensors.torch import load_file
 from services.common import registry
 from services.common.processes import stop, wait_healthy
 from services.common.redis_server import RedisServer, free_port
-from services.common.weights import push, scratch_dir, stage
+from services.common.staging import scratch_dir, stage
+from services.common.weights import chunks, push
 
 RECEIVER = r"""
 import os, socket, sys, tempfile
@@ -58,6 +63,40 @@ while True:
         os.unlink(name)
         conn.sendall(b"ok")
 """
+
+
+GRPC_RECEIVER = r"""
+import os, sys, tempfile
+from concurrent import futures
+import grpc
+directory = sys.argv[1]
+def push(chunks, context):
+    fd, name = tempfile.mkstemp(dir=directory)
+    with os.fdopen(fd, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    os.unlink(name)
+    return b""
+server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_receive_message_length", 16 << 20)])
+handler = grpc.stream_unary_rpc_method_handler(push, request_deserializer=None, response_serializer=None)
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Sink", {"Push": handler}),))
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
+
+
+def grpc_only(ports: list[int], payload) -> float:
+    """The same framed chunks through bare gRPC servers that write them to a file: gRPC's own cost."""
+
+    def send(port: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            channel.stream_unary("/bench.Sink/Push")(chunks(1, payload), timeout=120)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(ports)) as pool:
+        list(pool.map(send, ports))
+    return time.perf_counter() - start
 
 
 def raw_tcp(ports: list[int], view: memoryview) -> float:
@@ -96,7 +135,7 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     (logs / "redis").mkdir(exist_ok=True)
     redis = RedisServer(logs / "redis", appendonly=False)
-    replicas, receivers = [], []
+    replicas, receivers, sinks = [], [], []
     try:
         for i in range(args.replicas):
             port = free_port()
@@ -113,6 +152,10 @@ def main() -> None:
                 [sys.executable, "-c", RECEIVER, str(scratch_dir())], stdout=subprocess.PIPE, text=True
             )
             receivers.append((receiver, int(receiver.stdout.readline())))
+            sink = subprocess.Popen(
+                [sys.executable, "-c", GRPC_RECEIVER, str(scratch_dir())], stdout=subprocess.PIPE, text=True
+            )
+            sinks.append((sink, int(sink.stdout.readline())))
 
         rows = []
         urls = [url for _, url in replicas]
@@ -120,14 +163,17 @@ def main() -> None:
         for version in range(1, args.repeat + 1):
             start = time.perf_counter()
             payload = stage(state)
-            staged = time.perf_counter() - start
-            with ThreadPoolExecutor(len(addresses)) as pool:
+            with ThreadPoolExecutor(len(addresses) + 1) as pool:
+                written = pool.submit(lambda p=payload, t=start: (p.digest(), time.perf_counter() - t)[1])
                 replies = list(pool.map(lambda a, v=version, p=payload: push(a, v, p), addresses))
             published = time.perf_counter() - start
+            staged = written.result()
             assert all(r.accepted for r in replies), [r.error for r in replies]
             raw = raw_tcp([port for _, port in receivers], payload.view)
+            bare = grpc_only([port for _, port in sinks], payload)
             now = swap_sums(urls)
-            rows.append((len(payload), staged, published, raw, max(b - a for a, b in zip(swapped, now, strict=True))))
+            swap = max(b - a for a, b in zip(swapped, now, strict=True))
+            rows.append((len(payload), staged, published, raw, bare, swap))
             swapped = now
             del payload
     finally:
@@ -135,19 +181,26 @@ def main() -> None:
             with socket.create_connection(("127.0.0.1", port)) as conn:
                 conn.sendall((0).to_bytes(8, "big"))
             receiver.wait(10)
+        for sink, _ in sinks:
+            sink.kill()
+            sink.wait(10)
         for process, _ in replicas:
             stop(process)
         redis.stop()
 
     table = Table(title=f"one version to {args.replicas} replicas over loopback ({args.repeat} versions)")
-    for column in ("bytes", "stage s", "publish s", "raw TCP s", "publish / raw", "swap s (stop-the-world)"):
+    columns = ("bytes", "stage s", "publish s", "raw TCP s", "gRPC only s", "publish / raw", "gRPC only / raw",
+               "publish / gRPC only", "swap s (stop-the-world)")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
-    for size, staged, published, raw, swap in rows:
-        table.add_row(f"{size:,}", f"{staged:.2f}", f"{published:.2f}", f"{raw:.2f}", f"{published / raw:.2f}",
-                      f"{swap:.2f}")  # fmt: skip
-    median = statistics.median(p / r for _, _, p, r, _ in rows)
+    for size, staged, published, raw, bare, swap in rows:
+        times = (staged, published, raw, bare, published / raw, bare / raw, published / bare, swap)
+        table.add_row(f"{size:,}", *(f"{x:.2f}" for x in times))
+    warm = rows[1:] or rows  # the first version pages in fresh mappings on the replicas
     console.print(table)
-    console.print(f"median publish / raw TCP: {median:.2f}")
+    console.print(f"median over versions 2..: publish / raw TCP {statistics.median(r[2] / r[3] for r in warm):.2f}, "
+                  f"gRPC only / raw TCP {statistics.median(r[4] / r[3] for r in warm):.2f}, "
+                  f"publish / gRPC only {statistics.median(r[2] / r[4] for r in warm):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

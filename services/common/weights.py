@@ -1,21 +1,21 @@
 """Versioned weight transfer over gRPC: a safetensors file in checksummed chunks.
 
-The trainer writes a version once (``stage``: a safetensors file in shared
-memory, mapped, hashed once) and ``push``-es it to every replica in parallel;
-chunks are cut from the mapping, so no whole-model copy passes through Python
-bytes. A replica streams the chunks into a file of its own (``receive``),
-hashing as they arrive, and its engine loads the verified file (memory-mapped;
-vLLM reads it in its worker) in one swap. Every RPC has a deadline; a token,
-when configured, travels in the ``authorization`` metadata and is compared in
-constant time.
+The trainer stages a version once (``staging.stage``: a safetensors file in
+shared memory, written in the background) and ``push``-es it to every replica
+in parallel as it is written; chunks are cut from the mapping and framed once
+for all the replicas, so no whole-model copy passes through Python bytes. The
+checksum travels in the last chunk, so pushing starts before the file is
+complete. A replica streams the chunks into a file of its own (``receive``),
+hashing them and scanning their floats for NaN/inf as they arrive, and its
+engine loads the verified file (memory-mapped; vLLM reads it in its worker) in
+one swap. Every RPC has a deadline; a token, when configured, travels in the
+``authorization`` metadata and is compared in constant time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import itertools
-import mmap
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -25,72 +25,26 @@ from pathlib import Path
 
 import grpc
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
-from safetensors.torch import save_file
 
+from services.common.finite_scan import FiniteScan
 from services.common.proto import load
+from services.common.staging import DATA_TAG, Payload, scratch_dir
 
 pb, pb_grpc = load("weights")
 CHUNK_BYTES = 4 << 20  # a quarter of the receiver's largest message
-SHM = Path("/dev/shm")
+PUSH_METHOD = "/passk.weights.v1.Weights/Push"
 
 
 class WeightTransferError(ValueError):
     """A pushed version that cannot be used; the replica keeps its previous one."""
 
 
-@dataclass(frozen=True)
-class Payload:
-    """One version's safetensors bytes and their SHA-256, computed once for every push."""
-
-    view: memoryview
-    sha256: str
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-
-def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t.detach().contiguous().cpu() for name, t in state.items()}
-
-
 def encode(state: dict[str, torch.Tensor]) -> bytes:
     """The safetensors bytes of a state dict, in memory (small models and tests)."""
-    return save_safetensors(_cpu(state))
-
-
-def scratch_dir() -> Path:
-    """Shared memory where there is some (files there never touch a disk), else the temporary directory."""
-    return SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else Path(tempfile.gettempdir())
-
-
-def stage(state: dict[str, torch.Tensor], directory: Path | None = None) -> Payload:
-    """Write a version once as a file and map it; the file is unlinked at once and the
-    memory is freed with the payload."""
-    fd, name = tempfile.mkstemp(prefix="passk-publish-", suffix=".safetensors", dir=directory or scratch_dir())
-    try:
-        os.close(fd)
-        save_file(_cpu(state), name)
-        with open(name, "rb") as f:
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    finally:
-        os.unlink(name)
-    view = memoryview(mapping)
-    return Payload(view, hashlib.sha256(view).hexdigest())
-
-
-PUSH_METHOD = "/passk.weights.v1.Weights/Push"
-DATA_TAG = b"\x22"  # field 4 (data), length-delimited: a data-only WeightChunk is this, a varint length, the bytes
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
+    return save_safetensors({name: t.detach().contiguous().cpu() for name, t in state.items()})
 
 
 def _read_varint(raw: bytes, at: int) -> tuple[int, int]:
@@ -113,7 +67,7 @@ class Chunk:
 
     version: int
     total_bytes: int
-    sha256: str
+    checksum: str
     data: bytes | memoryview
 
 
@@ -128,72 +82,87 @@ def decode_chunk(raw: bytes) -> Chunk:
         if at + length == len(raw):
             return Chunk(0, 0, "", memoryview(raw)[at:])
     message = pb.WeightChunk.FromString(raw)
-    return Chunk(message.version, message.total_bytes, message.sha256, message.data)
+    return Chunk(message.version, message.total_bytes, message.checksum, message.data)
 
 
 def chunks(version: int, payload: Payload | bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The Push stream, serialized: the header and the first bytes in the first chunk, then data-only
-    chunks written straight from the payload's view (one copy each, where protobuf would make three)."""
+    chunks written straight from the payload's view (one copy each, where protobuf would make three),
+    each sent as soon as staging wrote it, then the checksum."""
     if not isinstance(payload, Payload):
-        payload = Payload(memoryview(payload), hashlib.sha256(payload).hexdigest())
-    view = payload.view
-    first = pb.WeightChunk(
-        version=version, total_bytes=len(view), sha256=payload.sha256, data=bytes(view[:chunk_bytes])
-    )
+        payload = Payload.of_bytes(payload)
+    payload.wait(min(chunk_bytes, len(payload)))
+    first = pb.WeightChunk(version=version, total_bytes=len(payload), data=bytes(payload.view[:chunk_bytes]))
     yield first.SerializeToString()
-    for start in range(chunk_bytes, len(view), chunk_bytes):
-        data = view[start : start + chunk_bytes]
-        yield b"".join((DATA_TAG, _varint(len(data)), data))
+    for start in range(chunk_bytes, len(payload), chunk_bytes):
+        yield payload.framed(start, chunk_bytes)
+    yield pb.WeightChunk(checksum=payload.digest()).SerializeToString()
 
 
-def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = None) -> tuple[int, Path]:
-    """(version, path of the verified safetensors file) from a chunk stream, written as it arrives;
-    WeightTransferError, and no file left behind, if anything is off. The caller removes the file."""
+@dataclass(frozen=True)
+class Received:
+    """A verified version in a file. ``values_checked``: every float was scanned for NaN/inf on the
+    way in (otherwise the engine checks the file)."""
+
+    version: int
+    path: Path
+    values_checked: bool
+
+
+def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = None) -> Received:
+    """The verified safetensors file of a chunk stream, written as it arrives; WeightTransferError,
+    and no file left behind, if anything is off. The caller removes the file."""
     iterator = iter(stream)
     try:
         first = next(iterator)
     except StopIteration:
         raise WeightTransferError("empty weight stream") from None
-    total, version, expected = first.total_bytes, first.version, first.sha256
+    total, version, expected = first.total_bytes, first.version, ""
     if total == 0 or total > max_bytes:
         raise WeightTransferError(f"declared size {total} bytes is outside 1..{max_bytes}")
-    if len(expected) != 64:
-        raise WeightTransferError("the first chunk must carry the payload's SHA-256 (64 hex digits)")
     fd, name = tempfile.mkstemp(prefix=f"passk-v{version}-", suffix=".safetensors", dir=directory or scratch_dir())
     try:
-        hasher, offset = hashlib.sha256(), 0
+        hasher, scan, offset = xxhash.xxh3_128(), FiniteScan(first.data), 0
         with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1) as sink:
-            pending = None  # hash and write one chunk while gRPC receives the next (both release the GIL)
+            pending = None  # write, hash and scan one chunk while gRPC receives the next (all release the GIL)
             for chunk in itertools.chain([first], iterator):
-                data = chunk.data
+                if expected:
+                    raise WeightTransferError("chunks after the one carrying the checksum")
+                expected, data = chunk.checksum, chunk.data
                 end = offset + len(data)
                 if end > total:
                     raise WeightTransferError(f"stream longer than its declared {total} bytes")
                 if pending is not None:
                     pending.result()
-                pending = sink.submit(_absorb, f, hasher, data)
+                pending = sink.submit(_absorb, f, hasher, scan, offset, data)
                 offset = end
             if pending is not None:
                 pending.result()
         if offset != total:
             raise WeightTransferError(f"truncated stream: {offset} of {total} bytes arrived")
+        if len(expected) != 32:
+            raise WeightTransferError("the last chunk must carry the payload's XXH3-128 checksum (32 hex digits)")
         digest = hasher.hexdigest()
-        if not hmac.compare_digest(digest, expected):
-            raise WeightTransferError(f"checksum mismatch: payload hashes to {digest[:12]}, header {expected[:12]}")
+        if not hmac.compare_digest(digest.encode(), expected.encode()):
+            raise WeightTransferError(f"checksum mismatch: payload hashes to {digest[:12]}, sent {expected[:12]!r}")
         try:
             with safe_open(name, framework="pt") as f:
                 f.keys()
         except Exception as err:  # safetensors raises its own error types on bad headers
             raise WeightTransferError(f"payload is not a safetensors file: {err}") from None
+        scan.finish()
+        if scan.bad is not None:
+            raise WeightTransferError(f"{scan.bad}: NaN or inf values")
     except BaseException:
         os.unlink(name)
         raise
-    return version, Path(name)
+    return Received(version, Path(name), scan.complete)
 
 
-def _absorb(f, hasher, data: bytes) -> None:
+def _absorb(f, hasher, scan: FiniteScan, offset: int, data: bytes) -> None:
     f.write(data)
     hasher.update(data)
+    scan.feed(offset, data)
 
 
 def check_token(context: grpc.ServicerContext, token: str | None) -> None:

@@ -35,9 +35,10 @@ class Engine(ABC):
         """(prompt token ids, N generations) for each prompt."""
 
     @abstractmethod
-    def load_weights(self, path: Path, version: int) -> float:
+    def load_weights(self, path: Path, version: int, *, values_checked: bool = False) -> float:
         """Swap in the version held in a safetensors file, atomically; returns the seconds the swap
-        stopped generation. WeightTransferError keeps the old version."""
+        stopped generation. WeightTransferError keeps the old version. ``values_checked``: the
+        values were already scanned for NaN/inf (as they arrived), so only names and shapes are."""
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The prompt text of a conversation, by the model's own chat template (ValueError if it has none)."""
@@ -74,11 +75,12 @@ class HFEngine(Engine):
                 stop=sampling.stop,
             )
 
-    def load_weights(self, path: Path, version: int) -> float:
+    def load_weights(self, path: Path, version: int, *, values_checked: bool = False) -> float:
         from safetensors.torch import load_file
 
         state = load_file(path)  # memory-mapped
-        check_weights(state, {name: tuple(t.shape) for name, t in self.model.state_dict().items()})
+        expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        check_weights(state, expected, values=not values_checked)
         start = time.monotonic()
         with self.lock:
             self.model.load_state_dict(state, strict=False)
@@ -100,8 +102,9 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    """WeightTransferError unless ``state`` has exactly the expected names and shapes and finite values."""
+def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], *, values: bool = True) -> None:
+    """WeightTransferError unless ``state`` has exactly the expected names and shapes and (when
+    ``values``) finite values."""
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     # tied embeddings appear once in a saved file and twice in state_dict()
@@ -113,5 +116,5 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int,
             raise WeightTransferError(f"{name}: shape {tuple(tensor.shape)}, model has {tuple(expected[name])}")
         # the sum is NaN or inf whenever an element is (ten times faster than a full isfinite); only a
         # sum that overflowed from finite values needs the full check
-        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+        if values and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
             raise WeightTransferError(f"{name}: NaN or inf values")

@@ -20,8 +20,9 @@ import torch
 from services.common import registry
 from services.common.config import StreamNames
 from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
+from services.common.staging import Payload, stage
 from services.common.streams import StreamConsumer, claim_once, publish
-from services.common.weights import Payload, push, stage
+from services.common.weights import push
 from services.tasks.maze import read_jsonl
 from services.trainer.advantage import compute_advantages
 from services.trainer.binomial import pass_at_k
@@ -235,11 +236,12 @@ class Trainer:
         state = self.model.state_dict()
         if getattr(self.model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # the same tensor as the embeddings
-        payload = stage(state)  # written and hashed once, pushed to every replica from one mapping
+        payload = stage(state)  # written once in the background, pushed to every replica as it fills
         replicas = registry.live_replicas(self.client)
         version = self.version
         with ThreadPoolExecutor(max(1, len(replicas))) as pool:
             replies = list(pool.map(lambda r: self._push(r.grpc, version, payload), replicas))
+        payload.digest()  # the snapshot is complete before the next step changes the parameters
         accepted = sum(replies)
         if replicas and not accepted:
             raise RuntimeError(f"no replica accepted policy version {version}")

@@ -1,6 +1,5 @@
 """A rollout replica as a real process: generation, weight pushes over gRPC, the queue."""
 
-import hashlib
 import sys
 
 import httpx
@@ -11,7 +10,8 @@ from safetensors.torch import load_file
 from services.common import registry
 from services.common.config import StreamNames
 from services.common.schemas import PromptJob, RolloutGroup
-from services.common.weights import encode, pb, pb_grpc, push, status
+from services.common.staging import checksum
+from services.common.weights import chunks, encode, pb, pb_grpc, push, push_call, status
 from tests.helpers.procs import service, wait_for
 
 STREAMS = StreamNames()
@@ -61,26 +61,38 @@ def test_corrupted_and_truncated_pushes_keep_the_old_version(replica, tiny_model
     _, url, address = replica
     payload = encode(weights_of(tiny_model, 1.0))
     metadata = [("authorization", "Bearer s3cret")]
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = checksum(payload)
     corrupted = bytearray(payload)
     corrupted[len(corrupted) // 2] ^= 0xFF
     streams = {
         "checksum mismatch": [
-            pb.WeightChunk(version=7, total_bytes=len(payload), sha256=digest, data=bytes(corrupted))
+            pb.WeightChunk(version=7, total_bytes=len(payload), checksum=digest, data=bytes(corrupted))
         ],
-        "truncated stream": [pb.WeightChunk(version=7, total_bytes=len(payload), sha256=digest, data=payload[:1000])],
-        "longer than": [pb.WeightChunk(version=7, total_bytes=10, sha256=digest, data=payload[:1000])],
-        "must carry the payload's SHA-256": [pb.WeightChunk(version=7, total_bytes=len(payload), data=payload)],
+        "truncated stream": [pb.WeightChunk(version=7, total_bytes=len(payload), checksum=digest, data=payload[:1000])],
+        "longer than": [pb.WeightChunk(version=7, total_bytes=10, checksum=digest, data=payload[:1000])],
+        "must carry the payload's XXH3-128": [pb.WeightChunk(version=7, total_bytes=len(payload), data=payload)],
+        "chunks after the one carrying the checksum": [
+            pb.WeightChunk(version=7, total_bytes=len(payload), checksum=digest, data=payload[:1000]),
+            pb.WeightChunk(data=payload[1000:]),
+        ],
     }
+    with_nan = weights_of(tiny_model, 1.0)
+    name = sorted(with_nan)[-1]
+    with_nan[name].view(-1)[-1] = float("nan")
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.WeightsStub(channel)
-        for message, chunks in streams.items():
-            reply = stub.Push(iter(chunks), timeout=30, metadata=metadata)
+        for message, stream in streams.items():
+            reply = stub.Push(iter(stream), timeout=30, metadata=metadata)
             assert not reply.accepted and message in reply.error, reply.error
             assert reply.version == 0
+        # a NaN is found as the bytes stream in (chunks cut at element boundaries) and, when odd chunk
+        # sizes split elements, in the received file
+        for chunk_bytes in (4096, 4099):
+            reply = push_call(channel)(chunks(7, encode(with_nan), chunk_bytes), timeout=30, metadata=metadata)
+            assert not reply.accepted and reply.error == f"{name}: NaN or inf values", reply.error
     assert status(address, token="s3cret").version == 0
-    assert "must carry" in httpx.get(f"{url}/readyz").json()["last_weight_error"]
-    assert "passk_rollout_weight_sync_errors_total 4.0" in httpx.get(f"{url}/metrics").text
+    assert "NaN" in httpx.get(f"{url}/readyz").json()["last_weight_error"]
+    assert "passk_rollout_weight_sync_errors_total 7.0" in httpx.get(f"{url}/metrics").text
 
 
 def test_a_pushed_version_is_served_and_tags_the_groups(replica, tiny_model, redis_server):
@@ -149,7 +161,8 @@ def test_the_openai_compatible_api(replica):
 def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica, tiny_model):
     import grpc
 
-    from services.common.weights import channel, chunks, push_call, scratch_dir
+    from services.common.staging import scratch_dir
+    from services.common.weights import channel
 
     _, url, address = replica
     served = status(address, token="s3cret").version

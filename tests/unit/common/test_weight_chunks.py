@@ -3,15 +3,17 @@
 import pytest
 from google.protobuf.message import DecodeError
 
+from services.common.staging import CACHED_CHUNKS, Payload, checksum
 from services.common.weights import chunks, decode_chunk, pb
 
 
 def test_chunks_are_weight_chunks_and_decode_to_the_payload():
     payload = bytes(range(256)) * 1000
     wire = list(chunks(7, payload, chunk_bytes=1000))
-    assert len(wire) == 256
+    assert len(wire) == 257
     parsed = [pb.WeightChunk.FromString(raw) for raw in wire]  # what any protobuf client would read
-    assert (parsed[0].version, parsed[0].total_bytes, len(parsed[0].sha256)) == (7, len(payload), 64)
+    assert (parsed[0].version, parsed[0].total_bytes, parsed[0].checksum) == (7, len(payload), "")
+    assert (parsed[-1].checksum, parsed[-1].data) == (checksum(payload), b"")  # the checksum comes last
     assert b"".join(p.data for p in parsed) == payload
     decoded = [decode_chunk(raw) for raw in wire]
     assert decoded[0].version == 7 and isinstance(decoded[1].data, memoryview)
@@ -35,6 +37,20 @@ def test_malformed_chunks_are_refused(raw):
 def test_a_chunk_protobuf_wrote_is_read_the_same():
     raw = pb.WeightChunk(data=b"x" * 300).SerializeToString()
     assert bytes(decode_chunk(raw).data) == b"x" * 300
-    header = pb.WeightChunk(version=3, total_bytes=9, sha256="a" * 64, data=b"abc").SerializeToString()
+    header = pb.WeightChunk(version=3, total_bytes=9, checksum="a" * 32, data=b"abc").SerializeToString()
     chunk = decode_chunk(header)
-    assert (chunk.version, chunk.total_bytes, chunk.sha256, bytes(chunk.data)) == (3, 9, "a" * 64, b"abc")
+    assert (chunk.version, chunk.total_bytes, chunk.checksum, bytes(chunk.data)) == (3, 9, "a" * 32, b"abc")
+
+
+def test_concurrent_pushes_share_framed_chunks_and_the_cache_stays_bounded():
+    raw = bytes(range(256)) * 100
+    payload = Payload.of_bytes(raw)
+    first, second = chunks(1, payload, chunk_bytes=100), chunks(2, payload, chunk_bytes=100)
+    a, b = next(first), next(second)  # the headers differ: they carry each push's version
+    assert pb.WeightChunk.FromString(a).version == 1 and pb.WeightChunk.FromString(b).version == 2
+    for _ in range(5):
+        assert next(first) is next(second)  # framed once for both replicas
+    rest = list(first)  # one push runs far ahead: the cache does not grow with it
+    assert len(payload._cache) == CACHED_CHUNKS
+    late = list(second)  # the one left behind frames its own chunks, with the same bytes
+    assert late == rest
