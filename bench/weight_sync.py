@@ -3,11 +3,10 @@ replicas over loopback gRPC, against a raw loopback TCP transfer of the same
 bytes, in the same run.
 
 The replicas are real ones (``passk serve rollout``, transformers backend) with
-the model loaded. *publish* is what the trainer does for a version: write it
-once (``stage``, in the background), push it to every replica in parallel as
-it is written, each replica streaming it into a file, hashing and scanning it
-and swapping it in; it ends when every replica answered. *stage* is when the
-background write finished (it overlaps the pushes). *swap* is the stop-the-world part inside a replica (generation waits
+the model loaded. *publish* is what the trainer does for a version: push it to
+every replica in parallel, chunks cut from the tensors themselves, each
+replica streaming it into a file, hashing and scanning it and swapping it in;
+it ends when every replica answered. *swap* is the stop-the-world part inside a replica (generation waits
 on it), from the replicas' own histogram. *raw TCP* sends the same bytes with
 ``socket.sendall`` to the same number of receiver processes that write them to
 a file in the same place and answer; nothing else. *gRPC only* sends the same
@@ -37,9 +36,9 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from services.common import registry
+from services.common.payload import Payload, scratch_dir
 from services.common.processes import stop, wait_healthy
 from services.common.redis_server import RedisServer, free_port
-from services.common.staging import scratch_dir, stage
 from services.common.weights import chunks, push
 
 RECEIVER = r"""
@@ -131,6 +130,7 @@ def main() -> None:
 
     console = Console(width=200)
     state = load_file(args.model_dir / "model.safetensors")
+    whole = b"".join(Payload.of_tensors(state).pieces(0, 1 << 62))  # the same bytes, for the baselines
     logs = Path("runs/bench-weight-sync")
     logs.mkdir(parents=True, exist_ok=True)
     (logs / "redis").mkdir(exist_ok=True)
@@ -162,18 +162,16 @@ def main() -> None:
         swapped = swap_sums(urls)
         for version in range(1, args.repeat + 1):
             start = time.perf_counter()
-            payload = stage(state)
-            with ThreadPoolExecutor(len(addresses) + 1) as pool:
-                written = pool.submit(lambda p=payload, t=start: (p.digest(), time.perf_counter() - t)[1])
+            payload = Payload.of_tensors(state)
+            with ThreadPoolExecutor(len(addresses)) as pool:
                 replies = list(pool.map(lambda a, v=version, p=payload: push(a, v, p), addresses))
             published = time.perf_counter() - start
-            staged = written.result()
             assert all(r.accepted for r in replies), [r.error for r in replies]
-            raw = raw_tcp([port for _, port in receivers], payload.view)
-            bare = grpc_only([port for _, port in sinks], payload)
+            raw = raw_tcp([port for _, port in receivers], memoryview(whole))
+            bare = grpc_only([port for _, port in sinks], Payload.of_bytes(whole))
             now = swap_sums(urls)
             swap = max(b - a for a, b in zip(swapped, now, strict=True))
-            rows.append((len(payload), staged, published, raw, bare, swap))
+            rows.append((len(payload), published, raw, bare, swap))
             swapped = now
             del payload
     finally:
@@ -189,18 +187,18 @@ def main() -> None:
         redis.stop()
 
     table = Table(title=f"one version to {args.replicas} replicas over loopback ({args.repeat} versions)")
-    columns = ("bytes", "stage s", "publish s", "raw TCP s", "gRPC only s", "publish / raw", "gRPC only / raw",
+    columns = ("bytes", "publish s", "raw TCP s", "gRPC only s", "publish / raw", "gRPC only / raw",
                "publish / gRPC only", "swap s (stop-the-world)")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
-    for size, staged, published, raw, bare, swap in rows:
-        times = (staged, published, raw, bare, published / raw, bare / raw, published / bare, swap)
+    for size, published, raw, bare, swap in rows:
+        times = (published, raw, bare, published / raw, bare / raw, published / bare, swap)
         table.add_row(f"{size:,}", *(f"{x:.2f}" for x in times))
     warm = rows[1:] or rows  # the first version pages in fresh mappings on the replicas
     console.print(table)
-    console.print(f"median over versions 2..: publish / raw TCP {statistics.median(r[2] / r[3] for r in warm):.2f}, "
-                  f"gRPC only / raw TCP {statistics.median(r[4] / r[3] for r in warm):.2f}, "
-                  f"publish / gRPC only {statistics.median(r[2] / r[4] for r in warm):.2f}")  # fmt: skip
+    console.print(f"median over versions 2..: publish / raw TCP {statistics.median(r[1] / r[2] for r in warm):.2f}, "
+                  f"gRPC only / raw TCP {statistics.median(r[3] / r[2] for r in warm):.2f}, "
+                  f"publish / gRPC only {statistics.median(r[1] / r[3] for r in warm):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """Versioned weight transfer over gRPC: a safetensors file in checksummed chunks.
 
-The trainer stages a version once (``staging.stage``: a safetensors file in
-shared memory, written in the background) and ``push``-es it to every replica
-in parallel as it is written; chunks are cut from the mapping and framed once
-for all the replicas, so no whole-model copy passes through Python bytes. The
-checksum travels in the last chunk, so pushing starts before the file is
-complete. A replica streams the chunks into a file of its own (``receive``),
+The trainer ``push``-es a version (``payload.Payload``: the bytes of a
+safetensors file, cut from the tensors themselves) to every replica in
+parallel; each chunk is framed once for all the replicas, so no whole-model
+copy passes through Python bytes, and the checksum, computed on the way,
+travels in the last chunk. A replica streams the chunks into a file of its own (``receive``),
 hashing them and scanning their floats for NaN/inf as they arrive, and its
 engine loads the verified file (memory-mapped; vLLM reads it in its worker) in
 one swap. Every RPC has a deadline; a token, when configured, travels in the
@@ -30,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from services.common.finite_scan import FiniteScan
+from services.common.payload import DATA_TAG, Payload, scratch_dir
 from services.common.proto import load
-from services.common.staging import DATA_TAG, Payload, scratch_dir
 
 pb, pb_grpc = load("weights")
 CHUNK_BYTES = 4 << 20  # a quarter of the receiver's largest message
@@ -86,16 +85,13 @@ def decode_chunk(raw: bytes) -> Chunk:
 
 
 def chunks(version: int, payload: Payload | bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The Push stream, serialized: the header and the first bytes in the first chunk, then data-only
-    chunks written straight from the payload's view (one copy each, where protobuf would make three),
-    each sent as soon as staging wrote it, then the checksum."""
+    """The Push stream, serialized by hand from the payload's memory (one copy a chunk, where
+    protobuf would make three): the version and size with the first bytes, data-only chunks, then
+    the checksum, computed on the way."""
     if not isinstance(payload, Payload):
         payload = Payload.of_bytes(payload)
-    payload.wait(min(chunk_bytes, len(payload)))
-    first = pb.WeightChunk(version=version, total_bytes=len(payload), data=bytes(payload.view[:chunk_bytes]))
-    yield first.SerializeToString()
-    for start in range(chunk_bytes, len(payload), chunk_bytes):
-        yield payload.framed(start, chunk_bytes)
+    for start in range(0, len(payload), chunk_bytes):
+        yield payload.framed(version, start, chunk_bytes)
     yield pb.WeightChunk(checksum=payload.digest()).SerializeToString()
 
 

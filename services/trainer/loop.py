@@ -19,8 +19,8 @@ import torch
 
 from services.common import registry
 from services.common.config import StreamNames
+from services.common.payload import Payload
 from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
-from services.common.staging import Payload, stage
 from services.common.streams import StreamConsumer, claim_once, publish
 from services.common.weights import push
 from services.tasks.maze import read_jsonl
@@ -82,7 +82,8 @@ class Trainer:
         self.client = redis.Redis.from_url(settings.redis_url)
         self.consumer = StreamConsumer(self.client, self.streams.scored, "trainer", "trainer", claim_idle_ms=600_000)
         self.version = 0
-        self.published: tuple[int, Payload] | None = None  # the last version pushed, for late joiners
+        self.published: int | None = None  # the last version pushed
+        self.snapshot: tuple[int, Payload] | None = None  # a copy of it for late joiners, taken when one shows up
         self.catching_up: set[str] = set()
         self.catch_up_pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
         self.last_catch_up = 0.0
@@ -230,37 +231,44 @@ class Trainer:
         }
 
     # -- weights -------------------------------------------------------------
-    def publish_weights(self) -> float:
-        """Push the new version to every live replica, then announce it."""
-        start = time.monotonic()
+    def weights(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
         if getattr(self.model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # the same tensor as the embeddings
-        payload = stage(state)  # written once in the background, pushed to every replica as it fills
+        return state
+
+    def publish_weights(self) -> float:
+        """Push the new version to every live replica, then announce it. The chunks are cut from the
+        parameters themselves, which stay put until every push has answered."""
+        start = time.monotonic()
+        payload = Payload.of_tensors(self.weights())
         replicas = registry.live_replicas(self.client)
         version = self.version
         with ThreadPoolExecutor(max(1, len(replicas))) as pool:
             replies = list(pool.map(lambda r: self._push(r.grpc, version, payload), replicas))
-        payload.digest()  # the snapshot is complete before the next step changes the parameters
         accepted = sum(replies)
         if replicas and not accepted:
             raise RuntimeError(f"no replica accepted policy version {version}")
-        self.published = (version, payload)
+        self.published, self.snapshot = version, None
         registry.set_current_version(self.client, version)
         return time.monotonic() - start
 
     def catch_up(self) -> None:
         """Push the current version to replicas that joined late or missed it (they take no jobs until
-        they serve it), in the background, at most once a second."""
+        they serve it), in the background, at most once a second. Called while collecting rollouts,
+        when the parameters are still the published version: the pushes send a copy taken then, since
+        they may outlast the collection."""
         if self.published is None or time.monotonic() - self.last_catch_up < 1.0:
             return
         self.last_catch_up = time.monotonic()
-        version, payload = self.published
+        version = self.published
         for replica in registry.live_replicas(self.client):
             if replica.version < version and replica.grpc not in self.catching_up:
                 log.info("replica %s serves version %d: pushing %d", replica.replica, replica.version, version)
+                if self.snapshot is None or self.snapshot[0] != version:
+                    self.snapshot = (version, Payload.snapshot(self.weights()))
                 self.catching_up.add(replica.grpc)
-                self.catch_up_pool.submit(self._catch_up_one, replica.grpc, version, payload)
+                self.catch_up_pool.submit(self._catch_up_one, replica.grpc, version, self.snapshot[1])
 
     def _catch_up_one(self, address: str, version: int, payload: Payload) -> None:
         try:

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from services.common import registry
 from services.common.config import StreamNames
+from services.common.payload import checksum
 from services.common.schemas import PromptJob, RolloutGroup
-from services.common.staging import checksum
 from services.common.weights import chunks, encode, pb, pb_grpc, push, push_call, status
 from tests.helpers.procs import service, wait_for
 
@@ -161,7 +161,7 @@ def test_the_openai_compatible_api(replica):
 def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica, tiny_model):
     import grpc
 
-    from services.common.staging import scratch_dir
+    from services.common.payload import scratch_dir
     from services.common.weights import channel
 
     _, url, address = replica

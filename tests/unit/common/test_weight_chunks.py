@@ -3,7 +3,7 @@
 import pytest
 from google.protobuf.message import DecodeError
 
-from services.common.staging import CACHED_CHUNKS, Payload, checksum
+from services.common.payload import CACHED_CHUNKS, Payload, checksum
 from services.common.weights import chunks, decode_chunk, pb
 
 
@@ -13,6 +13,7 @@ def test_chunks_are_weight_chunks_and_decode_to_the_payload():
     assert len(wire) == 257
     parsed = [pb.WeightChunk.FromString(raw) for raw in wire]  # what any protobuf client would read
     assert (parsed[0].version, parsed[0].total_bytes, parsed[0].checksum) == (7, len(payload), "")
+    assert all(p.version == 0 and p.total_bytes == 0 for p in parsed[1:])
     assert (parsed[-1].checksum, parsed[-1].data) == (checksum(payload), b"")  # the checksum comes last
     assert b"".join(p.data for p in parsed) == payload
     decoded = [decode_chunk(raw) for raw in wire]
@@ -46,7 +47,7 @@ def test_concurrent_pushes_share_framed_chunks_and_the_cache_stays_bounded():
     raw = bytes(range(256)) * 100
     payload = Payload.of_bytes(raw)
     first, second = chunks(1, payload, chunk_bytes=100), chunks(2, payload, chunk_bytes=100)
-    a, b = next(first), next(second)  # the headers differ: they carry each push's version
+    a, b = next(first), next(second)  # the first chunks differ: they carry each push's version
     assert pb.WeightChunk.FromString(a).version == 1 and pb.WeightChunk.FromString(b).version == 2
     for _ in range(5):
         assert next(first) is next(second)  # framed once for both replicas
@@ -54,3 +55,4 @@ def test_concurrent_pushes_share_framed_chunks_and_the_cache_stays_bounded():
     assert len(payload._cache) == CACHED_CHUNKS
     late = list(second)  # the one left behind frames its own chunks, with the same bytes
     assert late == rest
+    assert pb.WeightChunk.FromString(rest[-1]).checksum == checksum(raw)  # hashed once, in order

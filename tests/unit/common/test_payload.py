@@ -1,0 +1,75 @@
+"""A payload is the bytes of a safetensors file that the library reads back exactly, cut from the
+tensors without a copy, and its checksum is the checksum of those bytes."""
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from services.common.payload import Payload, checksum
+from services.common.weights import chunks, decode_chunk
+
+
+def state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "embed.weight": torch.randn(1000, 33),
+        "norm.weight": torch.randn(33).to(torch.bfloat16),
+        "half": torch.randn(5, 3).to(torch.float16),
+        "double": torch.randn(4, dtype=torch.float64),
+        "transposed": torch.randn(7, 10).t(),  # not contiguous
+        "steps": torch.tensor(12, dtype=torch.int64),  # zero-dimensional
+        "mask": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        "empty": torch.zeros(0, 4),
+        "fp8": torch.tensor([0.5, -2.0]).to(torch.float8_e4m3fn),
+    }
+
+
+def streamed(payload: Payload, chunk_bytes: int) -> tuple[bytes, str]:
+    decoded = [decode_chunk(raw) for raw in chunks(3, payload, chunk_bytes)]
+    return b"".join(bytes(d.data) for d in decoded), decoded[-1].checksum
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 4096, 1 << 20])
+def test_the_stream_is_a_safetensors_file_that_reads_back_exactly(chunk_bytes):
+    tensors = state()
+    raw, digest = streamed(Payload.of_tensors(tensors), chunk_bytes)
+    assert digest == checksum(raw)
+    loaded = load(raw)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
+def test_a_live_payload_reads_the_parameters_and_a_snapshot_does_not():
+    tensors = state()
+    live, snapshot = Payload.of_tensors(tensors), Payload.snapshot(tensors)
+    before = tensors["embed.weight"].clone()
+    tensors["embed.weight"].add_(1.0)  # the next step changes the parameters in place
+    assert torch.equal(load(streamed(live, 4096)[0])["embed.weight"], tensors["embed.weight"])
+    assert torch.equal(load(streamed(snapshot, 4096)[0])["embed.weight"], before)
+
+
+def test_pushes_racing_over_the_same_payload_agree_on_every_byte_and_the_checksum():
+    tensors = state()
+    expected = streamed(Payload.of_tensors(tensors), 512)
+    payload = Payload.of_tensors(tensors)
+    results = [None] * 4
+
+    def push(i):
+        results[i] = streamed(payload, 512)
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [expected] * 4
+
+
+def test_a_tensor_safetensors_cannot_hold_is_refused():
+    with pytest.raises(ValueError, match="complex"):
+        Payload.of_tensors({"z": torch.zeros(2, dtype=torch.complex64)})
