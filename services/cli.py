@@ -314,8 +314,10 @@ def model_import_smollm2(
 def train(
     preset: Annotated[Path, typer.Option(help="TOML preset.")] = Path("configs/maze-tiny.toml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field: key=value.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest checkpoint.")] = False,
 ) -> None:
-    """Run the trainer (it needs Redis, a verifier and rollout replicas; `passk up` starts them all)."""
+    """Run the trainer (it needs Redis, a verifier and rollout replicas; `passk up` starts them all).
+    Under torchrun (`torchrun --nproc-per-node 2 -m services.cli train ...`) it trains on every rank."""
     from services.common.logs import setup_logging
     from services.trainer.config import load_settings
 
@@ -326,7 +328,7 @@ def train(
     from services.trainer.loop import Trainer
 
     setup_logging("trainer")
-    Trainer(settings).run()
+    Trainer(settings, resume=resume).run()
 
 
 @app.command("up")

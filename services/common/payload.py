@@ -32,6 +32,7 @@ CACHED_CHUNKS = 8
 DATA_TAG = b"\x22"  # WeightChunk field 4 (data), length-delimited
 VERSION_TAG = b"\x08"  # field 1, varint
 TOTAL_TAG = b"\x10"  # field 2, varint
+EPOCH_TAG = b"\x28"  # field 5, varint
 SHM = Path("/dev/shm")
 DTYPES = {
     torch.float64: "F64",
@@ -125,17 +126,19 @@ class Payload:
                 out.append(memoryview(segment[lo - first : hi - first].cpu().numpy()))
         return out
 
-    def framed(self, version: int, start: int, chunk_bytes: int) -> bytes:
-        """The serialized WeightChunk of the bytes from ``start``: the first also carries the version
-        and the total size."""
+    def framed(self, version: int, start: int, chunk_bytes: int, *, epoch: int = 0) -> bytes:
+        """The serialized WeightChunk of the bytes from ``start``: the first also carries the version,
+        the epoch and the total size."""
         end = min(start + chunk_bytes, self.total)
-        key = (start, end, version if start == 0 else None)
+        key = (start, end, (version, epoch) if start == 0 else None)
         with self._lock:
             raw = self._cache.get(key)
         if raw is not None:
             return raw
         pieces = self.pieces(start, end)
-        prefix = VERSION_TAG + varint(version) + TOTAL_TAG + varint(self.total) if start == 0 else b""
+        prefix = b""
+        if start == 0:
+            prefix = VERSION_TAG + varint(version) + TOTAL_TAG + varint(self.total) + EPOCH_TAG + varint(epoch)
         raw = b"".join((prefix, DATA_TAG, varint(end - start), *pieces))
         with self._lock:
             if start == self._hashed:  # the first framing of this chunk: every earlier chunk was hashed

@@ -1,16 +1,27 @@
 """The rollout replica registry in Redis: each replica registers its id,
-addresses, loaded version and a heartbeat; the trainer lists the live ones."""
+addresses, loaded policy (epoch, version) and a heartbeat; the trainer lists
+the live ones and publishes the current policy."""
 
 from __future__ import annotations
 
 import json
 import time
+from typing import NamedTuple
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 REPLICAS = "passk:replicas"
-POLICY_VERSION = "passk:policy_version"
+POLICY = "passk:policy"
+EPOCH = "passk:policy_epoch"
+
+
+class Policy(NamedTuple):
+    """A policy as the replicas know it; newer means a larger (epoch, version). The epoch rises each
+    time a trainer starts or resumes, so a resumed run's older version still counts as newer."""
+
+    epoch: int
+    version: int
 
 
 class ReplicaInfo(BaseModel):
@@ -20,7 +31,12 @@ class ReplicaInfo(BaseModel):
     http: str = Field(max_length=256)
     grpc: str = Field(min_length=1, max_length=256)
     version: int = Field(ge=0)
+    epoch: int = Field(0, ge=0)
     heartbeat: float
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.epoch, self.version)
 
 
 def register(client: redis.Redis, info: ReplicaInfo) -> None:
@@ -47,11 +63,34 @@ def live_replicas(client: redis.Redis, max_age_s: float = 10.0) -> list[ReplicaI
     return sorted(live, key=lambda r: r.replica)
 
 
+def current_policy(client: redis.Redis) -> Policy:
+    """The policy the trainer has published ((0, 0) before the first)."""
+    raw = client.get(POLICY)
+    if raw is None:
+        return Policy(0, 0)
+    try:
+        data = json.loads(raw)
+        policy = Policy(int(data["epoch"]), int(data["version"]))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{POLICY} in Redis is not {{epoch, version}}: {raw[:80]!r} ({err})") from None
+    if policy.epoch < 0 or policy.version < 0:
+        raise ValueError(f"{POLICY} in Redis is negative: {policy}")
+    return policy
+
+
 def current_version(client: redis.Redis) -> int:
-    """The policy version the trainer has published (0 before the first)."""
-    raw = client.get(POLICY_VERSION)
-    return int(raw) if raw is not None else 0
+    return current_policy(client).version
+
+
+def set_current_policy(client: redis.Redis, policy: Policy) -> None:
+    client.set(POLICY, json.dumps({"epoch": policy.epoch, "version": policy.version}))
 
 
 def set_current_version(client: redis.Redis, version: int) -> None:
-    client.set(POLICY_VERSION, json.dumps(version))
+    """Publish ``version`` in the current epoch."""
+    set_current_policy(client, Policy(current_policy(client).epoch, version))
+
+
+def new_epoch(client: redis.Redis) -> int:
+    """A fresh epoch for a starting or resuming trainer."""
+    return int(client.incr(EPOCH))

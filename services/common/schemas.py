@@ -52,6 +52,8 @@ class PromptJob(Message):
     """Task name, which picks the grader (e.g. 'maze')."""
     policy_version: int = Field(ge=0)
     """Policy version the rollouts must come from."""
+    policy_epoch: int = Field(0, ge=0)
+    """The trainer run's epoch of that version (it rises when a trainer starts or resumes)."""
     prompt: str = Field(min_length=1, max_length=MAX_TEXT)
     """The text the model continues."""
     reference: str = Field(max_length=MAX_TEXT)
@@ -82,6 +84,8 @@ class RolloutGroup(Message):
     """The job these samples answer."""
     policy_version: int = Field(ge=0)
     """Version of the weights that generated the samples."""
+    policy_epoch: int = Field(0, ge=0)
+    """Epoch of those weights."""
     prompt_token_ids: list[int] = Field(min_length=1, max_length=32_768)
     """The tokenized prompt."""
     samples: list[Sample] = Field(min_length=1, max_length=4096)

@@ -68,6 +68,7 @@ class Chunk:
     total_bytes: int
     checksum: str
     data: bytes | memoryview
+    epoch: int = 0
 
 
 def decode_chunk(raw: bytes) -> Chunk:
@@ -81,17 +82,19 @@ def decode_chunk(raw: bytes) -> Chunk:
         if at + length == len(raw):
             return Chunk(0, 0, "", memoryview(raw)[at:])
     message = pb.WeightChunk.FromString(raw)
-    return Chunk(message.version, message.total_bytes, message.checksum, message.data)
+    return Chunk(message.version, message.total_bytes, message.checksum, message.data, message.epoch)
 
 
-def chunks(version: int, payload: Payload | bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def chunks(
+    version: int, payload: Payload | bytes, chunk_bytes: int = CHUNK_BYTES, *, epoch: int = 0
+) -> Iterator[bytes]:
     """The Push stream, serialized by hand from the payload's memory (one copy a chunk, where
     protobuf would make three): the version and size with the first bytes, data-only chunks, then
     the checksum, computed on the way."""
     if not isinstance(payload, Payload):
         payload = Payload.of_bytes(payload)
     for start in range(0, len(payload), chunk_bytes):
-        yield payload.framed(version, start, chunk_bytes)
+        yield payload.framed(version, start, chunk_bytes, epoch=epoch)
     yield pb.WeightChunk(checksum=payload.digest()).SerializeToString()
 
 
@@ -101,6 +104,7 @@ class Received:
     way in (otherwise the engine checks the file)."""
 
     version: int
+    epoch: int
     path: Path
     values_checked: bool
 
@@ -152,7 +156,7 @@ def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = N
     except BaseException:
         os.unlink(name)
         raise
-    return Received(version, Path(name), scan.complete)
+    return Received(version, first.epoch, Path(name), scan.complete)
 
 
 def _absorb(f, hasher, scan: FiniteScan, offset: int, data: bytes) -> None:
@@ -196,16 +200,14 @@ def push(
     version: int,
     payload: Payload | bytes,
     *,
+    epoch: int = 0,
     token: str | None = None,
     tls_ca: bytes | None = None,
     timeout_s: float = 120.0,
 ) -> object:
     """Push one version to one replica; returns its PushReply (grpc.RpcError on transport failure)."""
     with channel(address, tls_ca) as channel_:
-        call = channel_.stream_unary(
-            PUSH_METHOD, request_serializer=_identity, response_deserializer=pb.PushReply.FromString
-        )
-        return call(chunks(version, payload), timeout=timeout_s, metadata=_metadata(token))
+        return push_call(channel_)(chunks(version, payload, epoch=epoch), timeout=timeout_s, metadata=_metadata(token))
 
 
 def status(address: str, *, token: str | None = None, tls_ca: bytes | None = None, timeout_s: float = 5.0) -> object:

@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 
 from services.common.hf_sampling import Generation, encode_prompt, sample
+from services.common.registry import Policy
 from services.common.schemas import SamplingParams
 from services.common.weights import WeightTransferError
 
 
 class Engine(ABC):
-    version: int = 0
+    version: int = 0  # the policy version served, and its trainer epoch
+    epoch: int = 0
     context_length: int = 0  # prompt plus generated tokens, at most
     tokenizer = None  # a transformers tokenizer
 
@@ -34,8 +36,12 @@ class Engine(ABC):
     ) -> tuple[list[list[int]], list[list[Generation]]]:
         """(prompt token ids, N generations) for each prompt."""
 
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.epoch, self.version)
+
     @abstractmethod
-    def load_weights(self, path: Path, version: int, *, values_checked: bool = False) -> float:
+    def load_weights(self, path: Path, version: int, *, epoch: int = 0, values_checked: bool = False) -> float:
         """Swap in the version held in a safetensors file, atomically; returns the seconds the swap
         stopped generation. WeightTransferError keeps the old version. ``values_checked``: the
         values were already scanned for NaN/inf (as they arrived), so only names and shapes are."""
@@ -75,7 +81,7 @@ class HFEngine(Engine):
                 stop=sampling.stop,
             )
 
-    def load_weights(self, path: Path, version: int, *, values_checked: bool = False) -> float:
+    def load_weights(self, path: Path, version: int, *, epoch: int = 0, values_checked: bool = False) -> float:
         from safetensors.torch import load_file
 
         state = load_file(path)  # memory-mapped
@@ -84,7 +90,7 @@ class HFEngine(Engine):
         start = time.monotonic()
         with self.lock:
             self.model.load_state_dict(state, strict=False)
-            self.version = version
+            self.version, self.epoch = version, epoch
         return time.monotonic() - start
 
 

@@ -67,8 +67,8 @@ class Rollout:
     def behind(self) -> bool:
         """True while the trainer has published a newer version than the one served."""
         try:
-            return registry.current_version(self.client) > self.engine.version
-        except redis.ConnectionError:
+            return registry.current_policy(self.client) > self.engine.policy
+        except (redis.ConnectionError, ValueError):
             return True
 
     def ready(self) -> bool:
@@ -92,6 +92,7 @@ class Rollout:
             http=self.http_address,
             grpc=self.grpc_address,
             version=self.engine.version,
+            epoch=self.engine.epoch,
             heartbeat=time.time(),
         )
         registry.register(self.client, info)
@@ -151,12 +152,20 @@ class Rollout:
         self.waiting.set(len(jobs))
         for (n, sampling), batch in batches.items():
             self.waiting.dec(len(batch))
-            version = self.engine.version
-            prompt_ids, generations = self.generate([job.prompt for _, job in batch], n, sampling)
+            while True:  # a swap between reading the policy and generating would mislabel the groups
+                policy = self.engine.policy
+                prompt_ids, generations = self.generate([job.prompt for _, job in batch], n, sampling)
+                if self.engine.policy == policy:
+                    break
             for (delivery, job), ids, gens in zip(batch, prompt_ids, generations, strict=True):
                 samples = to_samples(gens)
                 group = RolloutGroup(
-                    job=job, policy_version=version, prompt_token_ids=ids, samples=samples, replica=self.name
+                    job=job,
+                    policy_version=policy.version,
+                    policy_epoch=policy.epoch,
+                    prompt_token_ids=ids,
+                    samples=samples,
+                    replica=self.name,
                 )
                 publish(self.client, self.streams.rollouts, group)
                 consumer.ack(delivery)  # only after the group is in the next stream

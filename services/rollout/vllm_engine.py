@@ -87,7 +87,7 @@ class VLLMEngine(Engine):
         results = [[_generation(c) for c in completions[i * n : (i + 1) * n]] for i in range(len(prompts))]
         return encoded, results
 
-    def load_weights(self, path: Path, version: int, *, values_checked: bool = False) -> float:
+    def load_weights(self, path: Path, version: int, *, epoch: int = 0, values_checked: bool = False) -> float:
         from safetensors.torch import load_file
 
         # memory-mapped: names, shapes, and finite values unless they were scanned on arrival
@@ -96,5 +96,5 @@ class VLLMEngine(Engine):
         with self.lock:  # between batches: generate holds the same lock
             self.llm.collective_rpc("reload_from_file", args=(str(path),))
             self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
-            self.version = version
+            self.version, self.epoch = version, epoch
         return time.monotonic() - start

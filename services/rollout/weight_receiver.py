@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -10,6 +11,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.registry import Policy
 from services.common.weights import WeightTransferError, check_token, decode_chunk, pb, pb_grpc, receive
 from services.rollout.engine import Engine
 
@@ -31,6 +33,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         self.engine, self.replica, self.token, self.max_bytes = engine, replica, token, max_bytes
         self.on_swap, self.on_error, self.ready = on_swap, on_error, ready
         self.swapping = False
+        self.order = threading.Lock()
         # freeing a model-sized file takes 0.05-0.1 s: done after the reply, not before it
         self.cleanup = futures.ThreadPoolExecutor(1, thread_name_prefix="weights-cleanup")
 
@@ -39,29 +42,37 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         start = time.monotonic()
         try:
             got = receive(request_iterator, self.max_bytes)
-            version, path = got.version, got.path
+            pushed = Policy(got.epoch, got.version)
             received = time.monotonic() - start
             try:
-                if version <= self.engine.version:
-                    raise WeightTransferError(f"version {version} is not newer than the served {self.engine.version}")
-                self.swapping = True
-                swap = self.engine.load_weights(path, version, values_checked=got.values_checked)
+                with self.order:  # a slow push checked before a newer one loads must not land after it
+                    if pushed <= self.engine.policy:
+                        raise WeightTransferError(
+                            f"version {got.version} (epoch {got.epoch}) is not newer than the served "
+                            f"{self.engine.version} (epoch {self.engine.epoch})"
+                        )
+                    self.swapping = True
+                    swap = self.engine.load_weights(
+                        got.path, got.version, epoch=got.epoch, values_checked=got.values_checked
+                    )
             finally:
                 self.swapping = False
-                self.cleanup.submit(path.unlink, missing_ok=True)
+                self.cleanup.submit(got.path.unlink, missing_ok=True)
         except WeightTransferError as err:
             log.error("refused a weight push: %s", err)
             self.on_error(str(err))
-            return pb.PushReply(accepted=False, version=self.engine.version, error=str(err))
+            return pb.PushReply(accepted=False, version=self.engine.version, epoch=self.engine.epoch, error=str(err))
         total = time.monotonic() - start
-        log.info("serving policy version %d: received in %.3f s, swapped in %.3f s, %.3f s in all", version, received,
-                 swap, total)  # fmt: skip
-        self.on_swap(version, swap, total)
-        return pb.PushReply(accepted=True, version=version)
+        log.info("serving policy version %d (epoch %d): received in %.3f s, swapped in %.3f s, %.3f s in all",
+                 got.version, got.epoch, received, swap, total)  # fmt: skip
+        self.on_swap(got.version, swap, total)
+        return pb.PushReply(accepted=True, version=got.version, epoch=got.epoch)
 
     def Status(self, request, context):
         check_token(context, self.token)
-        return pb.StatusReply(version=self.engine.version, replica=self.replica, ready=self.ready())
+        return pb.StatusReply(
+            version=self.engine.version, epoch=self.engine.epoch, replica=self.replica, ready=self.ready()
+        )
 
 
 def serve(receiver: WeightReceiver, address: str, tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.Server, int]:

@@ -11,6 +11,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.trainer.advantage import Estimator
 
 
+class Stage(BaseModel):
+    """One stage of a schedule: an estimator for a number of steps (Table 5's "P@k T. + P@1 T.")."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    estimator: Estimator
+    """Advantage estimator of this stage."""
+    steps: int = Field(ge=1)
+    """Steps of this stage."""
+    k: int = Field(1, ge=1)
+    """The k of this stage."""
+    estimator_options: dict[str, float | int | str] = {}
+    """Extra options for this stage's estimator."""
+
+
 class TrainerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -36,10 +51,27 @@ class TrainerSettings(BaseModel):
     """Prompts per training step (the prompt batch)."""
     steps: int = Field(150, ge=0)
     """Training steps (policy versions)."""
+    stages: list[Stage] = []
+    """A schedule of estimators, run in order (and repeated ``stage_repeats`` times); empty: the
+    estimator above for every step. Their steps must add up to ``steps``."""
+    stage_repeats: int = Field(1, ge=1)
+    """How often the stages run, e.g. 2 for "(P@k T. + P@1 T.) x 2"."""
+    mini_batch_prompts: int = Field(0, ge=0)
+    """Prompts per optimizer step (the paper's mini-batch, 32 of 128): a step's batch is split into
+    mini-batches, one policy update each. 0: the whole prompt batch in one update."""
+    micro_batch_prompts: int = Field(0, ge=0)
+    """Prompts per forward/backward on one rank (gradient accumulation; memory only, the update is
+    the same). 0: a rank's whole share of a mini-batch at once."""
     lr: float = Field(2e-4, gt=0)
     """AdamW learning rate."""
     warmup_steps: int = Field(0, ge=0)
-    """Linear learning-rate warm-up."""
+    """Linear learning-rate warm-up, in optimizer updates (the paper: 10)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy regularization coefficient (Sec. 3.1 tries 0.001, 0.003, 0.005)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """KL penalty to the starting policy (k3 estimate); 0 keeps no reference model, as the paper."""
+    noise_rewards: float = Field(0.0, ge=0, le=1)
+    """Noise rewards (Sec. 3.1): the fraction of negative responses whose reward is flipped to 1."""
     clip_low: float = Field(0.2, ge=0, le=1)
     """PPO ratio clip below 1 (DAPO: 0.2)."""
     clip_high: float = Field(0.28, ge=0, le=10)
@@ -67,7 +99,10 @@ class TrainerSettings(BaseModel):
     eval_seed: int = 1234
     """Seed of the evaluation's sampling: fixed, so that runs of different seeds are judged alike."""
     threads: int = Field(1, ge=1)
-    """torch threads of the trainer."""
+    """torch threads of the trainer (per rank)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each rank trains: auto is its GPU (LOCAL_RANK) when there is one. On a GPU the forward
+    passes run in bfloat16 autocast."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis server of the streams."""
     verifier_url: str = "http://127.0.0.1:8100"
@@ -81,10 +116,23 @@ class TrainerSettings(BaseModel):
     min_replicas: int = Field(1, ge=1)
     """Replicas that must be live before training starts."""
 
+    checkpoint_every: int = Field(10, ge=0)
+    """Write a checkpoint every this many steps (and after the last); 0: only after the last."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+
     @model_validator(mode="after")
     def _k_fits(self) -> TrainerSettings:
         if self.k > self.n_rollout:
             raise ValueError(f"k={self.k} is larger than n_rollout={self.n_rollout}")
+        for stage in self.stages:
+            if stage.k > self.n_rollout:
+                raise ValueError(f"stage {stage.estimator}: k={stage.k} is larger than n_rollout={self.n_rollout}")
+        if self.stages and sum(s.steps for s in self.stages) * self.stage_repeats != self.steps:
+            total = sum(s.steps for s in self.stages) * self.stage_repeats
+            raise ValueError(f"the stages add up to {total} steps, but steps={self.steps}")
+        if self.mini_batch_prompts > self.prompts_per_step:
+            raise ValueError(f"mini_batch_prompts={self.mini_batch_prompts} > prompts_per_step={self.prompts_per_step}")
         if any(k > self.eval_n or k < 1 for k in self.eval_k):
             raise ValueError(f"every eval_k must be between 1 and eval_n={self.eval_n}, got {self.eval_k}")
         return self
@@ -107,3 +155,16 @@ def load_settings(preset: Path, overrides: list[str] | None = None) -> TrainerSe
             value = raw
         data[key.strip()] = value
     return TrainerSettings.model_validate(data)
+
+
+def stage_at(settings: TrainerSettings, step: int) -> Stage:
+    """The stage that trains step ``step`` (1-based)."""
+    if not settings.stages:
+        return Stage(estimator=settings.estimator, steps=max(settings.steps, 1), k=settings.k,
+                     estimator_options=settings.estimator_options)  # fmt: skip
+    position = (step - 1) % sum(s.steps for s in settings.stages)
+    for stage in settings.stages:
+        if position < stage.steps:
+            return stage
+        position -= stage.steps
+    raise AssertionError("unreachable")

@@ -1,7 +1,13 @@
-"""The trainer (one process): schedule prompt jobs, collect scored groups,
-compute advantages, take a policy step, push the new version to every replica.
+"""The trainer: schedule prompt jobs, collect scored groups, compute
+advantages, take a policy step, push the new version to every replica.
 
     prompts --> rollout x R --> verifier --> scored --> here --> weights (gRPC)
+
+Under torchrun it runs as several ranks: rank 0 does all of the above but the
+step itself, sends each step's batch to the other ranks, and every rank trains
+on its share (``step.train_on``). Checkpoints and ``resume`` restore the whole
+run; a resumed trainer starts a new epoch, so the replicas take its (older)
+restored version.
 """
 
 from __future__ import annotations
@@ -20,59 +26,62 @@ import torch
 from services.common import registry
 from services.common.config import StreamNames
 from services.common.payload import Payload
+from services.common.registry import Policy
 from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
 from services.common.streams import StreamConsumer, claim_once, publish
 from services.common.weights import push
 from services.tasks.maze import read_jsonl
-from services.trainer.advantage import compute_advantages
-from services.trainer.binomial import pass_at_k
-from services.trainer.config import TrainerSettings
+from services.trainer import checkpoint, distributed
+from services.trainer.batch import from_groups
+from services.trainer.config import TrainerSettings, stage_at
 from services.trainer.evaluate import evaluate
-from services.trainer.loss import policy_loss, response_logprobs
+from services.trainer.step import Optimization, train_on
 
 log = logging.getLogger(__name__)
 
 
-def verdict_tensors(groups: list[ScoredGroup], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards [G, n] and which of them are real answers: grader failures (timeout, grader_error,
-    invalid_request) are masked out, never trained on as a reward of 0."""
-    rewards = torch.zeros(len(groups), n, dtype=torch.float64)
-    valid = torch.zeros(len(groups), n, dtype=torch.bool)
-    for g, scored in enumerate(groups):
-        for i, verdict in enumerate(scored.verdicts):
-            rewards[g, i] = verdict.reward
-            valid[g, i] = not verdict.failed
-    return rewards, valid
-
-
-def masked_advantages(
-    estimator: str, rewards: torch.Tensor, valid: torch.Tensor, k: int, options: dict
-) -> torch.Tensor:
-    """Advantages of the valid answers, each group estimated on its valid answers alone; 0 for the
-    masked ones and for groups left with fewer than max(2, k) valid answers."""
-    usable = valid.sum(1) >= max(2, k)
-    advantages = torch.zeros(rewards.shape)
-    if usable.any():
-        options = {key: (v[usable] if key == "entropy" else v) for key, v in options.items()}
-        advantages[usable] = compute_advantages(estimator, rewards[usable], k=k, mask=valid[usable], **options).float()
-    return advantages
-
-
 class Trainer:
-    def __init__(self, settings: TrainerSettings, streams: StreamNames | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, settings: TrainerSettings, streams: StreamNames | None = None, *, resume: bool = False) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.s, self.streams = settings, streams or StreamNames()
+        self.ranks = distributed.init(settings.device)
         torch.set_num_threads(settings.threads)
         torch.manual_seed(settings.seed)
-        self.rng = random.Random(settings.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=torch.float32)
+        self.rng = random.Random(settings.seed)  # the prompt sampler
+        self.run_dir = Path(settings.run_dir)
+        restored = checkpoint.latest(self.run_dir) if resume else None
+        if resume and restored is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint.directory(self.run_dir)}")
+        model_dir = str(restored or settings.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.ranks.device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=0.0)
+        reference = None
+        if settings.kl_coef:  # the starting policy, frozen
+            reference = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=torch.float32)
+            reference = reference.to(self.ranks.device).eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=0.0)
         warmup = max(settings.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.opt = Optimization(self.model, optimizer, scheduler, reference, self.tokenizer.pad_token_id)
+        self.version, self.first_step = 0, 1
+        if restored is not None:
+            state = checkpoint.load(restored)
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            self.rng.setstate(state.sampler)
+            checkpoint.restore_rng(state)
+            self.version, self.first_step = state.version, state.step + 1
+            log.info("resumed from %s: step %d, policy version %d", restored, state.step, state.version)
+        self.resumed = restored is not None
+        if self.ranks.main:
+            self._init_main()
+
+    def _init_main(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        settings = self.s
         self.train_items = read_jsonl(Path(settings.train_data))
         self.test_items = read_jsonl(Path(settings.test_data))
         by_size: dict[int, list] = {}
@@ -81,36 +90,56 @@ class Trainer:
         self.eval_items = [it for items in by_size.values() for it in items[: settings.eval_mazes]]
         self.client = redis.Redis.from_url(settings.redis_url)
         self.consumer = StreamConsumer(self.client, self.streams.scored, "trainer", "trainer", claim_idle_ms=600_000)
-        self.version = 0
+        self.epoch = registry.new_epoch(self.client)
         self.published: int | None = None  # the last version pushed
         self.snapshot: tuple[int, Payload] | None = None  # a copy of it for late joiners, taken when one shows up
         self.catching_up: set[str] = set()
         self.catch_up_pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
         self.last_catch_up = 0.0
         self.tls_ca = Path(settings.weights_tls_ca).read_bytes() if settings.weights_tls_ca else None
-        registry.set_current_version(self.client, 0)
-        self.run_dir = Path(settings.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.evaluations: list[dict] = []
 
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.epoch, self.version)
+
     # -- the loop ------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> list[dict]:
-        self.wait_for_replicas()
-        self.record_eval()
-        for step in range(1, self.s.steps + 1):
-            metrics = self.step(step)
-            if progress:
-                progress(metrics)
-            if self.s.eval_every and step % self.s.eval_every == 0 and step != self.s.steps:
+        if not self.ranks.main:
+            self.follow()
+            return []
+        try:
+            self.wait_for_replicas()
+            self.publish_weights()  # the starting (or restored) version, in this trainer's epoch
+            if not self.resumed:
                 self.record_eval()
-        if self.s.steps:
-            self.record_eval()
-        self.writer.close()
-        self.catch_up_pool.shutdown(wait=False, cancel_futures=True)
-        self.metrics_file.close()
+            for step in range(self.first_step, self.s.steps + 1):
+                metrics = self.step(step)
+                if progress:
+                    progress(metrics)
+                if self.s.eval_every and step % self.s.eval_every == 0 and step != self.s.steps:
+                    self.record_eval()
+            if self.s.steps and self.first_step <= self.s.steps:
+                self.record_eval()
+        finally:
+            distributed.broadcast(None, self.ranks)  # the other ranks stop
+            self.writer.close()
+            self.catch_up_pool.shutdown(wait=False, cancel_futures=True)
+            self.metrics_file.close()
+            distributed.close()
         return self.evaluations
+
+    def follow(self) -> None:
+        """Ranks other than 0: train on each batch rank 0 sends, until it sends None."""
+        try:
+            while (message := distributed.broadcast(None, self.ranks)) is not None:
+                step, version, batch = message
+                train_on(batch, self.opt, self.s, stage_at(self.s, step), version, self.ranks)
+        finally:
+            distributed.close()
 
     def wait_for_replicas(self, timeout_s: float = 600) -> None:
         deadline = time.monotonic() + timeout_s
@@ -122,17 +151,36 @@ class Trainer:
     def step(self, step: int) -> dict:
         t0 = time.monotonic()
         jobs = self.schedule(step)
-        groups = self.collect(jobs)
+        groups, waited = self.collect(jobs)
         t1 = time.monotonic()
-        metrics = self.update(groups)
+        batch = from_groups(groups, self.s.n_rollout)
+        distributed.broadcast((step, self.version, batch), self.ranks)
+        metrics = train_on(batch, self.opt, self.s, stage_at(self.s, step), self.version, self.ranks)
         t2 = time.monotonic()
         self.version += 1
         metrics["weight_sync_s"] = self.publish_weights()
+        if step == self.s.steps or (self.s.checkpoint_every and step % self.s.checkpoint_every == 0):
+            self.save_checkpoint(step)
         metrics.update(
-            step=step, version=self.version, rollout_s=t1 - t0, train_s=t2 - t1, step_s=time.monotonic() - t0
-        )
+            step=step, version=self.version, rollout_s=t1 - t0, waiting_s=waited, train_s=t2 - t1,
+            step_s=time.monotonic() - t0,
+        )  # fmt: skip
         self.log_metrics(metrics, step)
         return metrics
+
+    def save_checkpoint(self, step: int) -> None:
+        torch_rng, cuda_rng, python_rng = checkpoint.capture_rng()
+        state = checkpoint.State(
+            step=step,
+            version=self.version,
+            sampler=self.rng.getstate(),
+            optimizer=self.opt.optimizer.state_dict(),
+            scheduler=self.opt.scheduler.state_dict(),
+            torch_rng=torch_rng,
+            cuda_rng=cuda_rng,
+            python_rng=python_rng,
+        )
+        checkpoint.save(self.run_dir, self.model, self.tokenizer, state, self.s.keep_checkpoints)
 
     # -- rollouts ------------------------------------------------------------
     def schedule(self, step: int) -> list[PromptJob]:
@@ -140,10 +188,12 @@ class Trainer:
         jobs = []
         for i, item in enumerate(self.rng.sample(self.train_items, self.s.prompts_per_step)):
             job = PromptJob(
-                job_id=f"v{self.version}-s{step}-{i}",
+                # the epoch in the id: a resumed run's jobs never meet the crashed run's groups
+                job_id=f"e{self.epoch}-v{self.version}-s{step}-{i}",
                 prompt_id=item.id,
                 task="maze",
                 policy_version=self.version,
+                policy_epoch=self.epoch,
                 prompt=item.prompt(self.s.prompt_template),
                 reference=item.maze,
                 n=self.s.n_rollout,
@@ -153,82 +203,35 @@ class Trainer:
             jobs.append(job)
         return jobs
 
-    def collect(self, jobs: list[PromptJob]) -> list[ScoredGroup]:
-        """The scored group of every job; a replayed or stale group is acked and skipped."""
+    def collect(self, jobs: list[PromptJob]) -> tuple[list[ScoredGroup], float]:
+        """The scored group of every job, in job order, and the seconds spent waiting on the stream; a
+        replayed, stale or foreign group is acked and skipped."""
         waiting = {job.job_id: job for job in jobs}
-        groups: list[ScoredGroup] = []
+        found: dict[str, ScoredGroup] = {}
         deadline = time.monotonic() + self.s.group_timeout_s
+        waited = 0.0
         while waiting:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(waiting)} scored groups missing after {self.s.group_timeout_s} s")
             self.catch_up()
-            for delivery in self.consumer.read(32):
+            start = time.monotonic()
+            deliveries = self.consumer.read(32)
+            waited += time.monotonic() - start
+            for delivery in deliveries:
                 scored = self.consumer.decode(delivery, ScoredGroup)
                 if scored is None:
                     continue
-                job_id = scored.group.job.job_id
-                fresh = claim_once(self.client, f"{job_id}:{scored.group.policy_version}")
-                if fresh and job_id in waiting and scored.group.policy_version == self.version:
-                    groups.append(scored)
+                group = scored.group
+                job_id = group.job.job_id
+                fresh = claim_once(self.client, f"{job_id}:{group.policy_epoch}:{group.policy_version}")
+                if fresh and job_id in waiting and (group.policy_epoch, group.policy_version) == self.policy:
+                    found[job_id] = scored
                     del waiting[job_id]
                 else:
                     log.warning("skipped scored group %s (replayed, stale or foreign)", job_id)
                 self.consumer.ack(delivery)
-        return groups
-
-    # -- the policy step -----------------------------------------------------
-    def update(self, groups: list[ScoredGroup]) -> dict:
-        n = self.s.n_rollout
-        rewards, valid = verdict_tensors(groups, n)
-        logprobs, entropy, response = response_logprobs(
-            self.model,
-            [scored.group.prompt_token_ids for scored in groups],
-            [[sample.token_ids for sample in scored.group.samples] for scored in groups],
-            self.tokenizer.pad_token_id,
-        )
-        old = torch.zeros_like(logprobs)
-        for row, sample in enumerate(s for scored in groups for s in scored.group.samples):
-            old[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
-        tokens = response.sum(1).clamp_min(1)
-        response_entropy = ((entropy.detach() * response).sum(1) / tokens).view(len(groups), n)
-
-        options = dict(self.s.estimator_options)
-        if self.s.estimator == "passk_adaptive":
-            options["entropy"] = response_entropy
-        advantages = masked_advantages(self.s.estimator, rewards, valid, self.s.k, options)
-        loss, stats = policy_loss(
-            logprobs,
-            old,
-            advantages.view(-1),
-            response & valid.view(-1, 1),
-            clip_low=self.s.clip_low,
-            clip_high=self.s.clip_high,
-            aggregation=self.s.loss_aggregation,
-        )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at version {self.version}")
-        self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-
-        correct = (rewards > 0) & valid
-        k = min(self.s.k, n)
-        batch_pass_k = pass_at_k(valid.sum(1), correct.sum(1), k) if bool((valid.sum(1) >= k).all()) else None
-        return {
-            "loss": loss.item(),
-            "reward_mean": float(rewards[valid].mean()) if valid.any() else 0.0,
-            f"batch_pass@{k}": float(batch_pass_k.mean()) if batch_pass_k is not None else None,
-            "adv_abs_mean": float(advantages[valid].abs().mean()) if valid.any() else 0.0,
-            "eta_mean": float(advantages.abs().sum(1).mean()),
-            "entropy": float(response_entropy.mean()),
-            "response_tokens": float(tokens.float().mean()),
-            "clip_fraction": stats.clip_fraction,
-            "grad_norm": float(grad_norm),
-            "failed_verdicts": int((~valid).sum()),
-            "groups": len(groups),
-        }
+        # job order, not arrival order: the batch (and so the ranks' shares) is the same in every run
+        return [found[job.job_id] for job in jobs], waited
 
     # -- weights -------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:
@@ -250,7 +253,7 @@ class Trainer:
         if replicas and not accepted:
             raise RuntimeError(f"no replica accepted policy version {version}")
         self.published, self.snapshot = version, None
-        registry.set_current_version(self.client, version)
+        registry.set_current_policy(self.client, self.policy)
         return time.monotonic() - start
 
     def catch_up(self) -> None:
@@ -263,7 +266,7 @@ class Trainer:
         self.last_catch_up = time.monotonic()
         version = self.published
         for replica in registry.live_replicas(self.client):
-            if replica.version < version and replica.grpc not in self.catching_up:
+            if replica.policy < Policy(self.epoch, version) and replica.grpc not in self.catching_up:
                 log.info("replica %s serves version %d: pushing %d", replica.replica, replica.version, version)
                 if self.snapshot is None or self.snapshot[0] != version:
                     self.snapshot = (version, Payload.snapshot(self.weights()))
@@ -278,7 +281,9 @@ class Trainer:
 
     def _push(self, address: str, version: int, payload: Payload) -> bool:
         try:
-            reply = push(address, version, payload, token=self.s.weights_token or None, tls_ca=self.tls_ca)
+            reply = push(
+                address, version, payload, epoch=self.epoch, token=self.s.weights_token or None, tls_ca=self.tls_ca
+            )
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
             return False

@@ -1,5 +1,6 @@
 """The policy loss the paper uses: DAPO's clip-higher PPO objective with a
-token-level policy-gradient loss and no KL term (Sec. 2.1, Appendix A.2)."""
+token-level policy-gradient loss and no KL term (Sec. 2.1, Appendix A.2); the
+entropy bonus of Sec. 3.1 and a KL penalty to a reference policy as options."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ from torch import Tensor
 class LossStats:
     clip_fraction: float
     ratio_mean: float
+    entropy: float  # aggregated like the loss
+    kl: float  # to the reference policy, 0 without one
+
+
+def _aggregate(per_token: Tensor, maskf: Tensor, aggregation: str, normalizer: float | None) -> Tensor:
+    if aggregation == "token":
+        total = maskf.sum().clamp_min(1) if normalizer is None else normalizer
+        return (per_token * maskf).sum() / total
+    if aggregation == "sequence":
+        per_response = (per_token * maskf).sum(1) / maskf.sum(1).clamp_min(1)
+        return per_response.mean() if normalizer is None else per_response.sum() / normalizer
+    raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
 
 
 def policy_loss(
@@ -24,6 +37,11 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     aggregation: str = "token",
+    normalizer: float | None = None,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[Tensor, LossStats]:
     """Clipped surrogate loss to minimize.
 
@@ -35,6 +53,12 @@ def policy_loss(
         clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
         aggregation: "token" averages over all tokens of the batch (DAPO);
             "sequence" averages per response, then over responses (GRPO, Eq. 4).
+        normalizer: the denominator of that average when these rows are part of a larger batch
+            (a micro-batch, one rank's share): the batch's token or response count. None: these rows.
+        entropy, entropy_coef: (S, T) token entropies; the loss subtracts entropy_coef times their
+            average (entropy regularization, Sec. 3.1).
+        ref_logprobs, kl_coef: (S, T) log-probs under a reference policy; the loss adds kl_coef times
+            the average k3 estimate of KL(policy || reference), exp(r - p) - (r - p) - 1 (GRPO's).
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.unsqueeze(1)
@@ -42,17 +66,22 @@ def policy_loss(
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     maskf = mask.to(per_token.dtype)
-    if aggregation == "token":
-        loss = (per_token * maskf).sum() / maskf.sum().clamp_min(1)
-    elif aggregation == "sequence":
-        loss = ((per_token * maskf).sum(1) / maskf.sum(1).clamp_min(1)).mean()
-    else:
-        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    loss = _aggregate(per_token, maskf, aggregation, normalizer)
+    entropy_term = kl_term = torch.zeros((), device=loss.device)
+    if entropy is not None and entropy_coef:
+        entropy_term = _aggregate(entropy, maskf, aggregation, normalizer)
+        loss = loss - entropy_coef * entropy_term
+    if ref_logprobs is not None and kl_coef:
+        delta = ref_logprobs - logprobs
+        kl_term = _aggregate(torch.exp(delta) - delta - 1, maskf, aggregation, normalizer)
+        loss = loss + kl_coef * kl_term
     with torch.no_grad():
         was_clipped = (clipped < unclipped) & mask  # the clipped objective is the one in force
         stats = LossStats(
             clip_fraction=float(was_clipped.sum() / mask.sum().clamp_min(1)),
             ratio_mean=float((ratio * maskf).sum() / maskf.sum().clamp_min(1)),
+            entropy=float(entropy_term),
+            kl=float(kl_term),
         )
     return loss, stats
 

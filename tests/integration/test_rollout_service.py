@@ -101,7 +101,7 @@ def test_a_pushed_version_is_served_and_tags_the_groups(replica, tiny_model, red
     reply = push(address, 1, encode(weights_of(tiny_model, 1.0)), token="s3cret")
     assert reply.accepted and reply.version == 1
     assert push(address, 1, encode(weights_of(tiny_model, 1.0)), token="s3cret").error.startswith(
-        "version 1 is not newer"
+        "version 1 (epoch 0) is not newer"
     )
     registry.set_current_version(client, 1)
     assert wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200)
@@ -122,6 +122,19 @@ def test_a_pushed_version_is_served_and_tags_the_groups(replica, tiny_model, red
     registry.set_current_version(client, 2)
     assert wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 503)
     assert "passk_rollout_policy_version 1.0" in httpx.get(f"{url}/metrics").text
+    # a resumed trainer (a new epoch) brings the replica back to an older version; the old epoch cannot
+    reply = push(address, 0, encode(weights_of(tiny_model, 1.0)), epoch=1, token="s3cret")
+    assert reply.accepted and (reply.epoch, reply.version) == (1, 0)
+    late = push(address, 3, encode(weights_of(tiny_model, 1.0)), epoch=0, token="s3cret")
+    assert not late.accepted and "version 3 (epoch 0) is not newer than the served 0 (epoch 1)" in late.error
+    registry.set_current_policy(client, registry.Policy(1, 0))
+    assert wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200)
+    client.xadd(
+        STREAMS.prompts, {"data": job.model_copy(update={"job_id": "j2", "policy_version": 0}).model_dump_json()}
+    )
+    entries = wait_for(lambda: client.xrange(STREAMS.rollouts)[1:])
+    group = RolloutGroup.model_validate_json(entries[0][1][b"data"])
+    assert (group.job.job_id, group.policy_epoch, group.policy_version) == ("j2", 1, 0)
 
 
 def test_the_openai_compatible_api(replica):

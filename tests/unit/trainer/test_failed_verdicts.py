@@ -4,7 +4,8 @@ import torch
 
 from services.common.schemas import PromptJob, RolloutGroup, Sample, ScoredGroup, Verdict
 from services.trainer.advantage import compute_advantages
-from services.trainer.loop import masked_advantages, verdict_tensors
+from services.trainer.batch import from_groups
+from services.trainer.step import masked_advantages
 
 
 def scored(statuses: list[str], rewards: list[float]) -> ScoredGroup:
@@ -21,7 +22,8 @@ def test_failed_verdicts_are_masked_not_zero_rewards():
         scored(["correct", "timeout", "wrong", "grader_error", "correct", "wrong"], [1, 0, 0, 0, 1, 0]),
         scored(["wrong", "invalid_request", "timeout", "grader_error", "timeout", "timeout"], [0, 0, 0, 0, 0, 0]),
     ]
-    rewards, valid = verdict_tensors(groups, 6)
+    batch = from_groups(groups, 6)
+    rewards, valid = batch.rewards, batch.valid
     assert valid.tolist() == [[True, False, True, False, True, True], [True, False, False, False, False, False]]
     for estimator in ("grpo", "passk_analytic", "passk_full"):
         advantages = masked_advantages(estimator, rewards, valid, 2, {})
