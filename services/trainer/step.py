@@ -142,7 +142,7 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
             )
             loss.backward()
             count = float(response_mask.sum())
-            local_loss += float(loss)
+            local_loss += float(loss.detach())
             local_clipped += stats.clip_fraction * count
             local_tokens += count
             local_kl += stats.kl
