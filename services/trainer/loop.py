@@ -163,7 +163,7 @@ class Trainer:
             self.save_checkpoint(step)
         metrics.update(
             step=step, version=self.version, rollout_s=t1 - t0, waiting_s=waited, train_s=t2 - t1,
-            step_s=time.monotonic() - t0,
+            step_s=time.monotonic() - t0, trained_jobs=[g.group.job.job_id for g in groups],
         )  # fmt: skip
         self.log_metrics(metrics, step)
         return metrics

@@ -13,22 +13,12 @@ from services.common import registry
 from services.common.config import StreamNames
 from services.common.schemas import PromptJob, ScoredGroup
 from services.common.streams import dead_letters
-from services.tasks.maze import build_splits
-from services.tasks.records import write_jsonl
+from tests.helpers.cluster import maze_data
 from tests.helpers.procs import service, stop, wait_for
 
 STREAMS = StreamNames()
 STEPS, PROMPTS = 4, 6
 
-
-def maze_data(tmp_path, *, test_per_size: int, seed: int):
-    """7x7 train and test splits in tmp_path; returns a fresh logs folder."""
-    splits = build_splits([7], [7], train_per_size=50, test_per_size=test_per_size, seed=seed)
-    write_jsonl(splits["train"], tmp_path / "train.jsonl")
-    write_jsonl(splits["test"], tmp_path / "test.jsonl")
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    return logs
 
 
 def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):

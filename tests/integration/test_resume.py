@@ -1,0 +1,85 @@
+"""SIGKILL the trainer mid-run, resume it from its checkpoint: the run continues as if it had not
+stopped (same prompts, same updates), the replica is brought back to the restored version, and no
+scored group is trained on twice."""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from services.common import registry
+from services.common.config import StreamNames
+from services.common.schemas import PromptJob
+from tests.helpers.cluster import maze_data, trainer_args
+from tests.helpers.procs import service, stop, wait_for
+
+STREAMS = StreamNames()
+STEPS, PROMPTS = 8, 4
+
+
+def metrics(run):
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, tiny_model, tmp_path):
+    client = redis_server.client
+    client.flushdb()
+    logs = maze_data(tmp_path, test_per_size=2, seed=9)
+    run = tmp_path / "run"
+    common = ["--redis-url", redis_server.url]
+    replica_args = ["serve", "rollout", "--model-dir", str(tiny_model), "--replica", "r0", *common]
+    with (
+        service(["serve", "verifier", *common], logs / "verifier.log") as (_, verifier_url),
+        service(replica_args, logs / "r0.log"),
+    ):
+        command = trainer_args(
+            tmp_path, redis_server.url, verifier_url, tiny_model, steps=STEPS, prompts_per_step=PROMPTS,
+            n_rollout=8, k=4, checkpoint_every=4, keep_checkpoints=2, mini_batch_prompts=2,
+        )  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with (logs / "trainer-1.log").open("wb") as out:
+            first = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            wait_for(lambda: len(metrics(run)) >= 6, 600, 0.05)  # past the checkpoint of step 4
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(30)
+        finally:
+            stop(first)
+        before = metrics(run)
+        assert [m["step"] for m in before][:6] == [1, 2, 3, 4, 5, 6]
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]
+        first_epoch = registry.current_policy(client).epoch
+        jobs = [PromptJob.model_validate_json(f[b"data"]) for _, f in client.xrange(STREAMS.prompts)]
+
+        with (logs / "trainer-2.log").open("wb") as out:
+            second = subprocess.run([*command, "--resume"], stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900)
+        assert second.returncode == 0, (logs / "trainer-2.log").read_text()[-3000:]
+
+    after = metrics(run)[len(before) :]
+    assert [m["step"] for m in after] == [5, 6, 7, 8]
+    assert [m["version"] for m in after] == [5, 6, 7, 8]  # the policy version came back with the step
+    # same sampler position: step 5 and 6 drew the same prompts as before the crash
+    by_attempt = {}
+    for job in jobs + [PromptJob.model_validate_json(f[b"data"]) for _, f in client.xrange(STREAMS.prompts)]:
+        step = int(job.job_id.split("-s")[1].split("-")[0])
+        by_attempt.setdefault((job.policy_epoch, step), {})[job.job_id] = job.prompt_id
+    for step in (5, 6):
+        again = by_attempt[(first_epoch + 1, step)]
+        assert sorted(again.values()) == sorted(by_attempt[(first_epoch, step)].values())
+    # same model and optimizer state: the repeated steps took the very same updates
+    for old, new in zip(before[4:6], after[:2], strict=True):
+        for key in ("reward_mean", "loss", "grad_norm", "entropy", "lr"):
+            assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-7), key
+    # the replica was pushed the restored version in the new epoch, then followed the run to its end
+    replica_log = (logs / "r0.log").read_text()
+    assert f"serving policy version 4 (epoch {first_epoch + 1})" in replica_log
+    assert registry.current_policy(client) == registry.Policy(first_epoch + 1, STEPS)
+    # each step of the resumed run trained on its own jobs, once; nothing from the killed run
+    assert all(len(m["trained_jobs"]) == m["groups"] == PROMPTS for m in after)
+    assert all(job.startswith(f"e{first_epoch + 1}-") for m in after for job in m["trained_jobs"])
+    kept = [job for m in before[:4] + after for job in m["trained_jobs"]]  # the run as it stands
+    assert len(kept) == len(set(kept)) == STEPS * PROMPTS
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
