@@ -73,7 +73,8 @@ def policy_loss(
         loss = loss - entropy_coef * entropy_term
     if ref_logprobs is not None and kl_coef:
         delta = ref_logprobs - logprobs
-        kl_term = _aggregate(torch.exp(delta) - delta - 1, maskf, aggregation, normalizer)
+        # expm1: exp(d) - 1 - d computed directly cancels to 0 in float32 for the small d of early training
+        kl_term = _aggregate(torch.expm1(delta) - delta, maskf, aggregation, normalizer)
         loss = loss + kl_coef * kl_term
     with torch.no_grad():
         was_clipped = (clipped < unclipped) & mask  # the clipped objective is the one in force

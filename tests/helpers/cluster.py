@@ -27,4 +27,3 @@ def trainer_args(tmp_path, redis_url: str, verifier_url: str, model_dir, **overr
     settings.update({key: str(value) for key, value in overrides.items()})
     args = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     return [sys.executable, "-m", "services.cli", "train", "--preset", "configs/maze-tiny.toml", *args]
-

@@ -20,7 +20,6 @@ STREAMS = StreamNames()
 STEPS, PROMPTS = 4, 6
 
 
-
 def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
     client = redis_server.client
     client.flushdb()

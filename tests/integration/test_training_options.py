@@ -1,0 +1,71 @@
+"""Every advantage estimator and every training option of the paper trains the tiny model for a
+few steps through the whole local cluster (Redis, a verifier, a rollout replica, `passk train`)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from services.trainer.advantage import Estimator
+from tests.helpers.cluster import maze_data, trainer_args
+from tests.helpers.procs import service
+
+STEPS, PROMPTS = 2, 4
+OPTIONS = {
+    **{f"estimator={e.value}": {"estimator": f"'{e.value}'"} for e in Estimator},
+    "bootstrap n_group": {"estimator": "'passk_bootstrap'", "estimator_options": "{n_group = 6}"},
+    "sequence-level loss": {"loss_aggregation": "'sequence'"},
+    "entropy regularization": {"entropy_coef": 0.003},
+    # noise makes some rewards positive, so the untrained model gets a gradient and moves away
+    "KL to the start": {"kl_coef": 0.05, "noise_rewards": 0.5, "lr": 0.001},
+    "noise rewards": {"noise_rewards": 0.5},
+    "mini- and micro-batches, warm-up": {"mini_batch_prompts": 2, "micro_batch_prompts": 1, "warmup_steps": 6},
+    "clip ratios": {"clip_low": 0.1, "clip_high": 0.5},
+    "stages P@k then P@1, twice": {
+        "stages": "[{estimator = 'passk_analytic', k = 4, steps = 1}, {estimator = 'grpo', k = 1, steps = 1}]",
+        "stage_repeats": 2,
+        "steps": 4,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server, tiny_model, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("cluster")
+    common = ["--redis-url", redis_server.url]
+    with (
+        service(["serve", "verifier", *common], logs / "verifier.log") as (_, verifier_url),
+        service(["serve", "rollout", "--model-dir", str(tiny_model), "--replica", "r0", *common], logs / "r0.log"),
+    ):
+        yield verifier_url
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", OPTIONS.values(), ids=OPTIONS.keys())
+def test_a_short_training_with(overrides, cluster, redis_server, tiny_model, tmp_path):
+    logs = maze_data(tmp_path, test_per_size=2, seed=3)
+    settings = {"steps": STEPS, "prompts_per_step": PROMPTS, "n_rollout": 8, "k": 4, **overrides}
+    command = trainer_args(tmp_path, redis_server.url, cluster, tiny_model, **settings)
+    with (logs / "trainer.log").open("wb") as out:
+        done = subprocess.run(command, check=False, stdout=out, stderr=subprocess.STDOUT, timeout=600,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    assert done.returncode == 0, (logs / "trainer.log").read_text()[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = int(settings["steps"])
+    assert [m["version"] for m in rows] == list(range(1, steps + 1))
+    assert all(m["groups"] == PROMPTS and m["grad_norm"] == m["grad_norm"] for m in rows)  # trained, not NaN
+    if "stages" in overrides:
+        assert [(m["estimator"], m["k"]) for m in rows] == [("passk_analytic", 4), ("grpo", 1)] * 2
+    elif "estimator" in overrides:
+        assert {m["estimator"] for m in rows} == {overrides["estimator"].strip("'")}
+    if "mini_batch_prompts" in overrides:
+        assert all(m["updates"] == 2 for m in rows)
+        assert rows[0]["lr"] < rows[-1]["lr"]  # still warming up
+    if "kl_coef" in overrides:
+        assert rows[0]["grad_norm"] > 0 and rows[-1]["kl"] > 0  # the policy moved away from the reference
+    if "noise_rewards" in overrides:
+        assert sum(m["flipped_rewards"] for m in rows) > 0
+        assert all(m["trained_reward_mean"] >= m["reward_mean"] for m in rows)
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["version"] for e in evaluations] == [0, steps]
