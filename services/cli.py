@@ -331,6 +331,84 @@ def train(
     Trainer(settings, resume=resume).run()
 
 
+@app.command("eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Option(help="A model directory or checkpoint (runs/<run>/checkpoints/step-N).")],
+    data: Annotated[
+        list[Path] | None, typer.Option(help="Held-out JSONL: mazes (`passk data maze`) or tasks; repeatable.")
+    ] = None,
+    n: Annotated[int, typer.Option(min=1, max=4096, help="Samples per item.")] = 32,
+    k: Annotated[list[int] | None, typer.Option(help="The k of pass@k; repeatable (default 1 and 8).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, max=32768, help="New tokens per sample at most.")] = 24,
+    template: Annotated[str, typer.Option(help="Maze prompt template: compact or paper.")] = "compact",
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1234,
+    verifier_url: Annotated[str | None, typer.Option(help="A running verifier; default: start one.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where eval.md and eval.csv go (default: <model-dir>/eval).")] = None,
+    threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads.")] = 2,
+) -> None:
+    """Unbiased pass@k of a checkpoint per maze size and per task category, as Markdown and CSV."""
+    ks = k or [1, 8]
+    if any(not 1 <= value <= n for value in ks):
+        raise typer.BadParameter(f"every k must be between 1 and n={n}, got {ks}", param_hint="--k")
+    if template not in ("compact", "paper"):
+        raise typer.BadParameter("compact or paper", param_hint="--template")
+    if not (model_dir / "config.json").exists():
+        raise typer.BadParameter(f"{model_dir} has no config.json: not a model directory", param_hint="--model-dir")
+    items = []
+    for path in data or [Path("data/maze-tiny/test.jsonl")]:
+        items += _held_out(path)
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.common.processes import stop, wait_healthy
+    from services.common.redis_server import free_port
+    from services.trainer.evaluate import csv_text, eval_items, evaluate_items, markdown
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    verifier = None
+    out = out or model_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if verifier_url is None:  # a verifier of our own, on loopback, without the queue
+            port = free_port()
+            with (out / "verifier.log").open("wb") as log:
+                command = [sys.executable, "-m", "services.cli", "serve", "verifier", "--no-queue", "--port", str(port)]
+                verifier = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            verifier_url = f"http://127.0.0.1:{port}"
+            wait_healthy(verifier, verifier_url, out / "verifier.log", 120)
+        table = evaluate_items(
+            model, tokenizer, eval_items(items, template), n=n, ks=ks, max_tokens=max_tokens,
+            verifier_url=verifier_url, seed=seed,
+        )  # fmt: skip
+    finally:
+        if verifier is not None:
+            stop(verifier)
+    text = markdown(table, ks)
+    (out / "eval.md").write_text(f"pass@k (%) of {model_dir}, n={n} samples per item, seed {seed}\n\n{text}")
+    (out / "eval.csv").write_text(csv_text(table, ks))
+    typer.echo(text + f"\nwritten: {out / 'eval.md'}, {out / 'eval.csv'}")
+
+
+def _held_out(path: Path) -> list:
+    """Maze or task records of a JSONL file, whichever it holds (BadParameter naming both errors)."""
+    from services.tasks import maze, records
+
+    if not path.exists():
+        raise typer.BadParameter(f"{path} does not exist", param_hint="--data")
+    try:
+        return maze.read_jsonl(path)
+    except ValueError as as_maze:
+        try:
+            return records.read_jsonl(path)
+        except ValueError as as_task:
+            raise typer.BadParameter(f"neither mazes ({as_maze}) nor tasks ({as_task})", param_hint="--data") from None
+
+
 @app.command("up")
 def up(
     preset: Annotated[Path, typer.Option(help="TOML preset.")] = Path("configs/maze-tiny.toml"),

@@ -116,6 +116,11 @@ class TrainerSettings(BaseModel):
     min_replicas: int = Field(1, ge=1)
     """Replicas that must be live before training starts."""
 
+    mode: Literal["sync", "async"] = "sync"
+    """sync: each step's rollouts come from the version being trained. async: the next step's
+    rollouts are generated while a step trains, so they are up to ``max_staleness`` versions old."""
+    max_staleness: int = Field(1, ge=1, le=16)
+    """async mode: groups from more versions back are dropped, counted and generated again."""
     checkpoint_every: int = Field(10, ge=0)
     """Write a checkpoint every this many steps (and after the last); 0: only after the last."""
     keep_checkpoints: int = Field(3, ge=1)

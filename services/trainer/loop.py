@@ -116,8 +116,9 @@ class Trainer:
             self.publish_weights()  # the starting (or restored) version, in this trainer's epoch
             if not self.resumed:
                 self.record_eval()
+            jobs = None
             for step in range(self.first_step, self.s.steps + 1):
-                metrics = self.step(step)
+                metrics, jobs = self.step(step, jobs)
                 if progress:
                     progress(metrics)
                 if self.s.eval_every and step % self.s.eval_every == 0 and step != self.s.steps:
@@ -148,32 +149,41 @@ class Trainer:
                 raise RuntimeError(f"fewer than {self.s.min_replicas} rollout replicas registered after {timeout_s} s")
             time.sleep(0.5)
 
-    def step(self, step: int) -> dict:
+    def step(self, step: int, jobs: list[PromptJob] | None) -> tuple[dict, list[PromptJob] | None]:
+        """One step; in async mode it returns the next step's jobs, scheduled before this step trains so
+        that the replicas generate them meanwhile (with the version before this step's update)."""
         t0 = time.monotonic()
-        jobs = self.schedule(step)
-        groups, waited = self.collect(jobs)
+        if jobs is None:
+            jobs = self.schedule(step)
+        groups, waited, dropped = self.collect(jobs)
         t1 = time.monotonic()
+        sampler = self.rng.getstate()  # where the next unscheduled step's draws begin
+        next_jobs = None
+        if self.s.mode == "async" and step < self.s.steps:
+            next_jobs = self.schedule(step + 1)
         batch = from_groups(groups, self.s.n_rollout)
         distributed.broadcast((step, self.version, batch), self.ranks)
         metrics = train_on(batch, self.opt, self.s, stage_at(self.s, step), self.version, self.ranks)
         t2 = time.monotonic()
+        staleness = [self.version - v for v in batch.policy_versions]
         self.version += 1
         metrics["weight_sync_s"] = self.publish_weights()
         if step == self.s.steps or (self.s.checkpoint_every and step % self.s.checkpoint_every == 0):
-            self.save_checkpoint(step)
+            self.save_checkpoint(step, sampler)
         metrics.update(
             step=step, version=self.version, rollout_s=t1 - t0, waiting_s=waited, train_s=t2 - t1,
-            step_s=time.monotonic() - t0, trained_jobs=[g.group.job.job_id for g in groups],
+            step_s=time.monotonic() - t0, staleness_mean=sum(staleness) / len(staleness),
+            staleness_max=max(staleness), dropped_stale=dropped, trained_jobs=[g.group.job.job_id for g in groups],
         )  # fmt: skip
         self.log_metrics(metrics, step)
-        return metrics
+        return metrics, next_jobs
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int, sampler: object) -> None:
         torch_rng, cuda_rng, python_rng = checkpoint.capture_rng()
         state = checkpoint.State(
             step=step,
             version=self.version,
-            sampler=self.rng.getstate(),
+            sampler=sampler,
             optimizer=self.opt.optimizer.state_dict(),
             scheduler=self.opt.scheduler.state_dict(),
             torch_rng=torch_rng,
@@ -203,13 +213,16 @@ class Trainer:
             jobs.append(job)
         return jobs
 
-    def collect(self, jobs: list[PromptJob]) -> tuple[list[ScoredGroup], float]:
-        """The scored group of every job, in job order, and the seconds spent waiting on the stream; a
-        replayed, stale or foreign group is acked and skipped."""
-        waiting = {job.job_id: job for job in jobs}
+    def collect(self, jobs: list[PromptJob]) -> tuple[list[ScoredGroup], float, int]:
+        """The scored group of every job, in job order, the seconds spent waiting on the stream, and
+        the groups dropped as too stale (their jobs are scheduled again). A group counts if it comes
+        from this epoch and at most ``max_staleness`` versions back (async mode; 0 in sync mode); a
+        replayed or foreign one is acked and skipped."""
+        staleness = self.s.max_staleness if self.s.mode == "async" else 0
+        waiting = {job.job_id: job for job in jobs}  # the job id in the stream -> the job it stands for
         found: dict[str, ScoredGroup] = {}
         deadline = time.monotonic() + self.s.group_timeout_s
-        waited = 0.0
+        waited, dropped = 0.0, 0
         while waiting:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(waiting)} scored groups missing after {self.s.group_timeout_s} s")
@@ -224,14 +237,28 @@ class Trainer:
                 group = scored.group
                 job_id = group.job.job_id
                 fresh = claim_once(self.client, f"{job_id}:{group.policy_epoch}:{group.policy_version}")
-                if fresh and job_id in waiting and (group.policy_epoch, group.policy_version) == self.policy:
-                    found[job_id] = scored
-                    del waiting[job_id]
+                ours = fresh and job_id in waiting and group.policy_epoch == self.epoch
+                if ours and self.version - staleness <= group.policy_version <= self.version:
+                    found[waiting.pop(job_id).job_id] = scored
+                elif ours and group.policy_version < self.version - staleness:
+                    dropped += 1
+                    original = waiting.pop(job_id)
+                    retry = self.reschedule(original)
+                    waiting[retry.job_id] = original
+                    log.info("dropped group %s of version %d (staleness > %d); scheduled again as %s",
+                             job_id, group.policy_version, staleness, retry.job_id)  # fmt: skip
                 else:
                     log.warning("skipped scored group %s (replayed, stale or foreign)", job_id)
                 self.consumer.ack(delivery)
         # job order, not arrival order: the batch (and so the ranks' shares) is the same in every run
-        return [found[job.job_id] for job in jobs], waited
+        return [found[job.job_id] for job in jobs], waited, dropped
+
+    def reschedule(self, job: PromptJob) -> PromptJob:
+        """The same prompt and sampling again, for the current version (a job is dropped at most once
+        per version, so the version makes the id unique)."""
+        retry = job.model_copy(update={"job_id": f"{job.job_id}-r{self.version}", "policy_version": self.version})
+        publish(self.client, self.streams.prompts, retry)
+        return retry
 
     # -- weights -------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ OPTIONS = {
     "noise rewards": {"noise_rewards": 0.5},
     "mini- and micro-batches, warm-up": {"mini_batch_prompts": 2, "micro_batch_prompts": 1, "warmup_steps": 6},
     "clip ratios": {"clip_low": 0.1, "clip_high": 0.5},
+    "async, staleness 1": {"mode": "'async'", "max_staleness": 1, "steps": 4},
     "stages P@k then P@1, twice": {
         "stages": "[{estimator = 'passk_analytic', k = 4, steps = 1}, {estimator = 'grpo', k = 1, steps = 1}]",
         "stage_repeats": 2,
@@ -67,5 +68,11 @@ def test_a_short_training_with(overrides, cluster, redis_server, tiny_model, tmp
     if "noise_rewards" in overrides:
         assert sum(m["flipped_rewards"] for m in rows) > 0
         assert all(m["trained_reward_mean"] >= m["reward_mean"] for m in rows)
+    if "mode" in overrides:
+        assert all(m["staleness_max"] <= 1 for m in rows)
+        assert rows[0]["staleness_max"] == 0  # the first step's rollouts come from the start
+        # later steps' rollouts were generated while the step before trained: one version old
+        assert any(m["staleness_mean"] > 0 for m in rows[1:])
+        assert all(m["dropped_stale"] == 0 for m in rows)
     evaluations = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [e["version"] for e in evaluations] == [0, steps]
