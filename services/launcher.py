@@ -72,14 +72,29 @@ def ensure_model(model_dir: Path) -> None:
     build_tiny(model_dir)
 
 
-def up(preset: Path, overrides: list[str], replicas: int) -> int:
+ROLLOUT_KEYS = {"backend", "vllm_max_model_len", "vllm_cpu_kv_cache_gb", "vllm_cpu_threads_bind"}
+
+
+def preset_rollout_options(preset: Path) -> list[str]:
+    """`passk serve rollout` flags from the preset's optional [rollout] table (the engine backend)."""
+    import tomllib
+
+    table = tomllib.loads(preset.read_text()).get("rollout", {})
+    unknown = sorted(set(table) - ROLLOUT_KEYS)
+    if not isinstance(table, dict) or unknown:
+        raise ValueError(f"{preset}: [rollout] takes {sorted(ROLLOUT_KEYS)}, not {unknown}")
+    return [arg for key, value in table.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False) -> int:
     from services.trainer.config import load_settings
 
     settings = load_settings(preset, overrides)
     run_dir = Path(settings.run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "eval.jsonl"):
-        (run_dir / stale).unlink(missing_ok=True)
+    if not resume:  # a fresh run: its files start empty (a resumed run appends to them)
+        for stale in ("metrics.jsonl", "eval.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
     ensure_data(Path(settings.train_data), Path(settings.test_data), settings.seed)
     ensure_model(Path(settings.model_dir))
     cluster = Cluster(run_dir)
@@ -90,19 +105,23 @@ def up(preset: Path, overrides: list[str], replicas: int) -> int:
     try:
         cluster.start("verifier", ["serve", "verifier", "--port", str(verifier_port), *common])
         ports = [free_port() for _ in range(replicas)]
+        rollout_options = preset_rollout_options(preset)
         for i, port in enumerate(ports):
             jobs_per_read = -(-settings.prompts_per_step // replicas)  # share a step's jobs out
-            args = ["serve", "rollout", "--model-dir", settings.model_dir, "--port", str(port)]
+            args = ["serve", "rollout", "--model-dir", settings.model_dir, "--port", str(port), *rollout_options]
             args += ["--replica", f"rollout-{i}", "--max-jobs", str(jobs_per_read)]
             cluster.start(f"rollout-{i}", [*args, *common], env={"PASSK_WEIGHTS_TOKEN": settings.weights_token})
         cluster.wait_healthy("verifier", verifier_url)
         for i, port in enumerate(ports):
             cluster.wait_healthy(f"rollout-{i}", f"http://127.0.0.1:{port}")
+        metrics_port = free_port()
         trainer_overrides = [
             f"redis_url='{redis_server.url}'",
             f"verifier_url='{verifier_url}'",
             f"min_replicas={replicas}",
+            f"metrics_port={metrics_port}",
         ]
+        console.print(f"trainer metrics: http://127.0.0.1:{metrics_port}/metrics")
         trainer = cluster.start(
             "trainer",
             [
@@ -110,6 +129,7 @@ def up(preset: Path, overrides: list[str], replicas: int) -> int:
                 "--preset",
                 str(preset),
                 *[arg for o in [*overrides, *trainer_overrides] for arg in ("--set", o)],
+                *(["--resume"] if resume else []),
             ],
         )
         follow(trainer, run_dir, settings.steps)

@@ -111,6 +111,10 @@ class TrainerSettings(BaseModel):
     """Bearer token for weight pushes to the replicas."""
     weights_tls_ca: str = ""
     """PEM certificate(s) to trust: pushes go over TLS when set (the replicas then serve TLS)."""
+    metrics_host: str = "127.0.0.1"
+    """Where the trainer's Prometheus metrics are served (rank 0)."""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Port of the trainer's Prometheus metrics; 0: not served."""
     group_timeout_s: float = Field(600, gt=0)
     """How long a step waits for its scored groups."""
     min_replicas: int = Field(1, ge=1)

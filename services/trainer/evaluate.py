@@ -42,9 +42,7 @@ def eval_items(items: list[MazeItem] | list[TaskItem], template: str = "compact"
 def grade(
     verifier_url: str, responses: list[str], reference: str, client: httpx.Client, task: str = "maze"
 ) -> list[float]:
-    reply = client.post(
-        f"{verifier_url}/v1/grade", json={"task": task, "reference": reference, "responses": responses}
-    )
+    reply = client.post(f"{verifier_url}/v1/grade", json={"task": task, "reference": reference, "responses": responses})
     reply.raise_for_status()
     verdicts = reply.json()["verdicts"]
     failed = [v for v in verdicts if v["status"] not in ("correct", "wrong")]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from services.trainer import checkpoint, distributed
 from services.trainer.batch import from_groups
 from services.trainer.config import TrainerSettings, stage_at
 from services.trainer.evaluate import evaluate
+from services.trainer.prometheus import TrainerMetrics
 from services.trainer.step import Optimization, train_on
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,17 @@ class Trainer:
         self.last_catch_up = 0.0
         self.tls_ca = Path(settings.weights_tls_ca).read_bytes() if settings.weights_tls_ca else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = checkpoint.directory(self.run_dir)
+        if not self.resumed and previous.exists():  # a fresh run: an older run's checkpoints must not be resumed
+            aside = previous.with_name("checkpoints.previous")
+            shutil.rmtree(aside, ignore_errors=True)
+            previous.rename(aside)
+            log.info("moved the previous run's checkpoints to %s", aside)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.prometheus = TrainerMetrics()
+        if settings.metrics_port:
+            self.prometheus.serve(settings.metrics_host, settings.metrics_port)
         self.evaluations: list[dict] = []
 
     @property
@@ -341,11 +352,13 @@ class Trainer:
             for name, value in row.items():
                 if name.startswith("pass@"):
                     self.writer.add_scalar(f"eval/{size}x{size}/{name}", value, self.version)
+        self.prometheus.record_eval({f"{size}x{size}": row for size, row in table.items()})
         return entry
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
+        self.prometheus.record_step(metrics)
         for name, value in metrics.items():
             if isinstance(value, int | float):
                 self.writer.add_scalar(f"train/{name}", value, step)

@@ -1,0 +1,65 @@
+"""The trainer's Prometheus metrics, served at http://<host>:<metrics_port>/metrics
+(rank 0): the per-step training metrics, the step time by phase, and the
+held-out pass@k of the latest evaluation."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# per-step values exported as gauges: metrics.jsonl key -> (metric name, help)
+GAUGES = {
+    "version": ("passk_trainer_policy_version", "Policy version after the latest step"),
+    "step": ("passk_trainer_step", "Latest finished training step"),
+    "reward_mean": ("passk_trainer_reward_mean", "Mean reward of the latest step's valid responses"),
+    "positive_fraction": ("passk_trainer_positive_fraction", "Fraction of the latest step's responses that passed"),
+    "adv_abs_mean": ("passk_trainer_advantage_abs_mean", "Mean |advantage| of the latest step"),
+    "eta_mean": ("passk_trainer_eta_mean", "Mean per-group sum of |advantage| (the paper's eta)"),
+    "entropy": ("passk_trainer_policy_entropy", "Mean token entropy of the latest step's responses"),
+    "response_tokens": ("passk_trainer_response_tokens", "Mean response length of the latest step, in tokens"),
+    "clip_fraction": ("passk_trainer_clip_fraction", "Fraction of tokens whose ratio was clipped"),
+    "grad_norm": ("passk_trainer_grad_norm", "Gradient norm before clipping, mean over the step's updates"),
+    "kl": ("passk_trainer_kl", "KL estimate to the reference policy (0 without one)"),
+    "lr": ("passk_trainer_learning_rate", "Learning rate after the latest update"),
+    "staleness_mean": ("passk_trainer_staleness_mean", "Mean versions between sampling and training"),
+}
+PHASES = {"waiting_s": "waiting", "rollout_s": "rollout", "train_s": "train", "weight_sync_s": "weight_sync"}
+
+
+class TrainerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.gauges = {key: Gauge(name, text, registry=self.registry) for key, (name, text) in GAUGES.items()}
+        self.batch_pass = Gauge("passk_trainer_batch_pass_at_k", "Pass@k of the latest step's groups", ["k"],
+                                registry=self.registry)  # fmt: skip
+        self.steps = Counter("passk_trainer_steps", "Training steps taken", registry=self.registry)
+        self.dropped = Counter("passk_trainer_dropped_stale_groups", "Groups dropped as too stale (async mode)",
+                               registry=self.registry)  # fmt: skip
+        self.failed = Counter("passk_trainer_failed_verdicts", "Responses masked out for a failed grading",
+                              registry=self.registry)  # fmt: skip
+        self.phase = Histogram("passk_trainer_step_phase_seconds", "Step time by phase", ["phase"],
+                               registry=self.registry, buckets=(0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000))  # fmt: skip
+        self.eval_pass = Gauge("passk_trainer_eval_pass_at_k", "Held-out pass@k of the latest evaluation",
+                               ["row", "k"], registry=self.registry)  # fmt: skip
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def record_step(self, metrics: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if isinstance(metrics.get(key), int | float):
+                gauge.set(metrics[key])
+        for key, value in metrics.items():
+            if key.startswith("batch_pass@") and value is not None:
+                self.batch_pass.labels(k=key.removeprefix("batch_pass@")).set(value)
+        for key, phase in PHASES.items():
+            if key in metrics:
+                self.phase.labels(phase=phase).observe(metrics[key])
+        self.steps.inc()
+        self.dropped.inc(metrics.get("dropped_stale", 0))
+        self.failed.inc(metrics.get("failed_verdicts", 0))
+
+    def record_eval(self, table: dict) -> None:
+        for row, entry in table.items():
+            for key, value in entry.items():
+                if key.startswith("pass@"):
+                    self.eval_pass.labels(row=str(row), k=key.removeprefix("pass@")).set(value)

@@ -1,0 +1,52 @@
+"""Every preset in configs/ is a valid configuration, says what the paper's setting says, and bad
+presets or overrides are refused with the field named."""
+
+from pathlib import Path
+
+import pytest
+
+from services.launcher import preset_rollout_options
+from services.trainer.config import load_settings, stage_at
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    settings = load_settings(preset)
+    assert settings.k <= settings.n_rollout
+    preset_rollout_options(preset)
+
+
+def test_the_gpu_presets_carry_the_papers_settings():
+    for name in ("qwen2.5-7b-maze-passk", "qwen2.5-7b-maze-pass1", "qwen2.5-7b-maze-pk-then-p1"):
+        s = load_settings(CONFIGS / f"{name}.toml")
+        assert (s.n_rollout, s.prompts_per_step, s.mini_batch_prompts, s.lr, s.warmup_steps) == (32, 128, 32, 1e-6, 10)
+        assert (s.clip_low, s.clip_high, s.loss_aggregation, s.kl_coef, s.entropy_coef) == (0.2, 0.28, "token", 0, 0)
+        assert preset_rollout_options(CONFIGS / f"{name}.toml") == ["--backend", "vllm"]
+    schedule = load_settings(CONFIGS / "qwen2.5-7b-maze-pk-then-p1.toml")
+    picked = [(stage_at(schedule, step).estimator, stage_at(schedule, step).k) for step in (1, 100, 101, 200, 201, 400)]
+    assert picked == [("passk_analytic", 8), ("passk_analytic", 8), ("grpo", 1), ("grpo", 1), ("passk_analytic", 8),
+                      ("grpo", 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("mini_batch_prompts=64", "mini_batch_prompts=64 > prompts_per_step=16"),
+        ("noise_rewards=1.5", "noise_rewards"),
+        ("stages=[{estimator = 'grpo', steps = 10}]", "the stages add up to 10 steps, but steps=150"),
+        ("mode='later'", "mode"),
+        ("stages=[{estimator = 'passk_analytic', k = 64, steps = 150}]", "k=64 is larger than n_rollout=32"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("+", r"\+")):
+        load_settings(CONFIGS / "maze-tiny.toml", [override])
+
+
+def test_an_unknown_rollout_key_is_refused(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('[trainer]\nsteps = 1\n[rollout]\nbackend = "vllm"\ngpus = 8\n')
+    with pytest.raises(ValueError, match="gpus"):
+        preset_rollout_options(preset)
