@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,10 @@ def init(device: str = "auto") -> Ranks:
     else:
         place = torch.device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if place.type == "cuda" else "gloo")
+        # the other ranks wait in a collective while rank 0 evaluates or waits on rollouts: hours, not
+        # the default 30 minutes, before a wait counts as a hang
+        timeout = timedelta(seconds=float(os.environ.get("PASSK_DIST_TIMEOUT_S", "7200")))
+        dist.init_process_group(backend="nccl" if place.type == "cuda" else "gloo", timeout=timeout)
     return Ranks(rank, world, place)
 
 

@@ -79,36 +79,47 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
     if s.noise_rewards:
         rewards, flipped = flip_negatives(rewards, valid, s.noise_rewards, generator)
 
-    # 2. old (and reference) log-probs of this rank's groups, before any update
+    # 2. old (and reference) log-probs of this rank's groups, before any update: a pass of its own only
+    # when the step takes several updates or the estimator needs entropies first; with one update the
+    # training forward itself is the policy before the update
     mine = shard(list(range(batch.groups)), ranks.rank, ranks.world)
+    index_batches = mini_batches(batch.groups, s.mini_batch_prompts or batch.groups)
+    pre_pass = len(index_batches) > 1 or stage.estimator == "passk_adaptive"
     old: dict[int, torch.Tensor] = {}
     ref: dict[int, torch.Tensor] = {}
     entropy_local = torch.zeros(len(mine), n, dtype=torch.float64)
-    with torch.no_grad():
-        for part in _chunks(mine, s.micro_batch_prompts):
-            lp, ent, mask = _forward(model, batch, part, opt.pad_id, autocast)
-            ref_lp = None
-            if opt.reference is not None:
+
+    def remember(part: list[int], lp: torch.Tensor, ent: torch.Tensor, mask: torch.Tensor) -> None:
+        tokens = mask.sum(1).clamp_min(1)
+        per_response = ((ent.detach().float() * mask).sum(1) / tokens).double().cpu().view(len(part), n)
+        ref_lp = None
+        if opt.reference is not None:
+            with torch.no_grad():
                 ref_lp = _forward(opt.reference, batch, part, opt.pad_id, autocast)[0]
-            tokens = mask.sum(1).clamp_min(1)
-            per_response = ((ent.float() * mask).sum(1) / tokens).double().cpu().view(len(part), n)
-            for j, g in enumerate(part):
-                width = max(1, *(len(r) for r in batch.responses[g]))  # the group's own width
-                old[g] = lp[j * n : (j + 1) * n, :width].float()
-                if ref_lp is not None:
-                    ref[g] = ref_lp[j * n : (j + 1) * n, :width].float()
-                entropy_local[mine.index(g)] = per_response[j]
-    gathered = distributed.gather_rows(entropy_local.to(device), ranks).cpu()
-    response_entropy = torch.zeros(batch.groups, n, dtype=torch.float64)
-    for r in range(ranks.world):  # rank-major rows back into group order
-        response_entropy[shard(list(range(batch.groups)), r, ranks.world)] = gathered[
-            r * len(mine) : (r + 1) * len(mine)
-        ]
+        for j, g in enumerate(part):
+            width = max(1, *(len(r) for r in batch.responses[g]))  # the group's own width
+            old[g] = lp[j * n : (j + 1) * n, :width].detach().float()
+            if ref_lp is not None:
+                ref[g] = ref_lp[j * n : (j + 1) * n, :width].float()
+            entropy_local[mine.index(g)] = per_response[j]
+
+    def entropies() -> torch.Tensor:
+        gathered = distributed.gather_rows(entropy_local.to(device), ranks).cpu()
+        out = torch.zeros(batch.groups, n, dtype=torch.float64)
+        for r in range(ranks.world):  # rank-major rows back into group order
+            out[shard(list(range(batch.groups)), r, ranks.world)] = gathered[r * len(mine) : (r + 1) * len(mine)]
+        return out
+
+    if pre_pass:
+        with torch.no_grad():
+            for part in _chunks(mine, s.micro_batch_prompts):
+                remember(part, *_forward(model, batch, part, opt.pad_id, autocast))
+    response_entropy = entropies() if pre_pass else None
 
     # 3. advantages of the whole batch
     options = dict(stage.estimator_options)
     if stage.estimator == "passk_adaptive":
-        options["entropy"] = response_entropy
+        options["entropy"] = response_entropy  # computed by the pre-pass
     if stage.estimator == "passk_bootstrap" and "seed" not in options:
         options["seed"] = s.seed * 1_000_003 + version  # fresh bootstrap groups each step
     k = min(stage.k, n)
@@ -118,12 +129,14 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
     lengths = batch.lengths()
     parameters = [p for p in model.parameters() if p.requires_grad]
     losses, clip, kls, norms, updates = [], [], [], [], 0
-    for index in mini_batches(batch.groups, s.mini_batch_prompts or batch.groups):
+    for index in index_batches:
         denominator = normalizer(valid[index], lengths[index], s.loss_aggregation)
         opt.optimizer.zero_grad(set_to_none=True)
         local_loss = local_clipped = local_tokens = local_kl = 0.0
         for part in _chunks(shard(index, ranks.rank, ranks.world), s.micro_batch_prompts):
             lp, ent, mask = _forward(model, batch, part, opt.pad_id, autocast)
+            if not pre_pass:
+                remember(part, lp, ent, mask)
             width = lp.shape[1]
             response_mask = mask & valid[part].reshape(-1, 1).to(device)
             loss, stats = policy_loss(
@@ -159,6 +172,8 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
         clip.append(clipped / max(tokens, 1.0))
         kls.append(kl)
 
+    if response_entropy is None:
+        response_entropy = entropies()
     correct = (rewards > 0) & valid
     real_correct = (batch.rewards > 0) & valid
     batch_pass_k = pass_at_k(valid.sum(1), real_correct.sum(1), k) if bool((valid.sum(1) >= k).all()) else None

@@ -36,8 +36,10 @@ def train(ranks: int, model_dir: Path, out: Path, options: dict) -> tuple[dict, 
             "kl_coef": 0.05,
             "noise_rewards": 0.3,
         },
+        # one update a step: the training forward is the old policy, no pass of its own
+        {"estimator": "passk_full", "micro_batch_prompts": 1, "kl_coef": 0.05, "noise_rewards": 0.3},
     ],
-    ids=["mini-micro-batches", "adaptive-entropy-kl-noise"],
+    ids=["mini-micro-batches", "adaptive-entropy-kl-noise", "one-update-kl-micro"],
 )
 def test_two_ranks_train_as_one(tiny_model, tmp_path, options):
     one, one_metrics = train(1, tiny_model, tmp_path / "one.safetensors", options)
