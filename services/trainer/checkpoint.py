@@ -49,13 +49,14 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(run_dir: Path, model, tokenizer, state: State, keep: int) -> Path:
+def save(run_dir: Path, model, tokenizer, state: State, keep: int, model_state: dict | None = None) -> Path:
+    """Write a checkpoint; ``model_state``: the whole state dict when the model itself is sharded."""
     root = directory(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     torch.save(state.__dict__, tmp / "trainer.pt")
     for path in tmp.iterdir():  # on disk before the rename makes the checkpoint visible

@@ -100,6 +100,9 @@ class TrainerSettings(BaseModel):
     """Seed of the evaluation's sampling: fixed, so that runs of different seeds are judged alike."""
     threads: int = Field(1, ge=1)
     """torch threads of the trainer (per rank)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state across the ranks (FSDP2), for models whose
+    AdamW state does not fit one device; False: every rank holds the whole model."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where each rank trains: auto is its GPU (LOCAL_RANK) when there is one. On a GPU the forward
     passes run in bfloat16 autocast."""

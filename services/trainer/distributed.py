@@ -87,6 +87,46 @@ def sum_scalars(values: list[float], ranks: Ranks) -> list[float]:
     return tensor.tolist()
 
 
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: each decoder layer and the rest of the model sharded across the ranks, in place. FSDP2
+    averages the ranks' gradients (a sum would need PREMUL_SUM, which gloo lacks), so the training
+    step scales each rank's loss by the number of ranks."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_state(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict on the host, on rank 0 (a collective when sharded: every rank calls it;
+    the others get an empty dict)."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    """The optimizer's whole state for a checkpoint (a collective when sharded; rank 0 gets it all)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+    """Restore a checkpoint's optimizer state (every rank passes the whole state; each keeps its shard)."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -63,6 +63,12 @@ class Trainer:
         if settings.kl_coef:  # the starting policy, frozen
             reference = AutoModelForCausalLM.from_pretrained(settings.model_dir, dtype=torch.float32)
             reference = reference.to(self.ranks.device).eval().requires_grad_(False)
+        if settings.fsdp:
+            if self.ranks.world < 2:
+                raise ValueError("fsdp shards the model across ranks: start the trainer with torchrun, 2 or more")
+            distributed.shard_model(self.model)
+            if reference is not None:
+                distributed.shard_model(reference)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=0.0)
         warmup = max(settings.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -70,7 +76,7 @@ class Trainer:
         self.version, self.first_step = 0, 1
         if restored is not None:
             state = checkpoint.load(restored)
-            optimizer.load_state_dict(state.optimizer)
+            distributed.load_optimizer_state(self.model, optimizer, state.optimizer, settings.fsdp)
             scheduler.load_state_dict(state.scheduler)
             self.rng.setstate(state.sampler)
             checkpoint.restore_rng(state)
@@ -109,6 +115,7 @@ class Trainer:
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.prometheus = TrainerMetrics()
+        self.unsharded: torch.nn.Module | None = None  # FSDP2: the evaluation's copy of the policy
         if settings.metrics_port:
             self.prometheus.serve(settings.metrics_host, settings.metrics_port)
         self.evaluations: list[dict] = []
@@ -124,7 +131,7 @@ class Trainer:
             return []
         try:
             self.wait_for_replicas()
-            self.publish_weights()  # the starting (or restored) version, in this trainer's epoch
+            self.publish_weights(self.gather())  # the starting (or restored) version, in this trainer's epoch
             if not self.resumed:
                 self.record_eval()
             jobs = None
@@ -147,9 +154,13 @@ class Trainer:
     def follow(self) -> None:
         """Ranks other than 0: train on each batch rank 0 sends, until it sends None."""
         try:
+            self.gather()  # rank 0 publishes the starting version
             while (message := distributed.broadcast(None, self.ranks)) is not None:
                 step, version, batch = message
                 train_on(batch, self.opt, self.s, stage_at(self.s, step), version, self.ranks)
+                self.gather()  # the collectives rank 0 makes for publishing and checkpointing, in its order
+                if self.checkpoint_due(step):
+                    distributed.optimizer_state(self.model, self.opt.optimizer, self.s.fsdp)
         finally:
             distributed.close()
 
@@ -178,9 +189,10 @@ class Trainer:
         t2 = time.monotonic()
         staleness = [self.version - v for v in batch.policy_versions]
         self.version += 1
-        metrics["weight_sync_s"] = self.publish_weights()
-        if step == self.s.steps or (self.s.checkpoint_every and step % self.s.checkpoint_every == 0):
-            self.save_checkpoint(step, sampler)
+        state = self.gather()
+        metrics["weight_sync_s"] = self.publish_weights(state)
+        if self.checkpoint_due(step):
+            self.save_checkpoint(step, sampler, state)
         metrics.update(
             step=step, version=self.version, rollout_s=t1 - t0, waiting_s=waited, train_s=t2 - t1,
             step_s=time.monotonic() - t0, staleness_mean=sum(staleness) / len(staleness),
@@ -189,19 +201,28 @@ class Trainer:
         self.log_metrics(metrics, step)
         return metrics, next_jobs
 
-    def save_checkpoint(self, step: int, sampler: object) -> None:
+    def checkpoint_due(self, step: int) -> bool:
+        return step == self.s.steps or bool(self.s.checkpoint_every and step % self.s.checkpoint_every == 0)
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        """The whole model's state on rank 0: the live parameters, or under FSDP2 a host copy gathered
+        from every rank (a collective: every rank calls it at the same points)."""
+        return distributed.full_state(self.model, self.s.fsdp)
+
+    def save_checkpoint(self, step: int, sampler: object, state: dict[str, torch.Tensor]) -> None:
         torch_rng, cuda_rng, python_rng = checkpoint.capture_rng()
-        state = checkpoint.State(
+        record = checkpoint.State(
             step=step,
             version=self.version,
             sampler=sampler,
-            optimizer=self.opt.optimizer.state_dict(),
+            optimizer=distributed.optimizer_state(self.model, self.opt.optimizer, self.s.fsdp),
             scheduler=self.opt.scheduler.state_dict(),
             torch_rng=torch_rng,
             cuda_rng=cuda_rng,
             python_rng=python_rng,
         )
-        checkpoint.save(self.run_dir, self.model, self.tokenizer, state, self.s.keep_checkpoints)
+        whole = state if self.s.fsdp else None  # unsharded, the model saves itself (tied weights once)
+        checkpoint.save(self.run_dir, self.model, self.tokenizer, record, self.s.keep_checkpoints, model_state=whole)
 
     # -- rollouts ------------------------------------------------------------
     def schedule(self, step: int) -> list[PromptJob]:
@@ -272,17 +293,19 @@ class Trainer:
         return retry
 
     # -- weights -------------------------------------------------------------
-    def weights(self) -> dict[str, torch.Tensor]:
-        state = self.model.state_dict()
+    def weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the replicas load: the state without a tied output layer."""
+        state = dict(state)
         if getattr(self.model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # the same tensor as the embeddings
         return state
 
-    def publish_weights(self) -> float:
+    def publish_weights(self, state: dict[str, torch.Tensor]) -> float:
         """Push the new version to every live replica, then announce it. The chunks are cut from the
         parameters themselves, which stay put until every push has answered."""
         start = time.monotonic()
-        payload = Payload.of_tensors(self.weights())
+        payload = Payload.of_tensors(self.weights(state))
+        self.full_state = state if self.s.fsdp else None  # a host copy already: late joiners get it
         replicas = registry.live_replicas(self.client)
         version = self.version
         with ThreadPoolExecutor(max(1, len(replicas))) as pool:
@@ -307,7 +330,10 @@ class Trainer:
             if replica.policy < Policy(self.epoch, version) and replica.grpc not in self.catching_up:
                 log.info("replica %s serves version %d: pushing %d", replica.replica, replica.version, version)
                 if self.snapshot is None or self.snapshot[0] != version:
-                    self.snapshot = (version, Payload.snapshot(self.weights()))
+                    if self.full_state is not None:
+                        self.snapshot = (version, Payload.of_tensors(self.weights(self.full_state)))
+                    else:
+                        self.snapshot = (version, Payload.snapshot(self.weights(self.model.state_dict())))
                 self.catching_up.add(replica.grpc)
                 self.catch_up_pool.submit(self._catch_up_one, replica.grpc, version, self.snapshot[1])
 
@@ -330,10 +356,23 @@ class Trainer:
         return bool(reply.accepted)
 
     # -- evaluation and logs ---------------------------------------------------
+    def eval_model(self) -> torch.nn.Module:
+        """The policy to sample evaluations from on rank 0 alone: the model itself, or under FSDP2 (whose
+        forward needs every rank) an unsharded copy holding the last published state."""
+        if not self.s.fsdp:
+            return self.model
+        if self.unsharded is None:
+            from transformers import AutoModelForCausalLM
+
+            self.unsharded = AutoModelForCausalLM.from_pretrained(self.s.model_dir, dtype=torch.float32)
+            self.unsharded = self.unsharded.to(self.ranks.device).eval()
+        self.unsharded.load_state_dict(self.full_state, strict=False)
+        return self.unsharded
+
     def record_eval(self) -> dict:
         start = time.monotonic()
         table = evaluate(
-            self.model,
+            self.eval_model(),
             self.tokenizer,
             self.eval_items,
             n=self.s.eval_n,

@@ -15,6 +15,7 @@ updated parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -153,16 +154,20 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
                 ref_logprobs=_padded([ref[g] for g in part], width).to(device) if ref else None,
                 kl_coef=s.kl_coef,
             )
-            loss.backward()
+            # FSDP2 averages the ranks' gradients; the normalized losses need their sum
+            (loss * ranks.world if s.fsdp else loss).backward()
             count = float(response_mask.sum())
             local_loss += float(loss.detach())
             local_clipped += stats.clip_fraction * count
             local_tokens += count
             local_kl += stats.kl
-        distributed.sum_gradients(parameters, ranks)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(parameters, s.max_grad_norm)))
-        if not all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None):
+        if not s.fsdp:  # FSDP2 has reduce-scattered them already
+            distributed.sum_gradients(parameters, ranks)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, s.max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+        if not math.isfinite(norm):  # the norm covers every gradient on every rank
             raise FloatingPointError(f"non-finite gradient at version {version}")
+        norms.append(norm)
         opt.optimizer.step()
         opt.scheduler.step()
         updates += 1

@@ -42,6 +42,8 @@ def main(model_dir: str, out: str, options: str) -> None:
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
+    if settings.fsdp:
+        distributed.shard_model(model)
     reference = None
     if settings.kl_coef:
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
@@ -53,8 +55,9 @@ def main(model_dir: str, out: str, options: str) -> None:
     for step in range(1, STEPS + 1):
         batch = synthetic(generator, model.config.vocab_size)
         metrics.append(train_on(batch, opt, settings, stage_at(settings, step), step - 1, ranks))
+    state = distributed.full_state(model, settings.fsdp)
     if ranks.main:
-        save_file({name: t.detach().clone() for name, t in model.state_dict().items()}, out)
+        save_file({name: t.detach().clone() for name, t in state.items()}, out)
         with open(out + ".json", "w") as f:
             json.dump(metrics, f)
     distributed.close()

@@ -76,3 +76,34 @@ def test_a_short_training_with(overrides, cluster, redis_server, tiny_model, tmp
         assert all(m["dropped_stale"] == 0 for m in rows)
     evaluations = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [e["version"] for e in evaluations] == [0, steps]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp2"])
+def test_two_ranks_under_torchrun_train_checkpoint_and_resume(fsdp, cluster, redis_server, tiny_model, tmp_path):
+    """torchrun with 2 gloo ranks through the local cluster; with FSDP2 the weights pushed to the replica
+    and the checkpoint are gathered from both ranks, and a resumed run loads the sharded optimizer."""
+    import sys
+    from pathlib import Path
+
+    from services.common import registry
+
+    logs = maze_data(tmp_path, test_per_size=2, seed=3)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2", "-m"]
+    settings = {"prompts_per_step": PROMPTS, "n_rollout": 8, "k": 4, "mini_batch_prompts": 2, "fsdp": str(fsdp).lower(),
+                "checkpoint_every": 2, "threads": 1}  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    for steps, extra in ((4, []), (6, ["--resume"])):
+        command = trainer_args(tmp_path, redis_server.url, cluster, tiny_model, steps=steps, **settings)
+        command = [*torchrun, *command[2:], *extra]  # `python -m services.cli ...` under torchrun
+        with (logs / "trainer.log").open("ab") as out:
+            done = subprocess.run(command, check=False, stdout=out, stderr=subprocess.STDOUT, timeout=900, env=env)
+        assert done.returncode == 0, (logs / "trainer.log").read_text()[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["version"] for m in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(m["groups"] == PROMPTS and m["updates"] == 2 for m in rows)
+    assert registry.current_policy(redis_server.client).version == 6
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert (
+        checkpoints[-1] == "step-000006" and (tmp_path / "run" / "checkpoints" / "step-000006" / "config.json").exists()
+    )

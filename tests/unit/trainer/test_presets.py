@@ -24,6 +24,7 @@ def test_the_gpu_presets_carry_the_papers_settings():
         assert (s.n_rollout, s.prompts_per_step, s.mini_batch_prompts, s.lr, s.warmup_steps) == (32, 128, 32, 1e-6, 10)
         assert (s.clip_low, s.clip_high, s.loss_aggregation, s.kl_coef, s.entropy_coef) == (0.2, 0.28, "token", 0, 0)
         assert preset_rollout_options(CONFIGS / f"{name}.toml") == ["--backend", "vllm"]
+        assert s.fsdp and s.device == "cuda"
     schedule = load_settings(CONFIGS / "qwen2.5-7b-maze-pk-then-p1.toml")
     picked = [(stage_at(schedule, step).estimator, stage_at(schedule, step).k) for step in (1, 100, 101, 200, 201, 400)]
     assert picked == [("passk_analytic", 8), ("passk_analytic", 8), ("grpo", 1), ("grpo", 1), ("passk_analytic", 8),

@@ -38,8 +38,10 @@ def train(ranks: int, model_dir: Path, out: Path, options: dict) -> tuple[dict, 
         },
         # one update a step: the training forward is the old policy, no pass of its own
         {"estimator": "passk_full", "micro_batch_prompts": 1, "kl_coef": 0.05, "noise_rewards": 0.3},
+        # parameters, gradients and optimizer state sharded across the two ranks
+        {"estimator": "passk_analytic", "mini_batch_prompts": 2, "micro_batch_prompts": 1, "fsdp": True},
     ],
-    ids=["mini-micro-batches", "adaptive-entropy-kl-noise", "one-update-kl-micro"],
+    ids=["mini-micro-batches", "adaptive-entropy-kl-noise", "one-update-kl-micro", "fsdp2"],
 )
 def test_two_ranks_train_as_one(tiny_model, tmp_path, options):
     one, one_metrics = train(1, tiny_model, tmp_path / "one.safetensors", options)
