@@ -130,8 +130,9 @@ class Trainer:
             self.follow()
             return []
         try:
+            state = self.gather()  # first, so that no rank waits in this collective while rank 0 waits below
             self.wait_for_replicas()
-            self.publish_weights(self.gather())  # the starting (or restored) version, in this trainer's epoch
+            self.publish_weights(state)  # the starting (or restored) version, in this trainer's epoch
             if not self.resumed:
                 self.record_eval()
             jobs = None
