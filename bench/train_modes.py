@@ -16,25 +16,14 @@ import json
 import statistics
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from services.common.processes import stop, wait_healthy
-from services.common.redis_server import RedisServer, free_port
-
-
-def serve(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", *args, "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(process, url, log, 300)
-    return process, url
+from services.common.processes import service
+from services.common.redis_server import RedisServer
 
 
 def train(mode: str, run: Path, redis_url: str, verifier_url: str, args) -> list[dict]:
@@ -65,23 +54,21 @@ def main() -> None:
     subprocess.run(["rm", "-rf", str(root)], check=True)
     root.mkdir(parents=True)
     redis = RedisServer(root / "redis", appendonly=False)
-    services = []
     rows = []
     try:
-        verifier, verifier_url = serve(["verifier", "--redis-url", redis.url], root / "verifier.log")
-        services.append(verifier)
-        for i in range(args.replicas):
-            replica_args = ["rollout", "--model-dir", "models/tiny-maze", "--redis-url", redis.url]
-            replica_args += ["--replica", f"r{i}"]
-            services.append(serve(replica_args, root / f"r{i}.log")[0])
-        for attempt in range(args.repeat):
-            for mode in ("sync", "async"):
-                metrics = train(mode, root / f"{mode}-{attempt}", redis.url, verifier_url, args)
-                rows.append((attempt, mode, sum(m["step_s"] for m in metrics),
-                             statistics.mean(m["staleness_mean"] for m in metrics)))  # fmt: skip
+        with ExitStack() as services:
+            _, verifier_url = services.enter_context(
+                service(["serve", "verifier", "--redis-url", redis.url], root / "verifier.log", timeout_s=300)
+            )
+            for i in range(args.replicas):
+                replica = ["serve", "rollout", "--model-dir", "models/tiny-maze", "--redis-url", redis.url]
+                services.enter_context(service([*replica, "--replica", f"r{i}"], root / f"r{i}.log", timeout_s=300))
+            for attempt in range(args.repeat):
+                for mode in ("sync", "async"):
+                    metrics = train(mode, root / f"{mode}-{attempt}", redis.url, verifier_url, args)
+                    rows.append((attempt, mode, sum(m["step_s"] for m in metrics),
+                                 statistics.mean(m["staleness_mean"] for m in metrics)))  # fmt: skip
     finally:
-        for process in services:
-            stop(process)
         redis.stop()
 
     table = Table(title=f"{args.steps} steps of {args.prompts} prompts x {args.n}, {args.replicas} replica(s)")

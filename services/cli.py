@@ -357,37 +357,26 @@ def eval_(
     items = []
     for path in data or [Path("data/maze-tiny/test.jsonl")]:
         items += _held_out(path)
-    import subprocess
-    import sys
+    from contextlib import nullcontext
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.common.processes import stop, wait_healthy
-    from services.common.redis_server import free_port
+    from services.common.processes import service
     from services.trainer.evaluate import csv_text, eval_items, evaluate_items, markdown
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    verifier = None
     out = out or model_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        if verifier_url is None:  # a verifier of our own, on loopback, without the queue
-            port = free_port()
-            with (out / "verifier.log").open("wb") as log:
-                command = [sys.executable, "-m", "services.cli", "serve", "verifier", "--no-queue", "--port", str(port)]
-                verifier = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            verifier_url = f"http://127.0.0.1:{port}"
-            wait_healthy(verifier, verifier_url, out / "verifier.log", 120)
+    # a verifier of our own, on loopback, without the queue, unless one is given
+    own = service(["serve", "verifier", "--no-queue"], out / "verifier.log") if verifier_url is None else nullcontext()
+    with own as started:
         table = evaluate_items(
             model, tokenizer, eval_items(items, template), n=n, ks=ks, max_tokens=max_tokens,
-            verifier_url=verifier_url, seed=seed,
+            verifier_url=verifier_url or started[1], seed=seed,
         )  # fmt: skip
-    finally:
-        if verifier is not None:
-            stop(verifier)
     text = markdown(table, ks)
     (out / "eval.md").write_text(f"pass@k (%) of {model_dir}, n={n} samples per item, seed {seed}\n\n{text}")
     (out / "eval.csv").write_text(csv_text(table, ks))

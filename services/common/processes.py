@@ -1,11 +1,14 @@
-"""Child processes of the local cluster: wait until healthy, stop gently."""
+"""Child processes of the local cluster: start one, wait until healthy, stop gently."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -48,6 +51,27 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
             os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass  # no group left: nothing was left behind
+
+
+@contextmanager
+def service(
+    args: list[str], log: Path, *, port: int | None = None, timeout_s: float = 120, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run ``passk <args> --port P`` on loopback (in its own process group) until /healthz answers;
+    yield (process, base URL); stop it, and what it started, after."""
+    from services.common.redis_server import free_port
+
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "services.cli", *args, "--port", str(port)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log.open("ab") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(process, url, log, timeout_s)
+        yield process, url
+    finally:
+        stop(process)
 
 
 def _tail(log: Path, chars: int = 3000) -> str:

@@ -82,7 +82,7 @@ def gather_rows(local: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 def sum_scalars(values: list[float], ranks: Ranks) -> list[float]:
     if ranks.world == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=ranks.device if ranks.device.type == "cuda" else "cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=ranks.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
 

@@ -2,34 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from services.common.processes import stop, wait_healthy
-from services.common.redis_server import free_port
-
-
-@contextmanager
-def service(
-    args: list[str], log: Path, *, port: int | None = None, timeout_s: float = 120, env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Run ``passk <args> --port P`` until /healthz answers; yield (process, base URL); stop it after."""
-    port = port or free_port()
-    cmd = [sys.executable, "-m", "services.cli", *args, "--port", str(port)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with log.open("ab") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(process, url, log, timeout_s)
-        yield process, url
-    finally:
-        stop(process)
+from services.common.processes import service, stop  # noqa: F401 (the tests import them from here)
 
 
 def wait_for(predicate, timeout_s: float = 60, interval_s: float = 0.1):
