@@ -6,6 +6,7 @@ that does the work, so ``passk --help`` never pays for importing torch.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -232,6 +233,9 @@ def serve_rollout(
     model_dir: Annotated[Path | None, typer.Option(help="HF-format model directory [models/tiny-maze].")] = None,
     backend: Annotated[str | None, typer.Option(help="Engine: hf (transformers) or vllm [hf].")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address, HTTP and gRPC [127.0.0.1].")] = None,
+    advertise_host: Annotated[
+        str | None, typer.Option(help="Address the trainer reaches this replica at [the bind address].")
+    ] = None,
     port: Annotated[int | None, typer.Option(min=0, max=65535, help="HTTP port [8200].")] = None,
     grpc_port: Annotated[int | None, typer.Option(min=0, max=65535, help="gRPC weight-service port [0: free].")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL of the streams.")] = None,
@@ -256,7 +260,8 @@ def serve_rollout(
 
     given = {
         "model_dir": str(model_dir) if model_dir is not None else None, "backend": backend, "host": host,
-        "port": port, "grpc_port": grpc_port, "redis_url": redis_url, "replica": replica, "threads": threads,
+        "advertise_host": advertise_host, "port": port, "grpc_port": grpc_port, "redis_url": redis_url,
+        "replica": replica, "threads": threads,
         "max_jobs": max_jobs, "claim_idle_ms": claim_idle_ms, "vllm_max_model_len": vllm_max_model_len,
         "vllm_cpu_kv_cache_gb": vllm_cpu_kv_cache_gb, "vllm_cpu_threads_bind": vllm_cpu_threads_bind,
         "weights_token": weights_token,
@@ -315,19 +320,25 @@ def train(
     preset: Annotated[Path, typer.Option(help="TOML preset.")] = Path("configs/maze-tiny.toml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field: key=value.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's latest checkpoint.")] = False,
+    resume_if_present: Annotated[
+        bool, typer.Option(help="Continue from the latest checkpoint if there is one, else start (restarted pods).")
+    ] = False,
 ) -> None:
     """Run the trainer (it needs Redis, a verifier and rollout replicas; `passk up` starts them all).
-    Under torchrun (`torchrun --nproc-per-node 2 -m services.cli train ...`) it trains on every rank."""
+    Under torchrun (`torchrun --nproc-per-node 2 -m services.cli train ...`) it trains on every rank.
+    Every field can also come from a PASSK_TRAINER_<FIELD> variable (between the preset and --set)."""
     from services.common.logs import setup_logging
     from services.trainer.config import load_settings
 
     try:
-        settings = load_settings(preset, set_)
+        settings = load_settings(preset, set_, os.environ)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
+    from services.trainer import checkpoint
     from services.trainer.loop import Trainer
 
     setup_logging("trainer")
+    resume = resume or (resume_if_present and checkpoint.latest(Path(settings.run_dir)) is not None)
     Trainer(settings, resume=resume).run()
 
 
@@ -398,6 +409,24 @@ def _held_out(path: Path) -> list:
             raise typer.BadParameter(f"neither mazes ({as_maze}) nor tasks ({as_task})", param_hint="--data") from None
 
 
+@app.command("healthcheck")
+def healthcheck(
+    urls: Annotated[list[str], typer.Argument(help="http(s)://host:port/path, grpc://host:port[/service], redis://…")],
+    timeout_s: Annotated[float, typer.Option(min=0.1, max=60, help="Seconds per probe.")] = 3.0,
+) -> None:
+    """Exit 0 when every endpoint is healthy, 1 otherwise (container and Kubernetes probes)."""
+    from services.common.health import probe
+
+    failed = False
+    for url in urls:
+        try:
+            typer.echo(f"{url}: {probe(url, timeout_s)}")
+        except RuntimeError as err:
+            typer.echo(str(err), err=True)
+            failed = True
+    raise typer.Exit(1 if failed else 0)
+
+
 @app.command("up")
 def up(
     preset: Annotated[Path, typer.Option(help="TOML preset.")] = Path("configs/maze-tiny.toml"),
@@ -409,7 +438,7 @@ def up(
     from services.trainer.config import load_settings
 
     try:
-        load_settings(preset, set_)
+        load_settings(preset, set_, os.environ)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
     from services.launcher import up as run_up

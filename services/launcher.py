@@ -89,7 +89,7 @@ def preset_rollout_options(preset: Path) -> list[str]:
 def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False) -> int:
     from services.trainer.config import load_settings
 
-    settings = load_settings(preset, overrides)
+    settings = load_settings(preset, overrides, os.environ)
     run_dir = Path(settings.run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh run: its files start empty (a resumed run appends to them)

@@ -90,6 +90,9 @@ class RolloutSettings(ConsumerSettings):
     """Replica id; empty picks host-pid."""
     host: str = "127.0.0.1"
     """Bind address of the HTTP and gRPC servers."""
+    advertise_host: str = Field("", max_length=253, pattern=r"^[A-Za-z0-9.:\-\[\]]*$")
+    """Address the trainer reaches this replica at (registered in Redis); empty: the bind address, or,
+    when that is a wildcard (0.0.0.0 in a container), this host's own address. Kubernetes sets the pod IP."""
     port: int = Field(8200, ge=0, le=65535)
     """HTTP port."""
     grpc_port: int = Field(0, ge=0, le=65535)

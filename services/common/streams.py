@@ -129,10 +129,15 @@ class StreamConsumer:
 
     def lag(self) -> int:
         """Entries in the stream not yet delivered to this group."""
+        return self.backlog()[0]
+
+    def backlog(self) -> tuple[int, int]:
+        """(lag, pending) of this group from one XINFO GROUPS: entries not yet delivered, and
+        entries delivered but not acked (being worked on, or left by a dead consumer)."""
         for group in self.client.xinfo_groups(self.stream):
             if group["name"].decode() == self.group:
-                return int(group.get("lag") or 0)
-        return 0
+                return int(group.get("lag") or 0), int(group.get("pending") or 0)
+        return 0, 0
 
     def pending(self) -> int:
         """Entries delivered to this group and not acked yet."""

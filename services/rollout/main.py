@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -32,6 +33,16 @@ def make_engine(settings: RolloutSettings) -> Engine:
     )
 
 
+def advertised_host(advertise: str, bind: str) -> str:
+    """The address other processes reach this replica at: a wildcard bind address (a container's
+    0.0.0.0) is no address at all, so it becomes the address this host's name resolves to."""
+    if advertise:
+        return advertise
+    if bind in ("0.0.0.0", "::", ""):
+        return socket.gethostbyname(socket.gethostname())
+    return bind
+
+
 def run(settings: RolloutSettings) -> None:
     setup_logging("rollout")
     engine = make_engine(settings)
@@ -50,8 +61,9 @@ def run(settings: RolloutSettings) -> None:
     if settings.weights_tls_cert:
         tls = (Path(settings.weights_tls_cert).read_bytes(), Path(settings.weights_tls_key).read_bytes())
     grpc_server, grpc_port = serve(receiver, f"{settings.host}:{settings.grpc_port}", tls)
-    rollout.grpc_address = f"{settings.host}:{grpc_port}"
-    rollout.http_address = f"http://{settings.host}:{settings.port}"
+    host = advertised_host(settings.advertise_host, settings.host)
+    rollout.grpc_address = f"{host}:{grpc_port}"
+    rollout.http_address = f"http://{host}:{settings.port}"
     rollout.heartbeat()
     threads = [
         threading.Thread(target=rollout.run_queue, name="rollout-queue", daemon=True),

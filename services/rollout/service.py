@@ -46,6 +46,9 @@ class Rollout:
         self.queue_lag = Gauge(
             "passk_rollout_queue_lag", "Prompt jobs in the stream not yet read by any replica", registry=self.metrics
         )
+        self.queue_pending = Gauge(
+            "passk_rollout_queue_pending", "Prompt jobs read by a replica and not yet finished", registry=self.metrics
+        )
         self.tokens = Counter("passk_rollout_generated_tokens", "Tokens generated", registry=self.metrics)
         self.groups = Counter("passk_rollout_groups", "Rollout groups published", registry=self.metrics)
         self.sync_seconds = Histogram(
@@ -121,7 +124,9 @@ class Rollout:
                     self.stop.wait(0.2)
                     continue
                 deliveries = consumer.read(self.settings.max_jobs)
-                self.queue_lag.set(consumer.lag())
+                lag, pending = consumer.backlog()
+                self.queue_lag.set(lag)
+                self.queue_pending.set(pending)
                 jobs = [(d, job) for d in deliveries if (job := consumer.decode(d, PromptJob)) is not None]
                 jobs = [(d, job) for d, job in jobs if self.fits(consumer, d, job)]
                 if jobs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -110,6 +111,8 @@ class TrainerSettings(BaseModel):
     """Redis server of the streams."""
     verifier_url: str = "http://127.0.0.1:8100"
     """Verifier HTTP API, used to grade evaluations."""
+    verifier_token: str = ""
+    """Bearer token the verifier's API requires (its api_token); empty sends none."""
     weights_token: str = ""
     """Bearer token for weight pushes to the replicas."""
     weights_tls_ca: str = ""
@@ -150,14 +153,33 @@ class TrainerSettings(BaseModel):
         return self
 
 
-def load_settings(preset: Path, overrides: list[str] | None = None) -> TrainerSettings:
-    """A preset file, then ``key=value`` overrides (values parsed as TOML, else as strings)."""
+ENV_PREFIX = "PASSK_TRAINER_"
+
+
+def environment_overrides(environ: Mapping[str, str]) -> list[str]:
+    """``key=value`` overrides from PASSK_TRAINER_<FIELD> variables (how containers configure the
+    trainer, tokens included, without putting them on a command line)."""
+    overrides = []
+    for name, value in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX):
+            key = name.removeprefix(ENV_PREFIX).lower()
+            if key not in TrainerSettings.model_fields:
+                raise ValueError(f"{name}: the trainer has no setting {key!r}")
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
+def load_settings(
+    preset: Path, overrides: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> TrainerSettings:
+    """A preset file, then PASSK_TRAINER_* variables of ``environ``, then ``key=value`` overrides
+    (values parsed as TOML, else taken as strings)."""
     try:
         data = tomllib.loads(preset.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ValueError(f"cannot read preset {preset}: {err}") from None
     data = data.get("trainer", data)
-    for item in overrides or []:
+    for item in [*environment_overrides(environ or {}), *(overrides or [])]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not key=value")
@@ -165,6 +187,9 @@ def load_settings(preset: Path, overrides: list[str] | None = None) -> TrainerSe
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
+        field = TrainerSettings.model_fields.get(key.strip())
+        if field is not None and field.annotation is str and not isinstance(value, str):
+            value = raw  # a token of digits is still a string
         data[key.strip()] = value
     return TrainerSettings.model_validate(data)
 

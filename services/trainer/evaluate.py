@@ -62,12 +62,14 @@ def evaluate_items(
     verifier_url: str,
     seed: int,
     batch: int = 16,
+    verifier_token: str = "",
 ) -> dict[str, dict[str, float]]:
     """{row: {"pass@k": value, ..., "items": count}} with values in [0, 1], rows in first-seen order."""
     was_training = model.training
     model.eval()
     correct: dict[str, list[int]] = defaultdict(list)
-    with httpx.Client(timeout=120) as client:
+    headers = {"Authorization": f"Bearer {verifier_token}"} if verifier_token else None
+    with httpx.Client(timeout=120, headers=headers) as client:
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
             _, generations = sample(
@@ -98,11 +100,12 @@ def evaluate(
     verifier_url: str,
     seed: int,
     batch: int = 16,
+    verifier_token: str = "",
 ) -> dict[int, dict[str, float]]:
     """The mazes' table by size: {size: {"pass@k": value, ..., "mazes": count}}."""
     by_row = evaluate_items(
         model, tokenizer, eval_items(items, template), n=n, ks=ks, max_tokens=max_tokens,
-        verifier_url=verifier_url, seed=seed, batch=batch,
+        verifier_url=verifier_url, seed=seed, batch=batch, verifier_token=verifier_token,
     )  # fmt: skip
     table = {}
     for row, entry in by_row.items():

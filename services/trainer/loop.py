@@ -381,6 +381,7 @@ class Trainer:
             max_tokens=self.s.max_tokens,
             template=self.s.prompt_template,
             verifier_url=self.s.verifier_url,
+            verifier_token=self.s.verifier_token,
             seed=self.s.eval_seed,
         )
         entry = {"version": self.version, "table": {str(size): row for size, row in table.items()}}

@@ -8,7 +8,7 @@ import socket
 import threading
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.config import StreamNames, VerifierSettings
 from services.common.schemas import RolloutGroup, ScoredGroup, Verdict, VerdictStatus
@@ -46,6 +46,16 @@ class Verifier:
             "passk_verifier_grading_seconds", "Wall time of one answer's grading", ["grader"], registry=self.registry
         )
         self.groups = Counter("passk_verifier_groups", "Rollout groups scored from the queue", registry=self.registry)
+        self.queue_lag = Gauge(
+            "passk_verifier_queue_lag",
+            "Rollout groups in the stream not yet read by any verifier",
+            registry=self.registry,
+        )
+        self.queue_pending = Gauge(
+            "passk_verifier_queue_pending",
+            "Rollout groups read by a verifier and not yet scored",
+            registry=self.registry,
+        )
         self.stop = threading.Event()
         self.queue_thread: threading.Thread | None = None
 
@@ -101,7 +111,11 @@ class Verifier:
         )
         while not self.stop.is_set():
             try:
-                for delivery in consumer.read():
+                deliveries = consumer.read()
+                lag, pending = consumer.backlog()
+                self.queue_lag.set(lag)
+                self.queue_pending.set(pending)
+                for delivery in deliveries:
                     group = consumer.decode(delivery, RolloutGroup)
                     if group is None:
                         continue
