@@ -40,6 +40,11 @@ FLUSH_S = 0.002  # a message of replies at most this often: the parent makes ver
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+# why a grader process is replaced: it overran the time limit, died, sent a malformed reply,
+# or used most of its CPU-seconds budget
+RESTART_REASONS = ("timeout", "died", "bad_reply", "cpu_budget")
+
+
 def load_graders(graders: str) -> tuple[dict, Callable[[], None] | None]:
     module_name, _, attr = graders.partition(":")
     module = importlib.import_module(module_name)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.common.config import StreamNames, VerifierSettings
 from services.common.schemas import RolloutGroup, ScoredGroup, Verdict, VerdictStatus
 from services.common.streams import StreamConsumer, publish
-from services.verifier.pool import GraderPool
+from services.verifier.pool import RESTART_REASONS, GraderPool
 from services.verifier.sandbox import Limits
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ class Verifier:
             ["reason"],
             registry=self.registry,
         )
+        for reason in RESTART_REASONS:  # at 0 from the start, so that rate() and alerts see every reason
+            self.restarts.labels(reason)
         limits = Limits(settings.address_space_mb, settings.cpu_s, settings.open_files, 0, settings.file_size_mb)
         self.pool = GraderPool(
             settings.workers,
