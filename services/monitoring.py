@@ -37,9 +37,7 @@ def deployed() -> dict:
 
 def job_ports(config: dict) -> dict[str, int]:
     """{job: the port its DNS service discovery scrapes} of deploy/prometheus.yml."""
-    return {
-        job["job_name"]: sd["port"] for job in config["scrape_configs"] for sd in job.get("dns_sd_configs", [])[:1]
-    }
+    return {job["job_name"]: sd["port"] for job in config["scrape_configs"] for sd in job.get("dns_sd_configs", [])[:1]}
 
 
 def write_local_config(path: Path, targets: dict[str, list[str]], scrape_interval: str = "5s") -> Path:

@@ -133,7 +133,7 @@ def healthy(container: Container, localize: Localizer) -> str | None:
         argv = [localize(arg, container) for arg in probe]
         argv[0] = executable(argv[0])
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=container.workdir)
+            done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30, cwd=container.workdir)
         except subprocess.TimeoutExpired:
             return f"{argv} timed out"
         if done.returncode != 0:
