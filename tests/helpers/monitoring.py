@@ -46,3 +46,12 @@ def dashboard_expressions() -> dict[str, str]:
 def metric_names(expr: str) -> set[str]:
     """The passk metric series an expression reads (every one of ours starts with passk_)."""
     return set(re.findall(r"\b(passk_[a-z0-9_]+)\b", expr))
+
+
+def scrape(url: str) -> dict[str, float]:
+    """{sample name: value} of a /metrics page (the last sample of each name)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=5).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}

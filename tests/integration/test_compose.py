@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.processes import stop
 from services.monitoring import deployed, job_ports, write_local_config
@@ -23,6 +22,7 @@ from services.tasks.maze import build_splits
 from services.tasks.records import write_jsonl
 from tests.helpers import containers, monitoring
 from tests.helpers.containers import Container, Localizer
+from tests.helpers.monitoring import scrape
 
 pytestmark = pytest.mark.slow
 
@@ -114,14 +114,6 @@ def cluster(services, tiny_model, tmp_path_factory):
         yield started
     finally:
         containers.stop_all(list(started.values()))
-
-
-def scrape(url: str) -> dict[str, float]:
-    samples = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-        for sample in family.samples:
-            samples[sample.name] = sample.value
-    return samples
 
 
 def test_compose_file_parses_with_the_services_users_expect(services):
