@@ -7,7 +7,7 @@ comma := ,
 # one stamp per set of extras: asking for more extras installs them
 STAMP := $(VENV)/.passk-installed-$(subst $(comma),-,$(PASSK_EXTRAS))
 
-.PHONY: run test setup bench curves redis
+.PHONY: run test setup bench curves redis test-deps
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
@@ -27,7 +27,13 @@ curves: setup
 redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
-test: setup redis
+# What the deployment tests run besides Redis: Prometheus (and promtool), docker-compose (it
+# parses the compose file without an engine). kubectl with kustomize and node come with the machine.
+test-deps: redis
+	@command -v prometheus >/dev/null && command -v docker-compose >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose)
+
+test: setup test-deps
 	$(VENV)/bin/ruff check services bench tests
 	$(VENV)/bin/python -m pytest
 

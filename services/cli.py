@@ -433,6 +433,9 @@ def up(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a preset field: key=value.")] = None,
     rollout_replicas: Annotated[int, typer.Option(min=1, max=64, help="Rollout replicas to start.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    prometheus: Annotated[
+        bool, typer.Option(help="Also run a Prometheus (the prometheus binary) scraping every service.")
+    ] = False,
 ) -> None:
     """The main job: Redis, a verifier, rollout replicas and the trainer as separate processes, then a report."""
     from services.trainer.config import load_settings
@@ -443,7 +446,7 @@ def up(
         raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
     from services.launcher import up as run_up
 
-    raise typer.Exit(run_up(preset, set_ or [], rollout_replicas, resume))
+    raise typer.Exit(run_up(preset, set_ or [], rollout_replicas, resume, prometheus))
 
 
 if __name__ == "__main__":

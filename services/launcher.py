@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -32,8 +34,10 @@ class Cluster:
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self.start_program(name, [sys.executable, "-m", "services.cli", *args], env)
+
+    def start_program(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.run_dir / "logs" / f"{name}.log").open("ab")
-        cmd = [sys.executable, "-m", "services.cli", *args]
         # its own process group, so stop() also takes what it started (vLLM's engine processes)
         env = {**os.environ, **(env or {})}
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -86,9 +90,43 @@ def preset_rollout_options(preset: Path) -> list[str]:
     return [arg for key, value in table.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False) -> int:
+def start_prometheus(cluster: Cluster, targets: dict[str, list[str]], timeout_s: float = 60) -> str:
+    """A Prometheus with deploy/prometheus.yml's jobs and alert rules, scraping this cluster's
+    processes every 5 s, its data under the run directory; returns its URL."""
+    from services.monitoring import write_local_config
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("--prometheus needs the prometheus binary on PATH (Debian: apt-get install prometheus)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = write_local_config(cluster.run_dir / "prometheus.yml", {**targets, "prometheus": [f"127.0.0.1:{port}"]})
+    process = cluster.start_program(
+        "prometheus",
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={cluster.run_dir / 'prometheus'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            log = cluster.run_dir / "logs" / "prometheus.log"
+            raise RuntimeError(f"prometheus exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"prometheus not ready after {timeout_s} s; see {cluster.run_dir}/logs/prometheus.log")
+        time.sleep(0.3)
+
+
+def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, prometheus: bool = False) -> int:
     from services.trainer.config import load_settings
 
+    if prometheus and shutil.which("prometheus") is None:
+        console.print("[red]--prometheus needs the prometheus binary on PATH (Debian: apt-get install prometheus)")
+        return 2
     settings = load_settings(preset, overrides, os.environ)
     run_dir = Path(settings.run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -122,6 +160,14 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False) 
             f"metrics_port={metrics_port}",
         ]
         console.print(f"trainer metrics: http://127.0.0.1:{metrics_port}/metrics")
+        prometheus_url = None
+        if prometheus:
+            targets = {
+                "rollout": [f"127.0.0.1:{port}" for port in ports], "verifier": [f"127.0.0.1:{verifier_port}"],
+                "trainer": [f"127.0.0.1:{metrics_port}"],
+            }  # fmt: skip
+            prometheus_url = start_prometheus(cluster, targets)
+            console.print(f"prometheus: {prometheus_url}/graph (the jobs and alert rules of deploy/)")
         trainer = cluster.start(
             "trainer",
             [
@@ -137,6 +183,13 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False) 
             console.print(f"[red]the trainer exited with {trainer.returncode}; see {run_dir}/logs/trainer.log")
             return trainer.returncode
         report(run_dir)
+        if prometheus_url:
+            console.print(f"training done; prometheus keeps serving at {prometheus_url} until Ctrl-C")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
         return 0
     except KeyboardInterrupt:
         console.print("stopping on Ctrl-C")

@@ -111,3 +111,19 @@ def test_data_puzzles_and_math_write_splits(tmp_path):
 def test_serve_verifier_rejects_bad_settings():
     result = run("serve", "verifier", "--graders", "not a module!")
     assert result.returncode != 0 and "graders" in result.stderr and "pattern" in result.stderr
+
+
+def test_healthcheck_names_each_unhealthy_endpoint():
+    from services.common.redis_server import free_port
+
+    port = free_port()
+    result = run("healthcheck", f"http://127.0.0.1:{port}/healthz", f"grpc://127.0.0.1:{port}", "ftp://host/x")
+    assert result.returncode == 1
+    assert f"http://127.0.0.1:{port}/healthz:" in result.stderr
+    assert f"grpc://127.0.0.1:{port}: UNAVAILABLE" in result.stderr
+    assert "ftp://host/x: the scheme must be http, https, grpc or redis" in result.stderr
+
+
+def test_healthcheck_passes_on_a_live_redis(redis_server):
+    result = run("healthcheck", redis_server.url)
+    assert result.returncode == 0 and "PONG" in result.stdout, result

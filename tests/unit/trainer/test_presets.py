@@ -51,3 +51,21 @@ def test_an_unknown_rollout_key_is_refused(tmp_path):
     preset.write_text('[trainer]\nsteps = 1\n[rollout]\nbackend = "vllm"\ngpus = 8\n')
     with pytest.raises(ValueError, match="gpus"):
         preset_rollout_options(preset)
+
+
+def test_trainer_fields_come_from_passk_trainer_variables_between_preset_and_set():
+    environ = {
+        "PASSK_TRAINER_REDIS_URL": "redis://redis:6379/0", "PASSK_TRAINER_WEIGHTS_TOKEN": "0123",
+        "PASSK_TRAINER_STEPS": "7", "PASSK_TRAINER_EVAL_K": "[1, 4]", "PASSK_VERIFIER_PORT": "1", "HOME": "/x",
+    }  # fmt: skip
+    settings = load_settings(Path("configs/maze-tiny.toml"), ["steps=9"], environ)
+    assert settings.redis_url == "redis://redis:6379/0"
+    assert settings.weights_token == "0123"  # digits stay a string: it is a token
+    assert settings.eval_k == [1, 4]
+    assert settings.steps == 9  # --set wins over the environment
+    assert load_settings(Path("configs/maze-tiny.toml"), [], environ).steps == 7
+
+
+def test_an_unknown_trainer_variable_is_refused_by_name():
+    with pytest.raises(ValueError, match="PASSK_TRAINER_STPES: the trainer has no setting 'stpes'"):
+        load_settings(Path("configs/maze-tiny.toml"), [], {"PASSK_TRAINER_STPES": "3"})
