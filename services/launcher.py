@@ -47,11 +47,12 @@ class Cluster:
     def wait_healthy(self, name: str, url: str, timeout_s: float = 300) -> None:
         wait_healthy(dict(self.processes)[name], url, self.run_dir / "logs" / f"{name}.log", timeout_s)
 
-    def stop(self) -> None:
-        for _, process in reversed(self.processes):
+    def stop(self, keep: set[str] = frozenset()) -> None:
+        going = [process for name, process in reversed(self.processes) if name not in keep]
+        for process in going:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)  # all at once, then wait for each
-        for _, process in reversed(self.processes):
+        for process in going:
             stop(process)
 
 
@@ -92,7 +93,7 @@ def preset_rollout_options(preset: Path) -> list[str]:
 
 def start_prometheus(cluster: Cluster, targets: dict[str, list[str]], timeout_s: float = 60) -> str:
     """A Prometheus with deploy/prometheus.yml's jobs and alert rules, scraping this cluster's
-    processes every 5 s, its data under the run directory; returns its URL."""
+    processes every 2 s, its data under the run directory; returns its URL."""
     from services.monitoring import write_local_config
 
     binary = shutil.which("prometheus")
@@ -121,6 +122,10 @@ def start_prometheus(cluster: Cluster, targets: dict[str, list[str]], timeout_s:
         time.sleep(0.3)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, prometheus: bool = False) -> int:
     from services.trainer.config import load_settings
 
@@ -135,6 +140,10 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
             (run_dir / stale).unlink(missing_ok=True)
     ensure_data(Path(settings.train_data), Path(settings.test_data), settings.seed)
     ensure_model(Path(settings.model_dir))
+    # SIGTERM (a supervisor, `kill`) stops the run like Ctrl-C; Ctrl-C works even when the shell
+    # started this in the background with SIGINT ignored
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cluster = Cluster(run_dir)
     redis_server = RedisServer(run_dir / "redis")
     verifier_port = free_port()
@@ -183,8 +192,10 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
             console.print(f"[red]the trainer exited with {trainer.returncode}; see {run_dir}/logs/trainer.log")
             return trainer.returncode
         report(run_dir)
-        if prometheus_url:
-            console.print(f"training done; prometheus keeps serving at {prometheus_url} until Ctrl-C")
+        if prometheus_url:  # the services go; their history stays on view
+            cluster.stop(keep={"prometheus"})
+            redis_server.stop()
+            console.print(f"training done; prometheus keeps serving at {prometheus_url} until Ctrl-C or SIGTERM")
             try:
                 while True:
                     time.sleep(3600)
@@ -192,7 +203,7 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
                 pass
         return 0
     except KeyboardInterrupt:
-        console.print("stopping on Ctrl-C")
+        console.print("stopping on Ctrl-C (or SIGTERM)")
         return 130
     finally:
         cluster.stop()

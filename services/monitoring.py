@@ -12,7 +12,7 @@ import yaml
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
-def local_config(deployed: dict, targets: dict[str, list[str]], rule_dir: Path, scrape_interval: str = "5s") -> dict:
+def local_config(deployed: dict, targets: dict[str, list[str]], rule_dir: Path, scrape_interval: str = "2s") -> dict:
     """deploy/prometheus.yml's configuration with every job scraping ``targets[job]`` (host:port)
     instead of DNS names; rule files resolved against ``rule_dir``. A job missing from
     ``targets`` (or a target for a job the file lacks) is an error: the two must not drift apart."""
@@ -40,7 +40,7 @@ def job_ports(config: dict) -> dict[str, int]:
     return {job["job_name"]: sd["port"] for job in config["scrape_configs"] for sd in job.get("dns_sd_configs", [])[:1]}
 
 
-def write_local_config(path: Path, targets: dict[str, list[str]], scrape_interval: str = "5s") -> Path:
+def write_local_config(path: Path, targets: dict[str, list[str]], scrape_interval: str = "2s") -> Path:
     config = local_config(deployed(), targets, DEPLOY, scrape_interval)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -80,8 +80,26 @@ def executable(name: str) -> str:
     return found
 
 
-def image_root(tmp: Path, model_dir: Path, data_dir: Path) -> Path:
-    """What docker/cpu.Dockerfile leaves in /app: the configs, the tiny model and the maze data."""
+# The tests' own shortening of the CPU preset's run, set the way an operator would: through the
+# trainer's PASSK_TRAINER_* variables.
+SHORT_RUN = {
+    "PASSK_TRAINER_STEPS": "1000", "PASSK_TRAINER_PROMPTS_PER_STEP": "4", "PASSK_TRAINER_N_ROLLOUT": "8",
+    "PASSK_TRAINER_K": "4", "PASSK_TRAINER_MAX_TOKENS": "16", "PASSK_TRAINER_EVAL_MAZES": "2",
+    "PASSK_TRAINER_EVAL_N": "4", "PASSK_TRAINER_EVAL_K": "[1, 4]", "PASSK_TRAINER_EVAL_EVERY": "3",
+    "PASSK_TRAINER_CHECKPOINT_EVERY": "0",
+}  # fmt: skip
+
+
+def image_root(tmp: Path, model_dir: Path) -> Path:
+    """What docker/cpu.Dockerfile leaves in /app: the configs, the tiny model and maze data (fewer
+    mazes than the image builds)."""
+    from services.tasks.maze import build_splits
+    from services.tasks.records import write_jsonl
+
+    data_dir = tmp / "maze"
+    splits = build_splits([7], [7], train_per_size=50, test_per_size=10, seed=0)
+    write_jsonl(splits["train"], data_dir / "train.jsonl")
+    write_jsonl(splits["test"], data_dir / "test.jsonl")
     root = tmp / "image"
     (root / "models").mkdir(parents=True)
     (root / "data").mkdir()

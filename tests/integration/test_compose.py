@@ -18,8 +18,6 @@ import yaml
 
 from services.common.processes import stop
 from services.monitoring import deployed, job_ports, write_local_config
-from services.tasks.maze import build_splits
-from services.tasks.records import write_jsonl
 from tests.helpers import containers, monitoring
 from tests.helpers.containers import Container, Localizer
 from tests.helpers.monitoring import scrape
@@ -31,14 +29,6 @@ ENV = {"PASSK_TOKEN": TOKEN, "GRAFANA_PASSWORD": "compose-test-password"}
 # What this machine cannot run: Grafana has no Debian or PyPI package (its files are checked in
 # tests/unit/test_deploy_files.py); the gpu profile needs GPUs.
 NOT_RUN = {"grafana", "rollout-gpu", "trainer-gpu"}
-# The test's own shortening of the preset's run, set the way an operator would: through the
-# trainer's PASSK_TRAINER_* variables.
-SHORT_RUN = {
-    "PASSK_TRAINER_STEPS": "1000", "PASSK_TRAINER_PROMPTS_PER_STEP": "4", "PASSK_TRAINER_N_ROLLOUT": "8",
-    "PASSK_TRAINER_K": "4", "PASSK_TRAINER_MAX_TOKENS": "16", "PASSK_TRAINER_EVAL_MAZES": "2",
-    "PASSK_TRAINER_EVAL_N": "4", "PASSK_TRAINER_EVAL_K": "[1, 4]", "PASSK_TRAINER_EVAL_EVERY": "3",
-    "PASSK_TRAINER_CHECKPOINT_EVERY": "0",
-}  # fmt: skip
 
 
 def compose_config(**env: str) -> subprocess.CompletedProcess:
@@ -94,11 +84,7 @@ def to_container(name: str, spec: dict, ip: str, tmp: Path, image: Path) -> Cont
 def cluster(services, tiny_model, tmp_path_factory):
     """Every CPU-profile service running as a process, healthy by its own healthcheck."""
     tmp = tmp_path_factory.mktemp("compose")
-    splits = build_splits([7], [7], train_per_size=50, test_per_size=10, seed=0)
-    (tmp / "maze").mkdir()
-    write_jsonl(splits["train"], tmp / "maze" / "train.jsonl")
-    write_jsonl(splits["test"], tmp / "maze" / "test.jsonl")
-    image = containers.image_root(tmp, tiny_model, tmp / "maze")
+    image = containers.image_root(tmp, tiny_model)
     names = [n for n in order(services) if n not in NOT_RUN]
     ips = {name: f"127.0.10.{i + 2}" for i, name in enumerate(names)}
     localize = Localizer(ips)
@@ -107,7 +93,7 @@ def cluster(services, tiny_model, tmp_path_factory):
         for name in names:
             container = to_container(name, services[name], ips[name], tmp, image)
             if name == "trainer":
-                container.env.update(SHORT_RUN)
+                container.env.update(containers.SHORT_RUN)
             containers.start(container, localize)
             started[name] = container
             containers.wait_healthy(container, localize, timeout_s=240)

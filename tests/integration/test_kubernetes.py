@@ -20,8 +20,6 @@ import pytest
 import yaml
 
 from services.common.health import probe
-from services.tasks.maze import build_splits
-from services.tasks.records import write_jsonl
 from tests.helpers import containers
 from tests.helpers.containers import Container, Localizer
 from tests.helpers.monitoring import scrape
@@ -31,12 +29,6 @@ pytestmark = pytest.mark.slow
 TOKEN = "kubernetes-test-token"
 K8S_VERSION = "1.32.0"  # the kubectl of this machine; the API objects used are all GA there
 CRD_MODELS = "@kubernetes-models/prometheus-operator@6.0.0"
-SHORT_RUN = {
-    "PASSK_TRAINER_STEPS": "1000", "PASSK_TRAINER_PROMPTS_PER_STEP": "4", "PASSK_TRAINER_N_ROLLOUT": "8",
-    "PASSK_TRAINER_K": "4", "PASSK_TRAINER_MAX_TOKENS": "16", "PASSK_TRAINER_EVAL_MAZES": "2",
-    "PASSK_TRAINER_EVAL_N": "4", "PASSK_TRAINER_EVAL_K": "[1, 4]", "PASSK_TRAINER_EVAL_EVERY": "0",
-    "PASSK_TRAINER_CHECKPOINT_EVERY": "0",
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -239,11 +231,7 @@ def pod_container(name, pod, owner, ip, objects, tmp, image) -> Container:
 def cluster(rendered, tiny_model, tmp_path_factory):
     objects = rendered["base"]
     tmp = tmp_path_factory.mktemp("pods")
-    splits = build_splits([7], [7], train_per_size=50, test_per_size=10, seed=0)
-    (tmp / "maze").mkdir()
-    write_jsonl(splits["train"], tmp / "maze" / "train.jsonl")
-    write_jsonl(splits["test"], tmp / "maze" / "test.jsonl")
-    image = containers.image_root(tmp, tiny_model, tmp / "maze")
+    image = containers.image_root(tmp, tiny_model)
     wanted = pods(objects)
     ips = {name: f"127.0.20.{i + 2}" for i, (name, _, _) in enumerate(wanted)}
     # Service names (and a headless service's pod names) resolve to the pods they select
@@ -263,7 +251,7 @@ def cluster(rendered, tiny_model, tmp_path_factory):
         for name, pod, owner in sorted(wanted, key=lambda w: order[w[2]["kind"]]):
             container = pod_container(name, pod, owner, ips[name], objects, tmp, image)
             if owner["kind"] == "Job":
-                container.env.update(SHORT_RUN)
+                container.env.update(containers.SHORT_RUN)
             containers.start(container, localize)
             started.append(container)
         for container in started:

@@ -2,11 +2,18 @@
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+
+import httpx
+import pytest
 
 
-def test_up_runs_the_cluster_and_reports(tiny_model, tmp_path):
+def small_run(tiny_model, tmp_path, **extra) -> list[str]:
     run_dir = tmp_path / "run"
     overrides = {
         "model_dir": f"'{tiny_model}'",
@@ -21,8 +28,14 @@ def test_up_runs_the_cluster_and_reports(tiny_model, tmp_path):
         "eval_mazes": 5,
         "eval_n": 8,
         "eval_k": "[1, 8]",
+        **extra,
     }
-    args = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
+def test_up_runs_the_cluster_and_reports(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    args = small_run(tiny_model, tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "services.cli", "up", "--rollout-replicas", "2", *args],
         capture_output=True,
@@ -53,3 +66,38 @@ def test_up_rejects_a_bad_preset_override(tmp_path):
     )
     assert result.returncode == 2
     assert "k=64 is larger than n_rollout=8" in " ".join(result.stderr.split())
+
+
+def test_up_with_prometheus_scrapes_every_process_and_serves_until_stopped(tiny_model, tmp_path):
+    if shutil.which("prometheus") is None:
+        pytest.fail("prometheus is not installed (make test installs Debian's prometheus)")
+    args = small_run(tiny_model, tmp_path, steps=6)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--rollout-replicas", "2", "--prometheus", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 600
+        url = None
+        for line in process.stdout:
+            lines.append(line)
+            if match := re.search(r"prometheus: (http://127\.0\.0\.1:\d+)/graph", line):
+                url = match.group(1)
+            if "prometheus keeps serving" in line or time.monotonic() > deadline:
+                break
+        assert url and "prometheus keeps serving" in lines[-1], "".join(lines)[-3000:]
+        # every process of the run was scraped while it ran, the trainer through its last steps
+        reply = httpx.get(f"{url}/api/v1/query", params={"query": "count by (job) (max_over_time(up[10m]) == 1)"})
+        counts = {r["metric"]["job"]: int(r["value"][1]) for r in reply.json()["data"]["result"]}
+        assert counts == {"rollout": 2, "verifier": 1, "trainer": 1, "prometheus": 1}
+        reply = httpx.get(f"{url}/api/v1/query", params={"query": "max_over_time(passk_trainer_step[10m])"})
+        assert float(reply.json()["data"]["result"][0]["value"][1]) >= 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/-/ready")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
