@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -149,15 +150,22 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
     verifier_port = free_port()
     verifier_url = f"http://127.0.0.1:{verifier_port}"
     common = ["--redis-url", redis_server.url]
+    # tokens on every API even on loopback, new for each run unless the preset sets the weights'
+    weights_token = settings.weights_token.get_secret_value() or secrets.token_hex(16)
+    api_token = secrets.token_hex(16)
     try:
-        cluster.start("verifier", ["serve", "verifier", "--port", str(verifier_port), *common])
+        cluster.start(
+            "verifier", ["serve", "verifier", "--port", str(verifier_port), *common],
+            env={"PASSK_VERIFIER_API_TOKEN": api_token},
+        )  # fmt: skip
         ports = [free_port() for _ in range(replicas)]
         rollout_options = preset_rollout_options(preset)
         for i, port in enumerate(ports):
             jobs_per_read = -(-settings.prompts_per_step // replicas)  # share a step's jobs out
             args = ["serve", "rollout", "--model-dir", settings.model_dir, "--port", str(port), *rollout_options]
             args += ["--replica", f"rollout-{i}", "--max-jobs", str(jobs_per_read)]
-            cluster.start(f"rollout-{i}", [*args, *common], env={"PASSK_WEIGHTS_TOKEN": settings.weights_token})
+            env = {"PASSK_WEIGHTS_TOKEN": weights_token, "PASSK_ROLLOUT_API_TOKEN": api_token}
+            cluster.start(f"rollout-{i}", [*args, *common], env=env)
         cluster.wait_healthy("verifier", verifier_url)
         for i, port in enumerate(ports):
             cluster.wait_healthy(f"rollout-{i}", f"http://127.0.0.1:{port}")
@@ -186,6 +194,7 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
                 *[arg for o in [*overrides, *trainer_overrides] for arg in ("--set", o)],
                 *(["--resume"] if resume else []),
             ],
+            env={"PASSK_TRAINER_WEIGHTS_TOKEN": weights_token, "PASSK_TRAINER_VERIFIER_TOKEN": api_token},
         )
         follow(trainer, run_dir, settings.steps)
         if trainer.returncode != 0:

@@ -101,8 +101,12 @@ class RolloutSettings(ConsumerSettings):
     """torch threads for the engine."""
     max_jobs: int = Field(16, ge=1, le=4096)
     """Prompt jobs batched into one engine call."""
-    weights_token: str = ""
+    weights_token: SecretStr = SecretStr("")
     """Bearer token the weight service requires; empty disables the check."""
+    api_token: SecretStr = SecretStr("")
+    """Bearer token the HTTP API (/v1/generate and the OpenAI-compatible routes) requires; empty disables it."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest HTTP request body."""
     weights_tls_cert: str = ""
     """PEM certificate of the weight service; with weights_tls_key it serves TLS only."""
     weights_tls_key: str = ""

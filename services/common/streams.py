@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 FIELD = "data"
+DEAD_LETTERS_KEPT = 10_000  # the newest dead letters kept for inspection; older ones are trimmed
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ class StreamConsumer:
         self.client.xadd(
             self.dead_letters,
             {"entry_id": delivery.entry_id, "reason": reason[:2000], FIELD: payload, "consumer": self.consumer},
+            maxlen=DEAD_LETTERS_KEPT,
+            approximate=False,
         )
         self.ack(delivery)
         log.error("dead-lettered %s from %s: %s", delivery.entry_id, self.stream, reason)
@@ -142,6 +145,35 @@ class StreamConsumer:
     def pending(self) -> int:
         """Entries delivered to this group and not acked yet."""
         return int(self.client.xpending(self.stream, self.group)["pending"])
+
+
+def _next_id(entry_id: str) -> str:
+    ms, seq = entry_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+def safe_min_id(client: redis.Redis, stream: str) -> str | None:
+    """The oldest entry some consumer group may still need: its oldest pending entry, or the
+    one after the last it was given. None while the stream has no group (nothing is known done)."""
+    oldest = []
+    for group in client.xinfo_groups(stream):
+        if int(group.get("pending") or 0):
+            oldest.append(client.xpending(stream, group["name"])["min"].decode())
+        else:
+            oldest.append(_next_id(group["last-delivered-id"].decode()))
+    if not oldest:
+        return None
+    return min(oldest, key=lambda eid: tuple(map(int, eid.split("-"))))
+
+
+def trim_consumed(client: redis.Redis, stream: str) -> int:
+    """Drop the entries every consumer group is done with (delivered and acked); never one that
+    is pending or not yet delivered. Returns how many were dropped. Streams would otherwise grow
+    for the whole run: every prompt job, rollout group and score ever sent."""
+    minimum = safe_min_id(client, stream)
+    if minimum is None:
+        return 0
+    return int(client.xtrim(stream, minid=minimum, approximate=False))
 
 
 def claim_once(client: redis.Redis, key: str, ttl_s: int = 7 * 24 * 3600) -> bool:

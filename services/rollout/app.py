@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.http_guard import install_guard
 from services.common.metrics import mount_metrics
 from services.common.schemas import MAX_TEXT, Sample, SamplingParams
 from services.rollout.openai_api import mount_openai
@@ -31,6 +32,8 @@ class GenerateResponse(BaseModel):
 
 def create_app(rollout: Rollout) -> FastAPI:
     app = FastAPI(title="passk rollout")
+    settings = rollout.settings
+    install_guard(app, max_body=settings.max_body_bytes, token=settings.api_token.get_secret_value())
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     def generate(body: GenerateRequest) -> GenerateResponse:

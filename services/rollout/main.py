@@ -50,7 +50,7 @@ def run(settings: RolloutSettings) -> None:
     receiver = WeightReceiver(
         engine,
         rollout.name,
-        token=settings.weights_token or None,
+        token=settings.weights_token.get_secret_value() or None,
         max_bytes=settings.max_weight_bytes,
         on_swap=rollout.swapped,
         on_error=rollout.refused,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from services.trainer.advantage import Estimator
 
@@ -111,9 +111,9 @@ class TrainerSettings(BaseModel):
     """Redis server of the streams."""
     verifier_url: str = "http://127.0.0.1:8100"
     """Verifier HTTP API, used to grade evaluations."""
-    verifier_token: str = ""
+    verifier_token: SecretStr = SecretStr("")
     """Bearer token the verifier's API requires (its api_token); empty sends none."""
-    weights_token: str = ""
+    weights_token: SecretStr = SecretStr("")
     """Bearer token for weight pushes to the replicas."""
     weights_tls_ca: str = ""
     """PEM certificate(s) to trust: pushes go over TLS when set (the replicas then serve TLS)."""
@@ -188,7 +188,7 @@ def load_settings(
         except tomllib.TOMLDecodeError:
             value = raw
         field = TrainerSettings.model_fields.get(key.strip())
-        if field is not None and field.annotation is str and not isinstance(value, str):
+        if field is not None and field.annotation in (str, SecretStr) and not isinstance(value, str):
             value = raw  # a token of digits is still a string
         data[key.strip()] = value
     return TrainerSettings.model_validate(data)

@@ -29,7 +29,7 @@ from services.common.config import StreamNames
 from services.common.payload import Payload
 from services.common.registry import Policy
 from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
-from services.common.streams import StreamConsumer, claim_once, publish
+from services.common.streams import StreamConsumer, claim_once, publish, trim_consumed
 from services.common.weights import push
 from services.tasks.maze import read_jsonl
 from services.trainer import checkpoint, distributed
@@ -198,9 +198,22 @@ class Trainer:
             step=step, version=self.version, rollout_s=t1 - t0, waiting_s=waited, train_s=t2 - t1,
             step_s=time.monotonic() - t0, staleness_mean=sum(staleness) / len(staleness),
             staleness_max=max(staleness), dropped_stale=dropped, trained_jobs=[g.group.job.job_id for g in groups],
+            stream_lengths=self.trim_streams(),
         )  # fmt: skip
         self.log_metrics(metrics, step)
         return metrics, next_jobs
+
+    def trim_streams(self) -> dict[str, int]:
+        """Drop what every consumer is done with, so that Redis holds at most a few steps of work
+        however long the run; returns each stream's length after."""
+        lengths = {}
+        for stream in (self.streams.prompts, self.streams.rollouts, self.streams.scored):
+            try:
+                trim_consumed(self.client, stream)
+                lengths[stream] = int(self.client.xlen(stream))
+            except redis.RedisError as err:  # a step is not worth failing for it; the next one trims
+                log.warning("could not trim %s: %s", stream, err)
+        return lengths
 
     def checkpoint_due(self, step: int) -> bool:
         return step == self.s.steps or bool(self.s.checkpoint_every and step % self.s.checkpoint_every == 0)
@@ -346,9 +359,8 @@ class Trainer:
 
     def _push(self, address: str, version: int, payload: Payload) -> bool:
         try:
-            reply = push(
-                address, version, payload, epoch=self.epoch, token=self.s.weights_token or None, tls_ca=self.tls_ca
-            )
+            token = self.s.weights_token.get_secret_value() or None
+            reply = push(address, version, payload, epoch=self.epoch, token=token, tls_ca=self.tls_ca)
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
             return False
@@ -381,7 +393,7 @@ class Trainer:
             max_tokens=self.s.max_tokens,
             template=self.s.prompt_template,
             verifier_url=self.s.verifier_url,
-            verifier_token=self.s.verifier_token,
+            verifier_token=self.s.verifier_token.get_secret_value(),
             seed=self.s.eval_seed,
         )
         entry = {"version": self.version, "table": {str(size): row for size, row in table.items()}}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hmac
-
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.http_guard import install_guard
 from services.common.metrics import mount_metrics
 from services.common.schemas import MAX_TEXT, Verdict
 from services.verifier.pool import load_graders
@@ -29,24 +28,9 @@ class GradeResponse(BaseModel):
 def create_app(verifier: Verifier) -> FastAPI:
     settings = verifier.settings
     app = FastAPI(title="passk verifier")
-    max_body = settings.max_body_bytes
-    token = settings.api_token.get_secret_value().encode()
     known = set(load_graders(settings.graders)[0])  # the graders' table; their heavy imports stay in the pool
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is None and request.method == "POST":
-            return JSONResponse({"detail": "a Content-Length header is required"}, status_code=411)
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return JSONResponse({"detail": f"request body over {max_body} bytes"}, status_code=413)
-        if token and request.url.path.startswith("/v1/"):  # before the body is read
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, b"Bearer " + token):  # constant time: no guessing by timing
-                return JSONResponse(
-                    {"detail": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-                )
-        return await call_next(request)
+    install_guard(app, max_body=settings.max_body_bytes, token=settings.api_token.get_secret_value())
 
     @app.post("/v1/grade", response_model=GradeResponse)
     async def grade(body: GradeRequest) -> GradeResponse | JSONResponse:

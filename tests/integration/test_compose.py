@@ -147,6 +147,10 @@ def test_every_cpu_service_runs_healthy_and_trains(cluster):
     verifier = f"http://{cluster['verifier'].ip}:8100/v1/grade"
     assert httpx.post(verifier, json=grade, timeout=10).status_code == 401
     assert httpx.post(verifier, json=grade, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).is_success
+    generate = f"http://{cluster['rollout'].ip}:8200/v1/generate"
+    assert httpx.post(generate, json={"prompt": "S.E", "n": 1}, timeout=10).status_code == 401
+    # no process wrote the token to its log
+    assert not [c.name for c in cluster.values() if TOKEN in c.log.read_text(errors="replace")]
     # Redis keeps an append-only file in its volume, as the compose file asks
     assert any(Path(cluster["redis"].mounts["/data"]).rglob("*.aof*"))
 

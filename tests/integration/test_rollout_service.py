@@ -16,6 +16,8 @@ from tests.helpers.procs import service, wait_for
 
 STREAMS = StreamNames()
 MAZE = "*******\n*S....*\n*****.*\n*E....*\n*******\n*******\n*******"
+API_TOKEN = "api-s3cret"
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def replica(redis_server, tiny_model, tmp_path_factory):
     redis_server.client.flushdb()
     args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", redis_server.url, "--replica", "r-test"]
     args += ["--weights-token", "s3cret", "--claim-idle-ms", "500"]
-    with service(args, log) as (process, url):
+    with service(args, log, env={"PASSK_ROLLOUT_API_TOKEN": API_TOKEN}) as (process, url):
         info = wait_for(lambda: {r.replica: r for r in registry.live_replicas(redis_server.client)}.get("r-test"))
         yield process, url, info.grpc
 
@@ -37,13 +39,29 @@ def weights_of(model_dir, scale: float) -> dict[str, torch.Tensor]:
 def test_generate_over_http(replica):
     _, url, _ = replica
     body = {"prompt": MAZE + "\n", "n": 3, "sampling": {"max_tokens": 5, "seed": 1}}
-    reply = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+    reply = httpx.post(f"{url}/v1/generate", json=body, timeout=60, headers=AUTH)
     assert reply.status_code == 200, reply.text
     data = reply.json()
     assert len(data["samples"]) == 3 and data["policy_version"] == 0
     assert all(len(s["token_ids"]) == len(s["logprobs"]) <= 5 for s in data["samples"])
-    assert httpx.post(f"{url}/v1/generate", json={"prompt": "", "n": 3}).status_code == 422
-    assert httpx.post(f"{url}/v1/generate", json={"prompt": "x", "n": 0}).status_code == 422
+    assert httpx.post(f"{url}/v1/generate", json={"prompt": "", "n": 3}, headers=AUTH).status_code == 422
+    assert httpx.post(f"{url}/v1/generate", json={"prompt": "x", "n": 0}, headers=AUTH).status_code == 422
+
+
+def test_the_api_needs_the_token_and_limits_bodies(replica):
+    import openai
+
+    _, url, _ = replica
+    body = {"prompt": MAZE + "\n", "n": 1}
+    assert httpx.post(f"{url}/v1/generate", json=body).status_code == 401
+    wrong = httpx.post(f"{url}/v1/generate", json=body, headers={"Authorization": "Bearer api-s3creT"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    # probes and Prometheus carry no token
+    assert httpx.get(f"{url}/healthz").status_code == 200 and httpx.get(f"{url}/metrics").status_code == 200
+    huge = httpx.post(f"{url}/v1/generate", content=b"x" * (16 * 1024 * 1024 + 1), headers=AUTH)
+    assert huge.status_code == 413
 
 
 def test_weight_push_needs_the_token(replica, tiny_model):
@@ -142,7 +160,7 @@ def test_the_openai_compatible_api(replica):
     import openai
 
     _, url, _ = replica
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_TOKEN, max_retries=0)
     [model] = client.models.list().data
     completion = client.completions.create(
         model=model.id, prompt=[MAZE + "\n"], max_tokens=6, temperature=0, n=2, logprobs=0

@@ -1,7 +1,18 @@
+import time
+
 import pytest
 
+from services.common import streams
 from services.common.schemas import PromptJob, RolloutGroup, Sample, SamplingParams
-from services.common.streams import StreamConsumer, claim_once, dead_letters, publish
+from services.common.streams import (
+    StreamConsumer,
+    claim_once,
+    dead_letter_stream,
+    dead_letters,
+    publish,
+    safe_min_id,
+    trim_consumed,
+)
 
 
 def job(i: int = 0, **overrides) -> PromptJob:
@@ -115,3 +126,47 @@ def test_stop_strings_are_bounded():
         SamplingParams(stop=("",))
     with pytest.raises(ValidationError, match="at most 8 items"):
         SamplingParams(stop=tuple("abcdefghi"))
+
+
+def test_trimming_drops_only_what_every_group_is_done_with(redis_client):
+    ids = [publish(redis_client, "s", job(i)) for i in range(10)]
+    first = StreamConsumer(redis_client, "s", "g1", "c", claim_idle_ms=10)
+    second = StreamConsumer(redis_client, "s", "g2", "c", claim_idle_ms=10)
+    assert trim_consumed(redis_client, "s") == 0  # neither group has been given anything
+    got = first.read(6)
+    for delivery in got[:2] + got[3:]:
+        first.ack(delivery)  # entry 2 stays pending: its consumer may have died
+    for delivery in second.read(8):
+        second.ack(delivery)
+    assert safe_min_id(redis_client, "s") == ids[2]
+    assert trim_consumed(redis_client, "s") == 2
+    kept = [eid.decode() for eid, _ in redis_client.xrange("s")]
+    assert kept == ids[2:]
+    # the pending entry is still there to be claimed and finished, and g1's unread entries to be read
+    time.sleep(0.02)
+    (claimed,) = first.read(1)
+    assert claimed.entry_id == ids[2] and claimed.deliveries == 2
+    first.ack(claimed)
+    assert [d.entry_id for d in first.read(10)] == ids[6:]
+
+
+def test_a_group_that_read_everything_lets_the_stream_empty(redis_client):
+    for i in range(3):
+        publish(redis_client, "s", job(i))
+    consumer = StreamConsumer(redis_client, "s", "g", "c")
+    for delivery in consumer.read(3):
+        consumer.ack(delivery)
+    assert trim_consumed(redis_client, "s") == 3 and redis_client.xlen("s") == 0
+    publish(redis_client, "s", job(3))  # new work after a trim is read as usual
+    assert len(consumer.read(5)) == 1
+
+
+def test_dead_letters_keep_the_newest_few(redis_client, monkeypatch):
+    monkeypatch.setattr(streams, "DEAD_LETTERS_KEPT", 2)
+    consumer = StreamConsumer(redis_client, "s", "g", "c")
+    ids = [publish(redis_client, "s", job(i)) for i in range(3)]
+    for delivery in consumer.read(3):
+        consumer.dead_letter(delivery, "test")
+    kept = [fields[b"entry_id"].decode() for _, fields in redis_client.xrange(dead_letter_stream("s"))]
+    assert kept == ids[1:]
+    assert trim_consumed(redis_client, "s") == 3  # dead-lettered entries are acked: done with

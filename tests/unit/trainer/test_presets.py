@@ -60,7 +60,7 @@ def test_trainer_fields_come_from_passk_trainer_variables_between_preset_and_set
     }  # fmt: skip
     settings = load_settings(Path("configs/maze-tiny.toml"), ["steps=9"], environ)
     assert settings.redis_url == "redis://redis:6379/0"
-    assert settings.weights_token == "0123"  # digits stay a string: it is a token
+    assert settings.weights_token.get_secret_value() == "0123"  # digits stay a string: it is a token
     assert settings.eval_k == [1, 4]
     assert settings.steps == 9  # --set wins over the environment
     assert load_settings(Path("configs/maze-tiny.toml"), [], environ).steps == 7
