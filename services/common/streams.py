@@ -18,6 +18,7 @@ have been idle for ``claim_idle_ms``; an entry delivered more than
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -61,8 +62,13 @@ class StreamConsumer:
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
         block_ms: int = 1000,
+        on_claim: Callable[[], None] | None = None,
+        on_dead_letter: Callable[[], None] | None = None,
     ) -> None:
+        """``on_claim`` and ``on_dead_letter`` are told of every entry taken over from a dead
+        consumer and every entry moved to the dead letters (the services count them)."""
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
+        self.on_claim, self.on_dead_letter = on_claim or (lambda: None), on_dead_letter or (lambda: None)
         self.claim_idle_ms, self.max_deliveries, self.block_ms = claim_idle_ms, max_deliveries, block_ms
         self.dead_letters = dead_letter_stream(stream)
         try:
@@ -100,6 +106,7 @@ class StreamConsumer:
                 self.dead_letter(delivery, f"delivered {deliveries} times (max {self.max_deliveries})")
                 continue
             log.warning("claimed %s from a dead consumer (delivery %d)", entry_id, deliveries)
+            self.on_claim()
             out.append(delivery)
         return out
 
@@ -128,6 +135,7 @@ class StreamConsumer:
             approximate=False,
         )
         self.ack(delivery)
+        self.on_dead_letter()
         log.error("dead-lettered %s from %s: %s", delivery.entry_id, self.stream, reason)
 
     def lag(self) -> int:

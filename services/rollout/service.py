@@ -60,6 +60,16 @@ class Rollout:
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
         )  # fmt: skip
         self.sync_errors = Counter("passk_rollout_weight_sync_errors", "Refused weight pushes", registry=self.metrics)
+        self.claimed = Counter(
+            "passk_rollout_jobs_claimed", "Prompt jobs taken over from a replica presumed dead", registry=self.metrics
+        )
+        self.dead_lettered = Counter(
+            "passk_rollout_jobs_dead_lettered", "Prompt jobs moved to the dead letters", registry=self.metrics
+        )
+        self.redis_errors = Counter(
+            "passk_rollout_redis_errors", "Redis operations that failed (it restarts or is unreachable)",
+            registry=self.metrics,
+        )  # fmt: skip
         self.loaded_version = Gauge(
             "passk_rollout_policy_version", "Policy version being served", registry=self.metrics
         )
@@ -117,6 +127,8 @@ class Rollout:
             claim_idle_ms=self.settings.claim_idle_ms,
             max_deliveries=self.settings.max_deliveries,
             block_ms=self.settings.block_ms,
+            on_claim=self.claimed.inc,
+            on_dead_letter=self.dead_lettered.inc,
         )
         while not self.stop.is_set():
             try:
@@ -131,7 +143,8 @@ class Rollout:
                 jobs = [(d, job) for d, job in jobs if self.fits(consumer, d, job)]
                 if jobs:
                     self.generate_and_publish(consumer, jobs)
-            except redis.ConnectionError as err:
+            except (redis.ConnectionError, redis.TimeoutError) as err:
+                self.redis_errors.inc()
                 log.warning("redis unavailable: %s", err)
                 self.stop.wait(1.0)
             except Exception:  # unacked jobs come back after claim_idle_ms, then go to the dead letters

@@ -272,10 +272,17 @@ class Trainer:
         while waiting:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(waiting)} scored groups missing after {self.s.group_timeout_s} s")
-            self.catch_up()
             start = time.monotonic()
-            deliveries = self.consumer.read(32)
-            waited += time.monotonic() - start
+            try:
+                self.catch_up()
+                deliveries = self.consumer.read(32)
+            except (redis.ConnectionError, redis.TimeoutError) as err:  # Redis restarting: the groups wait there
+                self.prometheus.redis_errors.inc()
+                log.warning("redis unavailable while collecting: %s", err)
+                time.sleep(1.0)
+                continue
+            finally:
+                waited += time.monotonic() - start
             for delivery in deliveries:
                 scored = self.consumer.decode(delivery, ScoredGroup)
                 if scored is None:
@@ -360,7 +367,10 @@ class Trainer:
     def _push(self, address: str, version: int, payload: Payload) -> bool:
         try:
             token = self.s.weights_token.get_secret_value() or None
-            reply = push(address, version, payload, epoch=self.epoch, token=token, tls_ca=self.tls_ca)
+            reply = push(
+                address, version, payload, epoch=self.epoch, token=token, tls_ca=self.tls_ca,
+                timeout_s=self.s.push_timeout_s,
+            )  # fmt: skip
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
             return False

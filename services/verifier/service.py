@@ -58,6 +58,19 @@ class Verifier:
             "Rollout groups read by a verifier and not yet scored",
             registry=self.registry,
         )
+        self.claimed = Counter(
+            "passk_verifier_groups_claimed",
+            "Rollout groups taken over from a verifier presumed dead",
+            registry=self.registry,
+        )
+        self.dead_lettered = Counter(
+            "passk_verifier_groups_dead_lettered", "Rollout groups moved to the dead letters", registry=self.registry
+        )
+        self.redis_errors = Counter(
+            "passk_verifier_redis_errors",
+            "Redis operations that failed (it restarts or is unreachable)",
+            registry=self.registry,
+        )
         self.stop = threading.Event()
         self.queue_thread: threading.Thread | None = None
 
@@ -110,6 +123,8 @@ class Verifier:
             claim_idle_ms=self.settings.claim_idle_ms,
             max_deliveries=self.settings.max_deliveries,
             block_ms=self.settings.block_ms,
+            on_claim=self.claimed.inc,
+            on_dead_letter=self.dead_lettered.inc,
         )
         while not self.stop.is_set():
             try:
@@ -124,7 +139,8 @@ class Verifier:
                     publish(client, self.streams.scored, self.score(group))
                     consumer.ack(delivery)
                     self.groups.inc()
-            except redis.ConnectionError as err:  # Redis restarting: wait, then go on
+            except (redis.ConnectionError, redis.TimeoutError) as err:  # Redis restarting: wait, then go on
+                self.redis_errors.inc()
                 log.warning("redis unavailable: %s", err)
                 self.stop.wait(1.0)
             except Exception:  # an unacked group comes back after claim_idle_ms, then goes to the dead letters
