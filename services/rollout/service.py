@@ -13,7 +13,7 @@ from collections import defaultdict
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common import registry
+from services.common import redis_client, registry
 from services.common.config import RolloutSettings, StreamNames
 from services.common.hf_sampling import Generation
 from services.common.schemas import PromptJob, RolloutGroup, Sample, SamplingParams
@@ -31,7 +31,6 @@ class Rollout:
     def __init__(self, engine: Engine, settings: RolloutSettings, streams: StreamNames | None = None) -> None:
         self.engine, self.settings, self.streams = engine, settings, streams or StreamNames()
         self.name = settings.replica or f"{socket.gethostname()}-{os.getpid()}"
-        self.client = redis.Redis.from_url(settings.redis_url)
         self.stop = threading.Event()
         self.http_address = ""
         self.grpc_address = ""
@@ -67,12 +66,13 @@ class Rollout:
             "passk_rollout_jobs_dead_lettered", "Prompt jobs moved to the dead letters", registry=self.metrics
         )
         self.redis_errors = Counter(
-            "passk_rollout_redis_errors", "Redis operations that failed (it restarts or is unreachable)",
+            "passk_rollout_redis_errors", "Failed Redis attempts, retried or not (Redis restarting or unreachable)",
             registry=self.metrics,
         )  # fmt: skip
         self.loaded_version = Gauge(
             "passk_rollout_policy_version", "Policy version being served", registry=self.metrics
         )
+        self.client = redis_client.connect(settings.redis_url, on_error=self.redis_errors.inc)
         self.last_weight_error = ""
         self.receiver_swapping = lambda: False
 

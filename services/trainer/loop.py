@@ -24,7 +24,7 @@ from pathlib import Path
 import redis
 import torch
 
-from services.common import registry
+from services.common import redis_client, registry
 from services.common.config import StreamNames
 from services.common.payload import Payload
 from services.common.registry import Policy
@@ -96,7 +96,8 @@ class Trainer:
         for item in self.test_items:
             by_size.setdefault(item.size, []).append(item)
         self.eval_items = [it for items in by_size.values() for it in items[: settings.eval_mazes]]
-        self.client = redis.Redis.from_url(settings.redis_url)
+        self.prometheus = TrainerMetrics()
+        self.client = redis_client.connect(settings.redis_url, on_error=self.prometheus.redis_errors.inc)
         self.consumer = StreamConsumer(self.client, self.streams.scored, "trainer", "trainer", claim_idle_ms=600_000)
         self.epoch = registry.new_epoch(self.client)
         self.published: int | None = None  # the last version pushed
@@ -114,7 +115,6 @@ class Trainer:
             log.info("moved the previous run's checkpoints to %s", aside)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.prometheus = TrainerMetrics()
         self.unsharded: torch.nn.Module | None = None  # FSDP2: the evaluation's copy of the policy
         if settings.metrics_port:
             self.prometheus.serve(settings.metrics_host, settings.metrics_port)

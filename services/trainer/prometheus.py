@@ -38,7 +38,7 @@ class TrainerMetrics:
                               registry=self.registry)  # fmt: skip
         self.phase = Histogram("passk_trainer_step_phase_seconds", "Step time by phase", ["phase"],
                                registry=self.registry, buckets=(0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000))  # fmt: skip
-        self.redis_errors = Counter("passk_trainer_redis_errors", "Redis operations that failed while collecting",
+        self.redis_errors = Counter("passk_trainer_redis_errors", "Failed Redis attempts, retried or not",
                                     registry=self.registry)  # fmt: skip
         self.stream_length = Gauge("passk_trainer_stream_length", "Entries kept in each Redis stream after trimming",
                                    ["stream"], registry=self.registry)  # fmt: skip

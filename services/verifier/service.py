@@ -10,6 +10,7 @@ import threading
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common import redis_client
 from services.common.config import StreamNames, VerifierSettings
 from services.common.schemas import RolloutGroup, ScoredGroup, Verdict, VerdictStatus
 from services.common.streams import StreamConsumer, publish
@@ -113,7 +114,7 @@ class Verifier:
 
     def run_queue(self) -> None:
         """Consume rollout groups until ``stop`` is set; ack each only after its scores are published."""
-        client = redis.Redis.from_url(self.settings.redis_url)
+        client = redis_client.connect(self.settings.redis_url, on_error=self.redis_errors.inc)
         name = self.settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
         consumer = StreamConsumer(
             client,
