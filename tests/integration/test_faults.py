@@ -23,13 +23,15 @@ from pathlib import Path
 import pytest
 
 from services.common.redis_server import RedisServer, free_port
+from services.common.schemas import PromptJob
+from services.common.streams import publish
 from tests.helpers.cluster import maze_data, trainer_args
 from tests.helpers.monitoring import scrape
 from tests.helpers.procs import service, stop
 
 pytestmark = pytest.mark.slow
 
-STEPS, PROMPTS, CLAIM_IDLE_MS = 8, 4, 1000
+STEPS, PROMPTS, CLAIM_IDLE_MS, MAX_DELIVERIES = 8, 4, 1000, 5
 
 
 @dataclass
@@ -84,13 +86,16 @@ def cluster(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2):
     redis_server = RedisServer(tmp_path / "redis")
     run = Cluster(tmp_path, redis_server)
     common = ["--redis-url", redis_server.url, "--claim-idle-ms", str(CLAIM_IDLE_MS)]
+    env = {"PASSK_ROLLOUT_MAX_DELIVERIES": str(MAX_DELIVERIES), "PASSK_VERIFIER_MAX_DELIVERIES": str(MAX_DELIVERIES)}
     try:
         with ExitStack() as stack:
             for i in range(verifiers):
-                run.verifiers.append(stack.enter_context(service(["serve", "verifier", *common], logs / f"v{i}.log")))
+                run.verifiers.append(
+                    stack.enter_context(service(["serve", "verifier", *common], logs / f"v{i}.log", env=env))
+                )
             for i in range(replicas):
                 args = ["serve", "rollout", "--model-dir", str(tiny_model), "--replica", f"r{i}", "--max-jobs", "2"]
-                run.replicas.append(stack.enter_context(service([*args, *common], logs / f"r{i}.log")))
+                run.replicas.append(stack.enter_context(service([*args, *common], logs / f"r{i}.log", env=env)))
             port = free_port()
             command = trainer_args(
                 # the last verifier grades evaluations (a Service would route around a dead one)
@@ -191,3 +196,44 @@ def test_redis_killed_and_restarted_from_its_append_only_file(tmp_path, tiny_mod
     assert all(r["passk_rollout_redis_errors_total"] >= 1 for r in replicas)
     assert verifier["passk_verifier_redis_errors_total"] >= 1
     report("Redis SIGKILL, restart after 2 s", run.recovery(fault_at, rows), "streams and pending entries restored")
+
+
+def test_poison_messages_go_to_the_dead_letters_and_training_goes_on(tmp_path, tiny_model):
+    with cluster(tmp_path, tiny_model) as run:
+        client = run.redis.client
+        run.watch(lambda: 1 in run.seen)
+        garbage = client.xadd("passk:prompts", {"data": b"\xff not json"}).decode()
+        empty = client.xadd("passk:prompts", {"other": b"x"}).decode()
+        job = PromptJob(job_id="poison-long", prompt_id="p", task="maze", policy_version=0, prompt="*" * 5000,
+                        reference="S.E", n=2)  # fmt: skip
+        too_long = publish(client, "passk:prompts", job)
+        # a job whose consumers keep dying: delivered again and again, never acked. The replicas
+        # pause while a consumer that then "dies" takes it, so that it is the only one to read it.
+        replicas = [process for process, _ in run.replicas]
+        while True:
+            for process in replicas:
+                os.kill(process.pid, signal.SIGSTOP)
+            if not int(client.xinfo_groups("passk:prompts")[0]["lag"]):
+                break
+            for process in replicas:
+                os.kill(process.pid, signal.SIGCONT)
+            time.sleep(0.02)
+        killer = publish(client, "passk:prompts", job.model_copy(update={"job_id": "poison-killer", "prompt": "S.E"}))
+        ((_, [(taken, _)]),) = client.xreadgroup("rollout", "doomed", {"passk:prompts": ">"}, count=1)
+        assert taken.decode() == killer
+        for _ in range(MAX_DELIVERIES):  # each takeover by another consumer that dies in turn
+            client.xclaim("passk:prompts", "rollout", "doomed", min_idle_time=0, message_ids=[killer])
+        for process in replicas:
+            os.kill(process.pid, signal.SIGCONT)
+        rows = run.finish()
+        dead = {
+            fields[b"entry_id"].decode(): fields[b"reason"].decode()
+            for _, fields in client.xrange("passk:prompts:dead")
+        }
+        counts = [scrape(f"{url}/metrics")["passk_rollout_jobs_dead_lettered_total"] for _, url in run.replicas]
+    assert_every_job_trained_once(rows)
+    assert set(dead) == {garbage, empty, too_long, killer}, dead
+    assert "invalid PromptJob" in dead[garbage] and "no 'data' field" in dead[empty]
+    assert "exceeds the context" in dead[too_long]
+    assert f"delivered {MAX_DELIVERIES + 2} times (max {MAX_DELIVERIES})" in dead[killer]
+    assert sum(counts) == 4
