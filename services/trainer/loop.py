@@ -198,7 +198,7 @@ class Trainer:
             step=step, version=self.version, rollout_s=t1 - t0, waiting_s=waited, train_s=t2 - t1,
             step_s=time.monotonic() - t0, staleness_mean=sum(staleness) / len(staleness),
             staleness_max=max(staleness), dropped_stale=dropped, trained_jobs=[g.group.job.job_id for g in groups],
-            stream_lengths=self.trim_streams(),
+            stream_lengths=self.trim_streams(), time=time.time(),
         )  # fmt: skip
         self.log_metrics(metrics, step)
         return metrics, next_jobs

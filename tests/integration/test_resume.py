@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -45,6 +46,7 @@ def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, ti
         try:
             wait_for(lambda: len(metrics(run)) >= 6, 600, 0.05)  # past the checkpoint of step 4
             os.killpg(first.pid, signal.SIGKILL)
+            killed_at = time.time()
             first.wait(30)
         finally:
             stop(first)
@@ -85,3 +87,8 @@ def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, ti
     kept = [job for m in before[:4] + after for job in m["trained_jobs"]]  # the run as it stands
     assert len(kept) == len(set(kept)) == STEPS * PROMPTS
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
+    median = sorted(m["step_s"] for m in before)[len(before) // 2]
+    resumed = after[0]["time"] - killed_at
+    print(f"\nRELIABILITY | trainer SIGKILL, then --resume | first resumed step done {resumed:.1f} s"
+          f" after the kill (median step {median:.1f} s) | jobs lost 0, trained twice 0 | steps 5-6 recomputed"
+          " from the step-4 checkpoint, with the same prompts and updates")  # fmt: skip
