@@ -17,6 +17,7 @@ have been idle for ``claim_idle_ms``; an entry delivered more than
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,16 +172,26 @@ def safe_min_id(client: redis.Redis, stream: str) -> str | None:
             oldest.append(_next_id(group["last-delivered-id"].decode()))
     if not oldest:
         return None
-    return min(oldest, key=lambda eid: tuple(map(int, eid.split("-"))))
+    return functools.reduce(_older, oldest)
 
 
-def trim_consumed(client: redis.Redis, stream: str) -> int:
-    """Drop the entries every consumer group is done with (delivered and acked); never one that
-    is pending or not yet delivered. Returns how many were dropped. Streams would otherwise grow
-    for the whole run: every prompt job, rollout group and score ever sent."""
+def _older(a: str, b: str) -> str:
+    return min(a, b, key=lambda eid: tuple(map(int, eid.split("-"))))
+
+
+def trim_consumed(client: redis.Redis, stream: str, keep: int = 0) -> int:
+    """Drop the entries every consumer group is done with (delivered and acked), except the newest
+    ``keep`` (recent history to look at); never one that is pending or not yet delivered. Returns
+    how many were dropped. Streams would otherwise grow for the whole run: every prompt job,
+    rollout group and score ever sent."""
     minimum = safe_min_id(client, stream)
     if minimum is None:
         return 0
+    if keep:
+        newest = client.xrevrange(stream, count=keep)
+        if len(newest) < keep:
+            return 0
+        minimum = _older(minimum, newest[-1][0].decode())
     return int(client.xtrim(stream, minid=minimum, approximate=False))
 
 

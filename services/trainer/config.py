@@ -121,6 +121,9 @@ class TrainerSettings(BaseModel):
     """Where the trainer's Prometheus metrics are served (rank 0)."""
     metrics_port: int = Field(0, ge=0, le=65535)
     """Port of the trainer's Prometheus metrics; 0: not served."""
+    stream_keep: int = Field(64, ge=0)
+    """The newest entries of each stream kept for inspection after every consumer is done with them;
+    older consumed entries are trimmed each step (pending and unread ones never are)."""
     push_timeout_s: float = Field(300, gt=0)
     """How long one weight push to a replica may take; a replica that stops answering is given up
     on after it (and leaves the registry once its heartbeats stop)."""

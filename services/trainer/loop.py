@@ -209,7 +209,7 @@ class Trainer:
         lengths = {}
         for stream in (self.streams.prompts, self.streams.rollouts, self.streams.scored):
             try:
-                trim_consumed(self.client, stream)
+                trim_consumed(self.client, stream, self.s.stream_keep)
                 lengths[stream] = int(self.client.xlen(stream))
             except redis.RedisError as err:  # a step is not worth failing for it; the next one trims
                 log.warning("could not trim %s: %s", stream, err)

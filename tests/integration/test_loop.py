@@ -124,6 +124,7 @@ def test_replicas_join_and_leave_while_training(redis_server, tiny_model, tmp_pa
             "redis_url": f"'{redis_server.url}'", "verifier_url": f"'{verifier_url}'", "steps": steps,
             "prompts_per_step": prompts, "n_rollout": 8, "k": 4, "max_tokens": 16, "eval_mazes": 2, "eval_n": 2,
             "eval_k": "[1]", "eval_every": 0, "min_replicas": 1, "group_timeout_s": 180,
+            "stream_keep": 1000,  # the checks below read every job and group back from the streams
         }  # fmt: skip
         args = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
         with (logs / "trainer.log").open("ab") as out:

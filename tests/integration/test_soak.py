@@ -59,7 +59,7 @@ def test_streams_and_memory_stay_bounded_while_the_trainer_falls_behind(tmp_path
                 processes[f"r{i}"] = stack.enter_context(service([*args, *common], logs / f"r{i}.log"))[0]
             command = trainer_args(
                 tmp_path, redis_server.url, verifier_url, tiny_model, steps=100_000, prompts_per_step=PROMPTS,
-                n_rollout=8, k=4, min_replicas=REPLICAS, checkpoint_every=0,
+                n_rollout=8, k=4, min_replicas=REPLICAS, checkpoint_every=0, stream_keep=0,
             )  # fmt: skip
             with (logs / "trainer.log").open("ab") as out:
                 trainer = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -170,3 +170,13 @@ def test_dead_letters_keep_the_newest_few(redis_client, monkeypatch):
     kept = [fields[b"entry_id"].decode() for _, fields in redis_client.xrange(dead_letter_stream("s"))]
     assert kept == ids[1:]
     assert trim_consumed(redis_client, "s") == 3  # dead-lettered entries are acked: done with
+
+
+def test_trimming_keeps_the_newest_few_consumed_entries(redis_client):
+    ids = [publish(redis_client, "s", job(i)) for i in range(6)]
+    consumer = StreamConsumer(redis_client, "s", "g", "c")
+    for delivery in consumer.read(6):
+        consumer.ack(delivery)
+    assert trim_consumed(redis_client, "s", keep=10) == 0  # fewer than kept
+    assert trim_consumed(redis_client, "s", keep=2) == 4
+    assert [eid.decode() for eid, _ in redis_client.xrange("s")] == ids[4:]
