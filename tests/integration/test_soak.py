@@ -43,6 +43,7 @@ def tree_rss_mb(pid: int) -> float:
     return total
 
 
+@pytest.mark.timeout(SOAK_S + 300)
 def test_streams_and_memory_stay_bounded_while_the_trainer_falls_behind(tmp_path, tiny_model):
     logs = maze_data(tmp_path, test_per_size=2, seed=9)
     redis_server = RedisServer(tmp_path / "redis")
