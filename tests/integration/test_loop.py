@@ -15,6 +15,7 @@ from services.common.config import StreamNames
 from services.common.schemas import PromptJob, ScoredGroup
 from services.common.streams import dead_letters
 from tests.helpers.cluster import maze_data
+from tests.helpers.monitoring import scrape
 from tests.helpers.procs import service, stop, wait_for
 
 STREAMS = StreamNames()
@@ -97,8 +98,9 @@ def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
         assert scored == {job.job_id for job in jobs}  # nothing lost with r0
         assert client.xpending(STREAMS.prompts, "rollout")["pending"] == 0
 
-        # the surviving replica serves the last version
+        # the surviving replica serves the last version, and its metrics show the jobs it took over
         assert httpx.get(f"{r1_url}/healthz").json()["version"] == STEPS
+        assert scrape(f"{r1_url}/metrics")["passk_rollout_jobs_claimed_total"] >= 1
         assert registry.current_version(client) == STEPS
         [dead] = dead_letters(client, STREAMS.scored)
         assert "invalid ScoredGroup" in dead["reason"]

@@ -69,3 +69,10 @@ def test_trainer_fields_come_from_passk_trainer_variables_between_preset_and_set
 def test_an_unknown_trainer_variable_is_refused_by_name():
     with pytest.raises(ValueError, match="PASSK_TRAINER_STPES: the trainer has no setting 'stpes'"):
         load_settings(Path("configs/maze-tiny.toml"), [], {"PASSK_TRAINER_STPES": "3"})
+
+
+def test_tokens_never_print():
+    environ = {"PASSK_TRAINER_WEIGHTS_TOKEN": "w-s3cret", "PASSK_TRAINER_VERIFIER_TOKEN": "v-s3cret"}
+    settings = load_settings(Path("configs/maze-tiny.toml"), [], environ)
+    shown = f"{settings!r} {settings} {settings.model_dump()} {settings.model_dump_json()}"
+    assert "s3cret" not in shown and "**********" in shown
