@@ -19,13 +19,16 @@ MAX_SAMPLE_TEXT = 16 << 20  # characters of a sample: the verifier, not the queu
 Identifier = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
 
 
+GREEDY_BELOW = 1e-5  # vLLM's own threshold for greedy sampling
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class SamplingParams(Message):
     temperature: float = Field(1.0, ge=0.0, le=10.0)
-    """Softmax temperature; 0 means greedy."""
+    """Softmax temperature; 0 (and anything below 1e-5, as in vLLM) means greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass."""
     max_tokens: int = Field(64, ge=1, le=32_768)
@@ -34,6 +37,13 @@ class SamplingParams(Message):
     """Seed of the sampling, for reproducible rollouts."""
     stop: tuple[str, ...] = Field((), max_length=8)
     """Strings that end a sample; the text stops before the first, the tokens that made it stay."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_epsilon(cls, temperature: float) -> float:
+        # logits / 1e-75 overflow to inf and the sampler's probabilities to NaN: such a
+        # temperature is greedy in all but name (found by the schemathesis test)
+        return 0.0 if temperature < GREEDY_BELOW else temperature
 
     @field_validator("stop")
     @classmethod

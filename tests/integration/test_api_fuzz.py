@@ -3,6 +3,8 @@ servers with their token on: whatever the body, no 5xx. Bounded in examples per 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-EXAMPLES = 25
+EXAMPLES = int(os.environ.get("PASSK_FUZZ_EXAMPLES", "25"))  # per operation; more to search longer
 
 
 @pytest.fixture(scope="module")

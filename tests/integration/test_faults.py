@@ -218,6 +218,9 @@ def test_poison_messages_go_to_the_dead_letters_and_training_goes_on(tmp_path, t
             for process in replicas:
                 os.kill(process.pid, signal.SIGCONT)
             time.sleep(0.02)
+        # a read a replica started before it stopped still waits in Redis and would take the new
+        # entry: let those reads time out first (block_ms, 1 s)
+        time.sleep(1.5)
         killer = publish(client, "passk:prompts", job.model_copy(update={"job_id": "poison-killer", "prompt": "S.E"}))
         ((_, [(taken, _)]),) = client.xreadgroup("rollout", "doomed", {"passk:prompts": ">"}, count=1)
         assert taken.decode() == killer

@@ -180,3 +180,10 @@ def test_trimming_keeps_the_newest_few_consumed_entries(redis_client):
     assert trim_consumed(redis_client, "s", keep=10) == 0  # fewer than kept
     assert trim_consumed(redis_client, "s", keep=2) == 4
     assert [eid.decode() for eid, _ in redis_client.xrange("s")] == ids[4:]
+
+
+def test_a_vanishing_temperature_is_greedy():
+    assert SamplingParams(temperature=6.6e-75).temperature == 0.0
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1e-9)
