@@ -107,6 +107,8 @@ class RolloutSettings(ConsumerSettings):
     """Bearer token the HTTP API (/v1/generate and the OpenAI-compatible routes) requires; empty disables it."""
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest HTTP request body."""
+    max_request_tokens: int = Field(1 << 20, ge=1)
+    """Most new tokens one HTTP request may ask for (prompts x n x max_tokens); larger ones get 413."""
     weights_tls_cert: str = ""
     """PEM certificate of the weight service; with weights_tls_key it serves TLS only."""
     weights_tls_key: str = ""

@@ -36,7 +36,10 @@ def create_app(rollout: Rollout) -> FastAPI:
     install_guard(app, max_body=settings.max_body_bytes, token=settings.api_token.get_secret_value())
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    def generate(body: GenerateRequest) -> GenerateResponse:
+    def generate(body: GenerateRequest) -> GenerateResponse | JSONResponse:
+        if refused := rollout.refusal([body.prompt], body.n, body.sampling.max_tokens):
+            status, message = refused
+            return JSONResponse({"detail": message}, status_code=status)
         version = rollout.engine.version
         ids, gens = rollout.generate([body.prompt], body.n, body.sampling)
         return GenerateResponse(policy_version=version, prompt_token_ids=ids[0], samples=to_samples(gens[0]))

@@ -76,14 +76,12 @@ def _error(message: str, status: int = 400) -> JSONResponse:
 
 
 def mount_openai(app: FastAPI, rollout: Rollout, model_name: str) -> None:
-    def check(body: _Request, prompts: list[str]) -> str | None:
+    def check(body: _Request, prompts: list[str]) -> JSONResponse | None:
         if body.model is not None and body.model != model_name:
-            return f"model {body.model!r} is not served here; this replica serves {model_name!r}"
-        limit = rollout.engine.context_length
-        for prompt in prompts:
-            tokens = rollout.engine.count_tokens(prompt)
-            if tokens + body.max_tokens > limit:
-                return f"prompt of {tokens} tokens + max_tokens {body.max_tokens} exceeds the context of {limit}"
+            return _error(f"model {body.model!r} is not served here; this replica serves {model_name!r}")
+        if refused := rollout.refusal(prompts, body.n, body.max_tokens):
+            status, message = refused
+            return _error(message, status)
         return None
 
     def generate(prompts: list[str], body: _Request):
@@ -103,7 +101,7 @@ def mount_openai(app: FastAPI, rollout: Rollout, model_name: str) -> None:
         if len(prompts) > 64 or any(not p or len(p) > MAX_TEXT for p in prompts):
             return _error(f"prompt must be 1 to 64 strings of 1 to {MAX_TEXT} characters")
         if problem := check(body, prompts):
-            return _error(problem)
+            return problem
         result, failure = await run_in_threadpool(generate, prompts, body)
         if failure is not None:
             return failure
@@ -130,7 +128,7 @@ def mount_openai(app: FastAPI, rollout: Rollout, model_name: str) -> None:
         except ValueError as err:
             return _error(str(err))
         if problem := check(body, [prompt]):
-            return _error(problem)
+            return problem
         result, failure = await run_in_threadpool(generate, [prompt], body)
         if failure is not None:
             return failure

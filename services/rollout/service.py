@@ -189,6 +189,22 @@ class Rollout:
                 consumer.ack(delivery)  # only after the group is in the next stream
                 self.groups.inc()
 
+    def refusal(self, prompts: list[str], n: int, max_tokens: int) -> tuple[int, str] | None:
+        """Why an HTTP request cannot be served, as (status, message), or None: a prompt that does
+        not fit the context with its answer (400), or more new tokens than one request may ask (413)."""
+        limit = self.engine.context_length
+        for prompt in prompts:
+            tokens = self.engine.count_tokens(prompt)
+            if tokens + max_tokens > limit:
+                return 400, f"prompt of {tokens} tokens + max_tokens {max_tokens} exceeds the context of {limit}"
+        asked = len(prompts) * n * max_tokens
+        if asked > self.settings.max_request_tokens:
+            return 413, (
+                f"{len(prompts)} prompts x n {n} x max_tokens {max_tokens} = {asked} new tokens, over this replica's"
+                f" max_request_tokens {self.settings.max_request_tokens}"
+            )
+        return None
+
     def generate(
         self, prompts: list[str], n: int, sampling: SamplingParams
     ) -> tuple[list[list[int]], list[list[Generation]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+REQUEST_TOKENS = 4096
 EXAMPLES = int(os.environ.get("PASSK_FUZZ_EXAMPLES", "25"))  # per operation; more to search longer
 
 
@@ -29,7 +31,10 @@ def verifier_url(tmp_path_factory):
 def rollout_url(redis_server, tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("fuzz") / "rollout.log"
     args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", redis_server.url, "--replica", "fuzz"]
-    with service(args, log, env={"PASSK_ROLLOUT_API_TOKEN": TOKEN}) as (_, url):
+    # a small budget of new tokens per request, so that the fuzzer's largest asks are refused (413)
+    # instead of keeping two CPU cores busy for minutes
+    env = {"PASSK_ROLLOUT_API_TOKEN": TOKEN, "PASSK_ROLLOUT_MAX_REQUEST_TOKENS": str(REQUEST_TOKENS)}
+    with service(args, log, env=env) as (_, url):
         yield url
 
 
@@ -58,6 +63,17 @@ def no_5xx(case) -> None:
 
 def test_the_verifier_api_never_answers_5xx(verifier_url):
     assert "POST /v1/grade" in fuzz(verifier_url, no_5xx)
+
+
+def test_the_rollout_api_refuses_requests_over_its_token_budget(rollout_url):
+    body = {"prompt": "S.E", "n": 64, "sampling": {"max_tokens": 100}}
+    reply = httpx.post(f"{rollout_url}/v1/generate", json=body, headers=AUTH, timeout=30)
+    assert reply.status_code == 413 and "6400 new tokens" in reply.json()["detail"]
+    reply = httpx.post(f"{rollout_url}/v1/completions", json={"prompt": "S.E", "n": 64, "max_tokens": 100},
+                       headers=AUTH, timeout=30)  # fmt: skip
+    assert reply.status_code == 413 and "max_request_tokens 4096" in reply.json()["error"]["message"]
+    reply = httpx.post(f"{rollout_url}/v1/generate", json={"prompt": "*" * 600}, headers=AUTH, timeout=30)
+    assert reply.status_code == 400 and "exceeds the context" in reply.json()["detail"]
 
 
 def test_the_rollout_api_never_answers_5xx(rollout_url):
