@@ -20,6 +20,7 @@ Identifier = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
 
 
 GREEDY_BELOW = 1e-5  # vLLM's own threshold for greedy sampling
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed (2**64 made a 500, found by schemathesis)
 
 
 class Message(BaseModel):
@@ -33,7 +34,7 @@ class SamplingParams(Message):
     """Nucleus sampling mass."""
     max_tokens: int = Field(64, ge=1, le=32_768)
     """New tokens per sample at most."""
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     """Seed of the sampling, for reproducible rollouts."""
     stop: tuple[str, ...] = Field((), max_length=8)
     """Strings that end a sample; the text stops before the first, the tokens that made it stay."""

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.hf_sampling import Generation
-from services.common.schemas import MAX_TEXT, SamplingParams
+from services.common.schemas import MAX_SEED, MAX_TEXT, SamplingParams
 from services.rollout.service import Rollout
 
 
@@ -29,7 +29,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: Literal[False] = False
     """Streaming is not offered."""

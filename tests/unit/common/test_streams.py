@@ -187,3 +187,9 @@ def test_a_vanishing_temperature_is_greedy():
     assert SamplingParams(temperature=1e-5).temperature == 1e-5
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1e-9)
+
+
+def test_seeds_fit_a_signed_64_bit_generator():
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
+    with pytest.raises(ValueError):
+        SamplingParams(seed=2**64)
