@@ -92,14 +92,11 @@ def preset_rollout_options(preset: Path) -> list[str]:
     return [arg for key, value in table.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def start_prometheus(cluster: Cluster, targets: dict[str, list[str]], timeout_s: float = 60) -> str:
-    """A Prometheus with deploy/prometheus.yml's jobs and alert rules, scraping this cluster's
-    processes every 2 s, its data under the run directory; returns its URL."""
+def start_prometheus(cluster: Cluster, binary: str, targets: dict[str, list[str]], timeout_s: float = 60) -> str:
+    """A Prometheus (``binary``) with deploy/prometheus.yml's jobs and alert rules, scraping this
+    cluster's processes every 2 s, its data under the run directory; returns its URL."""
     from services.monitoring import write_local_config
 
-    binary = shutil.which("prometheus")
-    if binary is None:
-        raise RuntimeError("--prometheus needs the prometheus binary on PATH (Debian: apt-get install prometheus)")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = write_local_config(cluster.run_dir / "prometheus.yml", {**targets, "prometheus": [f"127.0.0.1:{port}"]})
@@ -130,7 +127,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, prometheus: bool = False) -> int:
     from services.trainer.config import load_settings
 
-    if prometheus and shutil.which("prometheus") is None:
+    prometheus_binary = shutil.which("prometheus") if prometheus else None
+    if prometheus and prometheus_binary is None:
         console.print("[red]--prometheus needs the prometheus binary on PATH (Debian: apt-get install prometheus)")
         return 2
     settings = load_settings(preset, overrides, os.environ)
@@ -178,12 +176,12 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
         ]
         console.print(f"trainer metrics: http://127.0.0.1:{metrics_port}/metrics")
         prometheus_url = None
-        if prometheus:
+        if prometheus_binary:
             targets = {
                 "rollout": [f"127.0.0.1:{port}" for port in ports], "verifier": [f"127.0.0.1:{verifier_port}"],
                 "trainer": [f"127.0.0.1:{metrics_port}"],
             }  # fmt: skip
-            prometheus_url = start_prometheus(cluster, targets)
+            prometheus_url = start_prometheus(cluster, prometheus_binary, targets)
             console.print(f"prometheus: {prometheus_url}/graph (the jobs and alert rules of deploy/)")
         trainer = cluster.start(
             "trainer",

@@ -139,10 +139,6 @@ class StreamConsumer:
         self.on_dead_letter()
         log.error("dead-lettered %s from %s: %s", delivery.entry_id, self.stream, reason)
 
-    def lag(self) -> int:
-        """Entries in the stream not yet delivered to this group."""
-        return self.backlog()[0]
-
     def backlog(self) -> tuple[int, int]:
         """(lag, pending) of this group from one XINFO GROUPS: entries not yet delivered, and
         entries delivered but not acked (being worked on, or left by a dead consumer)."""

@@ -143,8 +143,7 @@ class Rollout:
                 jobs = [(d, job) for d, job in jobs if self.fits(consumer, d, job)]
                 if jobs:
                     self.generate_and_publish(consumer, jobs)
-            except (redis.ConnectionError, redis.TimeoutError) as err:
-                self.redis_errors.inc()
+            except (redis.ConnectionError, redis.TimeoutError) as err:  # counted by the client's retry policy
                 log.warning("redis unavailable: %s", err)
                 self.stop.wait(1.0)
             except Exception:  # unacked jobs come back after claim_idle_ms, then go to the dead letters

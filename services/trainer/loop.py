@@ -277,7 +277,6 @@ class Trainer:
                 self.catch_up()
                 deliveries = self.consumer.read(32)
             except (redis.ConnectionError, redis.TimeoutError) as err:  # Redis restarting: the groups wait there
-                self.prometheus.redis_errors.inc()
                 log.warning("redis unavailable while collecting: %s", err)
                 time.sleep(1.0)
                 continue

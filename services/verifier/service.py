@@ -69,7 +69,7 @@ class Verifier:
         )
         self.redis_errors = Counter(
             "passk_verifier_redis_errors",
-            "Redis operations that failed (it restarts or is unreachable)",
+            "Failed Redis attempts, retried or not (Redis restarting or unreachable)",
             registry=self.registry,
         )
         self.stop = threading.Event()
@@ -141,7 +141,6 @@ class Verifier:
                     consumer.ack(delivery)
                     self.groups.inc()
             except (redis.ConnectionError, redis.TimeoutError) as err:  # Redis restarting: wait, then go on
-                self.redis_errors.inc()
                 log.warning("redis unavailable: %s", err)
                 self.stop.wait(1.0)
             except Exception:  # an unacked group comes back after claim_idle_ms, then goes to the dead letters
