@@ -285,6 +285,10 @@ def model_build_tiny(
     horizon: Annotated[int, typer.Option(min=1, help="Length of the cosine schedule the steps run along.")] = 1200,
     seed: Annotated[int, typer.Option(help="Seed of weights and data.")] = 0,
     threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads (results depend on it).")] = 1,
+    sizes: Annotated[
+        list[int] | None, typer.Option("--size", help="Maze sizes of the warm-up, taken in turn (repeatable) [7].")
+    ] = None,
+    max_positions: Annotated[int, typer.Option(min=64, max=65536, help="Context length of the model.")] = 512,
 ) -> None:
     """Build the tiny maze model and warm-start it on shortest paths (seeded, reproducible)."""
     import logging
@@ -296,7 +300,10 @@ def model_build_tiny(
     torch.set_num_threads(threads)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_tiny(out, steps=steps, horizon=horizon, seed=seed)
+    try:
+        build_tiny(out, sizes=tuple(sizes or [7]), steps=steps, horizon=horizon, seed=seed, max_positions=max_positions)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     typer.echo(f"wrote {out}")
 
 
@@ -313,6 +320,42 @@ def model_import_smollm2(
         raise typer.BadParameter(str(err)) from None
     parameters, size = f"{summary['parameters']:,}", f"{summary['bytes']:,}"
     typer.echo(f"wrote {out}: {parameters} parameters, {size} bytes, from {summary['source']}")
+
+
+experiment_app = typer.Typer(help="Experiments: many trainings through the local cluster, then a report.",
+                              no_args_is_help=True)  # fmt: skip
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("maze-repro")
+def experiment_maze_repro(
+    spec: Annotated[Path, typer.Option(help="Experiment file.")] = Path("configs/experiments/maze-repro.toml"),
+    out: Annotated[str | None, typer.Option(help="Run directory [the file's experiment.out].")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Training seeds (repeatable) [the file's].")] = None,
+    lanes: Annotated[int | None, typer.Option(min=1, max=64, help="Trainings at once [the file's].")] = None,
+    report_only: Annotated[bool, typer.Option(help="Only (re)write the report from finished trainings.")] = False,
+) -> None:
+    """The paper's maze findings at CPU scale: every method from each start model, for each seed,
+    through the real local cluster; then REPORT.md and PNGs (Table 7, curves, a verdict per claim).
+    Finished trainings are kept: running it again does the rest."""
+    from services.experiment.spec import load
+
+    try:
+        experiment, trainer = load(spec, out=out, seeds=seeds)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--spec/--out/--seed") from None
+    if report_only:
+        from services.experiment.report import write_report
+
+        typer.echo(f"report: {write_report(spec, experiment, trainer)}")
+        return
+    from services.experiment.runner import run
+
+    try:
+        code = run(spec, experiment, trainer, lanes)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--spec") from None
+    raise typer.Exit(code)
 
 
 @app.command("train")

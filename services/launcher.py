@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -92,6 +93,51 @@ def preset_rollout_options(preset: Path) -> list[str]:
     return [arg for key, value in table.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
+@dataclass(frozen=True)
+class Services:
+    """What start_services started: where the trainer finds it and the token its APIs want."""
+
+    verifier_port: int
+    rollout_ports: list[int]
+    api_token: str
+
+    @property
+    def verifier_url(self) -> str:
+        return f"http://127.0.0.1:{self.verifier_port}"
+
+
+def start_services(
+    cluster: Cluster,
+    redis_url: str,
+    replicas: int,
+    model_dir: str,
+    prompts_per_step: int,
+    rollout_options: list[str],
+    weights_token: str,
+) -> Services:
+    """A verifier and ``replicas`` rollout replicas on loopback, on the streams of ``redis_url``, each
+    with a fresh API token; returns once all are healthy."""
+    verifier_port = free_port()
+    common = ["--redis-url", redis_url]
+    api_token = secrets.token_hex(16)
+    cluster.start(
+        "verifier", ["serve", "verifier", "--port", str(verifier_port), *common],
+        env={"PASSK_VERIFIER_API_TOKEN": api_token},
+    )  # fmt: skip
+    ports = [free_port() for _ in range(replicas)]
+    for i, port in enumerate(ports):
+        jobs_per_read = -(-prompts_per_step // replicas)  # share a step's jobs out
+        args = ["serve", "rollout", "--model-dir", model_dir, "--port", str(port), *rollout_options]
+        args += ["--replica", f"rollout-{i}", "--max-jobs", str(jobs_per_read)]
+        env = {"PASSK_WEIGHTS_TOKEN": weights_token, "PASSK_ROLLOUT_API_TOKEN": api_token}
+        cluster.start(f"rollout-{i}", [*args, *common], env=env)
+    services = Services(verifier_port, ports, api_token)
+    cluster.wait_healthy("verifier", services.verifier_url)
+    for i, port in enumerate(ports):
+        cluster.wait_healthy(f"rollout-{i}", f"http://127.0.0.1:{port}")
+    return services
+
+
 def start_prometheus(cluster: Cluster, binary: str, targets: dict[str, list[str]], timeout_s: float = 60) -> str:
     """A Prometheus (``binary``) with deploy/prometheus.yml's jobs and alert rules, scraping this
     cluster's processes every 2 s, its data under the run directory; returns its URL."""
@@ -145,28 +191,15 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     cluster = Cluster(run_dir)
     redis_server = RedisServer(run_dir / "redis")
-    verifier_port = free_port()
-    verifier_url = f"http://127.0.0.1:{verifier_port}"
-    common = ["--redis-url", redis_server.url]
     # tokens on every API even on loopback, new for each run unless the preset sets the weights'
     weights_token = settings.weights_token.get_secret_value() or secrets.token_hex(16)
-    api_token = secrets.token_hex(16)
     try:
-        cluster.start(
-            "verifier", ["serve", "verifier", "--port", str(verifier_port), *common],
-            env={"PASSK_VERIFIER_API_TOKEN": api_token},
+        services = start_services(
+            cluster, redis_server.url, replicas, settings.model_dir, settings.prompts_per_step,
+            preset_rollout_options(preset), weights_token,
         )  # fmt: skip
-        ports = [free_port() for _ in range(replicas)]
-        rollout_options = preset_rollout_options(preset)
-        for i, port in enumerate(ports):
-            jobs_per_read = -(-settings.prompts_per_step // replicas)  # share a step's jobs out
-            args = ["serve", "rollout", "--model-dir", settings.model_dir, "--port", str(port), *rollout_options]
-            args += ["--replica", f"rollout-{i}", "--max-jobs", str(jobs_per_read)]
-            env = {"PASSK_WEIGHTS_TOKEN": weights_token, "PASSK_ROLLOUT_API_TOKEN": api_token}
-            cluster.start(f"rollout-{i}", [*args, *common], env=env)
-        cluster.wait_healthy("verifier", verifier_url)
-        for i, port in enumerate(ports):
-            cluster.wait_healthy(f"rollout-{i}", f"http://127.0.0.1:{port}")
+        verifier_url, api_token = services.verifier_url, services.api_token
+        verifier_port, ports = services.verifier_port, services.rollout_ports
         metrics_port = free_port()
         trainer_overrides = [
             f"redis_url='{redis_server.url}'",

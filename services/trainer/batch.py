@@ -90,3 +90,16 @@ def normalizer(valid: torch.Tensor, lengths: torch.Tensor, aggregation: str) -> 
     if aggregation == "sequence":
         return float(max(int(counted.sum()), 1))
     raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+
+
+def negative_diversity(responses: list[list[list[int]]], rewards: torch.Tensor, valid: torch.Tensor) -> float | None:
+    """The answer diversity of negative responses (Figure 7a): per prompt, distinct answers among its
+    wrong responses over their number, averaged over the prompts with at least two wrong responses
+    (one wrong answer is trivially distinct). None when no prompt has two. Answers are compared as
+    token sequences: two responses that decode alike are one answer."""
+    ratios = []
+    for g, group in enumerate(responses):
+        wrong = [tuple(response) for i, response in enumerate(group) if valid[g, i] and rewards[g, i] <= 0]
+        if len(wrong) >= 2:
+            ratios.append(len(set(wrong)) / len(wrong))
+    return sum(ratios) / len(ratios) if ratios else None

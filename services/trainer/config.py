@@ -89,6 +89,12 @@ class TrainerSettings(BaseModel):
     """New tokens per sample at most."""
     eval_every: int = Field(50, ge=0)
     """Evaluate every this many steps (0: only before and after)."""
+    eval_at_start: bool = True
+    """Evaluate the starting policy before the first step (experiments that train one start many
+    times evaluate it once, in a run of 0 steps)."""
+    eval_max_tokens: int = Field(0, ge=0)
+    """New tokens per evaluation sample at most (0: max_tokens); larger held-out mazes than the
+    training ones need longer answers."""
     eval_mazes: int = Field(100, ge=1)
     """Held-out mazes per size in an evaluation."""
     eval_n: int = Field(32, ge=1)

@@ -133,7 +133,7 @@ class Trainer:
             state = self.gather()  # first, so that no rank waits in this collective while rank 0 waits below
             self.wait_for_replicas()
             self.publish_weights(state)  # the starting (or restored) version, in this trainer's epoch
-            if not self.resumed:
+            if not self.resumed and (self.s.eval_at_start or not self.s.steps):
                 self.record_eval()
             jobs = None
             for step in range(self.first_step, self.s.steps + 1):
@@ -399,7 +399,7 @@ class Trainer:
             self.eval_items,
             n=self.s.eval_n,
             ks=self.s.eval_k,
-            max_tokens=self.s.max_tokens,
+            max_tokens=self.s.eval_max_tokens or self.s.max_tokens,
             template=self.s.prompt_template,
             verifier_url=self.s.verifier_url,
             verifier_token=self.s.verifier_token.get_secret_value(),

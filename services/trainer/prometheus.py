@@ -15,6 +15,10 @@ GAUGES = {
     "adv_abs_mean": ("passk_trainer_advantage_abs_mean", "Mean |advantage| of the latest step"),
     "eta_mean": ("passk_trainer_eta_mean", "Mean per-group sum of |advantage| (the paper's eta)"),
     "entropy": ("passk_trainer_policy_entropy", "Mean token entropy of the latest step's responses"),
+    "negative_diversity": (
+        "passk_trainer_negative_diversity",
+        "Distinct answers among a prompt's wrong responses over their number, latest step (Figure 7a)",
+    ),
     "response_tokens": ("passk_trainer_response_tokens", "Mean response length of the latest step, in tokens"),
     "clip_fraction": ("passk_trainer_clip_fraction", "Fraction of tokens whose ratio was clipped"),
     "grad_norm": ("passk_trainer_grad_norm", "Gradient norm before clipping, mean over the step's updates"),

@@ -22,7 +22,7 @@ import torch
 
 from services.trainer import distributed
 from services.trainer.advantage import compute_advantages
-from services.trainer.batch import Batch, flip_negatives, mini_batches, normalizer, shard
+from services.trainer.batch import Batch, flip_negatives, mini_batches, negative_diversity, normalizer, shard
 from services.trainer.binomial import pass_at_k
 from services.trainer.config import Stage, TrainerSettings
 from services.trainer.distributed import Ranks
@@ -197,6 +197,7 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
         "adv_std": float(advantages[valid].std()) if int(valid.sum()) > 1 else 0.0,
         "eta_mean": float(advantages.abs().sum(1).mean()),
         "entropy": float(response_entropy[valid].mean()) if valid.any() else 0.0,
+        "negative_diversity": negative_diversity(batch.responses, batch.rewards, valid),
         "response_tokens": float(token_counts.mean()) if token_counts.numel() else 0.0,
         "clip_fraction": sum(clip) / len(clip),
         "kl": sum(kls) / len(kls),

@@ -36,7 +36,8 @@ def build_tokenizer():
     )
 
 
-def build_model(tokenizer, seed: int, hidden: int = 128, layers: int = 4, heads: int = 4):
+def build_model(tokenizer, seed: int, hidden: int = 128, layers: int = 4, heads: int = 4, max_positions: int = 512):
+    """``max_positions``: the context (RoPE, so only a limit): a 21x21 maze alone is 463 tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -47,7 +48,7 @@ def build_model(tokenizer, seed: int, hidden: int = 128, layers: int = 4, heads:
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -77,23 +78,31 @@ def supervised_batch(tokenizer, size: int, batch: int, rng: random.Random) -> tu
 def build_tiny(
     out: Path,
     *,
-    size: int = 7,
+    sizes: tuple[int, ...] = (7,),
     steps: int = 450,
     horizon: int = 1200,
     batch: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
+    max_positions: int = 512,
 ) -> Path:
     """Build, warm-start and save the tiny model to ``out`` (HF format); returns ``out``.
 
     The cosine learning-rate schedule spans ``horizon`` steps but training stops
     after ``steps``: an under-trained, not annealed start, from which RL was
-    measured to help (a fully annealed start lost pass@k under RL).
+    measured to help (a fully annealed start lost pass@k under RL). Batches take
+    the ``sizes`` in turn.
     """
+    if not sizes or any(size < 5 or size % 2 == 0 for size in sizes):
+        raise ValueError(f"maze sizes must be odd and >= 5, got {list(sizes)}")
+    big = max(sizes)
+    longest = 1 + big * (big + 1) + big * big // 2 + 1  # bos, grid and newlines, a path over every open cell, eos
+    if longest > max_positions:
+        raise ValueError(f"{big}x{big} mazes need up to {longest} positions, max_positions={max_positions}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed)
+    model = build_model(tokenizer, seed, max_positions=max_positions)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / horizon, 1.0)))
@@ -101,7 +110,7 @@ def build_tiny(
     model.train()
     start = time.monotonic()
     for step in range(steps):
-        ids, labels = supervised_batch(tokenizer, size, batch, rng)
+        ids, labels = supervised_batch(tokenizer, sizes[step % len(sizes)], batch, rng)
         loss = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()

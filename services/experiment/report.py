@@ -1,0 +1,319 @@
+"""The experiment's report: a Table-7-style pass@1/pass@k table per start, the
+spread over seeds, curves (held-out pass@1 and pass@k, policy entropy,
+negative-answer diversity) and a verdict on each of the paper's claims, as
+REPORT.md and PNGs in the run directory (and a copy under docs/)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.experiment.results import (
+    Difference,
+    RunResult,
+    average,
+    mean_sd,
+    paired,
+    read_evals,
+    read_run,
+    smooth,
+    window_mean,
+)
+from services.experiment.spec import Experiment, plan
+
+NAMES = {
+    "grpo": "P@1 T. (GRPO)",
+    "passk_full": "P@k T. w/ FS",
+    "passk_bootstrap": "P@k T. w/ BS",
+    "passk_analytic": "P@k T. w/ AD",
+    "passk_combination": "Combination (Eq. 18)",
+    "passk_exceeding": "Exceeding (Eq. 17)",
+    "passk_adaptive": "Adaptive (entropy)",
+}
+
+
+@dataclass
+class StartResults:
+    name: str
+    start: dict[int, dict[str, float]]  # the start model's evaluation
+    runs: dict[str, list[RunResult]]  # method -> one per finished seed
+
+
+def collect(experiment: Experiment) -> list[StartResults]:
+    """Whatever finished: a training missing its done.json is left out of every number."""
+    evals, runs = plan(experiment)
+    out = []
+    for start_eval in evals:
+        if not (start_eval.run_dir / "done.json").exists():
+            continue
+        start = read_evals(start_eval.run_dir / "eval.jsonl")
+        results = StartResults(start_eval.start, start[0], {})
+        for run in runs:
+            if run.start == start_eval.start and (run.run_dir / "done.json").exists():
+                results.runs.setdefault(run.method, []).append(read_run(run.run_dir, run.method, run.seed, start))
+        out.append(results)
+    return out
+
+
+def per_seed(results: list[RunResult], metric: str, sizes: list[int] | None = None) -> dict[int, float]:
+    return {r.seed: average(r.final(), metric, sizes) for r in results}
+
+
+# -- the claims -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    title: str
+    paper: str
+    verdict: str  # yes / no / unclear / not run
+    evidence: str
+
+
+def _verdict(clear: int, yes: int = 1) -> str:
+    return "unclear" if clear == 0 else ("yes" if clear == yes else "no")
+
+
+def claims(s: StartResults, k: int) -> list[Claim]:
+    pk, runs = f"pass@{k}", s.runs
+    out = []
+
+    def have(*methods: str) -> bool:
+        return all(m in runs for m in methods)
+
+    def diff(a: str, b: str, metric: str) -> Difference:
+        return paired(per_seed(runs[a], metric), per_seed(runs[b], metric))
+
+    title = f"Pass@k Training raises pass@{k} without hurting pass@1"
+    paper = "Sec. 2.2, Table 7: analytic Pass@k training beats Pass@1 training on both (avg. 47.7/65.0 vs 13.9/14.4)"
+    if have("passk_analytic", "grpo"):
+        d_k, d_1 = diff("passk_analytic", "grpo", pk), diff("passk_analytic", "grpo", "pass@1")
+        verdict = "no" if d_k.clear < 0 or d_1.clear < 0 else ("yes" if d_k.clear > 0 else "unclear")
+        evidence = (f"avg. {pk} Pass@k (AD) - Pass@1: {d_k.text()} points; "
+                    f"avg. pass@1: {d_1.text()} points")  # fmt: skip
+        out.append(Claim(title, paper, verdict, evidence))
+    else:
+        out.append(Claim(title, paper, "not run", "needs grpo and passk_analytic"))
+
+    title = "Bootstrap sampling beats full sampling at equal rollouts"
+    paper = "Sec. 2.3, Table 7: BS 16.8/26.7 vs FS 12.7/24.7 avg."
+    if have("passk_bootstrap", "passk_full"):
+        d_k, d_1 = diff("passk_bootstrap", "passk_full", pk), diff("passk_bootstrap", "passk_full", "pass@1")
+        verdict = "no" if d_k.clear < 0 else ("yes" if d_k.clear > 0 else "unclear")
+        evidence = f"avg. {pk} BS - FS: {d_k.text()} points; avg. pass@1: {d_1.text()} points"
+        out.append(Claim(title, paper, verdict, evidence))
+    else:
+        out.append(Claim(title, paper, "not run", "needs passk_bootstrap and passk_full"))
+
+    title = "The analytical derivation is the best and most stable of the three"
+    paper = "Sec. 2.4, Table 7: AD 47.7/65.0 avg. against 16.8/26.7 (BS) and 12.7/24.7 (FS); smoother training"
+    if have("passk_analytic", "passk_bootstrap", "passk_full"):
+        spreads = {m: mean_sd(list(per_seed(runs[m], pk).values()))[1] for m in ("passk_full", "passk_bootstrap")}
+        spreads["passk_analytic"] = mean_sd(list(per_seed(runs["passk_analytic"], pk).values()))[1]
+        best = [diff("passk_analytic", other, pk) for other in ("passk_bootstrap", "passk_full")]
+        most_stable = min(spreads, key=spreads.get) == "passk_analytic"
+        if any(d.clear < 0 for d in best):
+            verdict = "no"
+        elif all(d.clear > 0 for d in best) and most_stable:
+            verdict = "yes"
+        else:
+            verdict = "unclear"
+        spread_text = ", ".join(f"{NAMES[m]} {100 * v:.1f}" for m, v in spreads.items())
+        evidence = (f"avg. {pk} AD - BS: {best[0].text()}; AD - FS: {best[1].text()}; "
+                    f"spread over seeds (sd of avg. {pk}, points): {spread_text}")  # fmt: skip
+        out.append(Claim(title, paper, verdict, evidence))
+    else:
+        out.append(Claim(title, paper, "not run", "needs passk_full, passk_bootstrap and passk_analytic"))
+
+    title = "Pass@1 training lets entropy and negative-answer diversity collapse; Pass@k keeps them"
+    paper = "Sec. 3.2, Figure 7: under Pass@1 diversity stays flat and entropy converges low; both higher under Pass@k"
+    if have("passk_analytic", "grpo"):
+        parts, clears = [], []
+        for key, label in (("entropy", "entropy"), ("negative_diversity", "negative-answer diversity")):
+            last = {
+                m: {r.seed: window_mean(r.steps, key, 0.8, 1.0) for r in runs[m]} for m in ("passk_analytic", "grpo")
+            }
+            first = {r.seed: window_mean(r.steps, key, 0.0, 0.1) for r in runs["grpo"]}
+            if any(v is None for table in (*last.values(), first) for v in table.values()):
+                parts.append(f"{label}: not measured in every run")
+                clears.append(0)
+                continue
+            d = paired(last["passk_analytic"], last["grpo"])
+            g_first, g_last = mean_sd(list(first.values()))[0], mean_sd(list(last["grpo"].values()))[0]
+            p_last = mean_sd(list(last["passk_analytic"].values()))[0]
+            parts.append(f"{label} over the last fifth of the steps: Pass@k {p_last:.3f}, Pass@1 {g_last:.3f} "
+                         f"(Pass@1's first tenth {g_first:.3f}); Pass@k - Pass@1 {d.text(1.0)}")  # fmt: skip
+            clears.append(d.clear)
+        verdict = "yes" if all(c > 0 for c in clears) else ("no" if any(c < 0 for c in clears) else "unclear")
+        out.append(Claim(title, paper, verdict, "; ".join(parts)))
+    else:
+        out.append(Claim(title, paper, "not run", "needs grpo and passk_analytic"))
+
+    for method, section in (("passk_combination", "Sec. 4.2.2, Eq. 18"), ("passk_adaptive", "Sec. 4.2.3")):
+        title = f"{NAMES[method]} beats Pass@1 and Pass@k training alone"
+        paper = f"{section}: better than either alone"
+        if have(method, "grpo", "passk_analytic"):
+            ds = {(other, m): diff(method, other, m) for other in ("grpo", "passk_analytic") for m in ("pass@1", pk)}
+            if any(d.clear < 0 for d in ds.values()):
+                verdict = "no"
+            elif all(d.clear > 0 for d in ds.values()):
+                verdict = "yes"
+            else:
+                verdict = "unclear"
+            evidence = "; ".join(f"{m} vs {NAMES[o]}: {d.text()}" for (o, m), d in ds.items())
+            out.append(Claim(title, paper, verdict, evidence))
+        else:
+            out.append(Claim(title, paper, "not run", f"needs {method}, grpo and passk_analytic"))
+    return out
+
+
+# -- Markdown -------------------------------------------------------------------------------------
+def table7(s: StartResults, sizes: list[int], k: int) -> str:
+    """Mean over seeds of pass@1/pass@k (%) per maze size and the average, as Table 7."""
+    pk = f"pass@{k}"
+    head = "| | " + " | ".join(f"{n}×{n}" for n in sizes) + " | Avg. |"
+    lines = [head, "|---|" + "---|" * (len(sizes) + 1)]
+    start_cells = [f"{100 * s.start[n]['pass@1']:.1f}/{100 * s.start[n][pk]:.1f}" for n in sizes]
+    start_avg = f"{100 * average(s.start, 'pass@1', sizes):.1f}/{100 * average(s.start, pk, sizes):.1f}"
+    lines.append(f"| start (no RL) | {' | '.join(start_cells)} | {start_avg} |")
+    for method, results in s.runs.items():
+        cells = []
+        for n in sizes:
+            p1 = mean_sd([r.final()[n]["pass@1"] for r in results])[0]
+            pkv = mean_sd([r.final()[n][pk] for r in results])[0]
+            cells.append(f"{100 * p1:.1f}/{100 * pkv:.1f}")
+        p1 = mean_sd(list(per_seed(results, "pass@1", sizes).values()))[0]
+        pkv = mean_sd(list(per_seed(results, pk, sizes).values()))[0]
+        lines.append(f"| + {NAMES.get(method, method)} | {' | '.join(cells)} | **{100 * p1:.1f}/{100 * pkv:.1f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def spread_table(s: StartResults, k: int, train_sizes: list[int]) -> str:
+    """Per method: the average pass@1 and pass@k, mean ± sd over seeds and each seed's value."""
+    pk = f"pass@{k}"
+    lines = [
+        f"| method | seeds | avg. pass@1 | avg. {pk} | train-size pass@1 | train-size {pk} | "
+        f"avg. {pk} per seed | minutes per training |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, results in s.runs.items():
+        cells = []
+        for metric, sizes in (("pass@1", None), (pk, None), ("pass@1", train_sizes), (pk, train_sizes)):
+            mean, sd = mean_sd(list(per_seed(results, metric, sizes).values()))
+            cells.append(f"{100 * mean:.1f} ± {100 * sd:.1f}")
+        seeds = ", ".join(f"s{r.seed} {100 * average(r.final(), pk):.1f}" for r in results)
+        minutes = mean_sd([r.seconds / 60 for r in results])[0]
+        name = NAMES.get(method, method)
+        lines.append(f"| {name} | {len(results)} | {' | '.join(cells)} | {seeds} | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(experiment: Experiment, trainer: dict, starts: list[StartResults], command: str, figures: dict) -> str:
+    k = max(trainer.get("eval_k", [1, 8]))
+    sizes = sorted(experiment.test_sizes)
+    t = trainer.get
+    starts_text = "; ".join(f"{s.name} ({s.model_dir}, {s.warmup_steps} of {s.horizon} warm-up steps)"
+                            for s in experiment.starts)  # fmt: skip
+    lines = [
+        f"# {experiment.name}: the paper's maze findings at CPU scale",
+        "",
+        f"Command: `{command}`  ",
+        f"Seeds: {', '.join(map(str, experiment.seeds))}; starts: {starts_text}.",
+        "",
+        f"Every training: {trainer.get('steps')} steps of {trainer.get('prompts_per_step')} prompts × "
+        f"N_rollout {trainer.get('n_rollout')}, k = {trainer.get('k')}, lr {trainer.get('lr')}, "
+        f"{t('loss_aggregation', 'token')}-level loss, clip {t('clip_low')}/{t('clip_high')}, "
+        f"temperature {trainer.get('temperature')}; trained on {', '.join(f'{n}×{n}' for n in experiment.train_sizes)} "
+        f"mazes. Held-out: {trainer.get('eval_mazes')} mazes per size × {trainer.get('eval_n')} samples "
+        f"(unbiased pass@k, evaluation seed {trainer.get('eval_seed')}, the same for every run) every "
+        f"{trainer.get('eval_every')} steps. Each number is the mean over the seeds unless marked.",
+        "",
+        f"Verdict rule: a difference between two methods is *clear* when every seed (paired: same seed, same "
+        f"prompts) agrees on its sign and the mean is more than two standard errors from 0; *yes*/*no* need clear "
+        f"differences, otherwise *unclear*. Differences are in percentage points of the average over the "
+        f"{len(sizes)} held-out sizes.",
+        "",
+    ]
+    for s in starts:
+        lines += [f"## Start: {s.name}", "", f"### Pass@1/Pass@{k} (%) per maze size (Table 7)", "",
+                  table7(s, sizes, k), "", "### Spread over seeds", "",
+                  spread_table(s, k, sorted(experiment.train_sizes)), "", "### The paper's claims", ""]  # fmt: skip
+        lines += ["| claim | paper | here | numbers |", "|---|---|---|---|"]
+        lines += [f"| {c.title} | {c.paper} | **{c.verdict}** | {c.evidence} |" for c in claims(s, k)]
+        lines.append("")
+        for caption, name in figures.get(s.name, []):
+            lines += [f"![{caption}]({name})", ""]
+    return "\n".join(lines)
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def _band(ax, xs, series: list[list[float | None]], label: str, color) -> None:
+    """Mean over seeds as a line, min-max over seeds as a band."""
+    import numpy as np
+
+    rows = np.array([[np.nan if v is None else v for v in s] for s in series], dtype=float)
+    with np.errstate(all="ignore"):
+        mean, low, high = np.nanmean(rows, 0), np.nanmin(rows, 0), np.nanmax(rows, 0)
+    ax.plot(xs, mean, label=label, color=color, lw=1.5)
+    ax.fill_between(xs, low, high, color=color, alpha=0.15, lw=0)
+
+
+def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, str]]:
+    """Two PNGs for one start; returns (caption, file name) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10")
+    pk = f"pass@{k}"
+    figures = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (method, results) in enumerate(s.runs.items()):
+        versions = sorted(set.intersection(*(set(r.evals) for r in results)))
+        for ax, metric in zip(axes, ("pass@1", pk), strict=True):
+            series = [[100 * average(r.evals[v], metric) for v in versions] for r in results]
+            _band(ax, versions, series, NAMES.get(method, method), colors(i))
+    for ax, metric in zip(axes, ("pass@1", pk), strict=True):
+        ax.set(xlabel="training step", ylabel=f"held-out {metric} (%), avg. over sizes", title=f"held-out {metric}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    name = f"{s.name}-heldout.png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    figures.append((f"{s.name}: held-out pass@1 and {pk} (mean over seeds, band: min-max)", name))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (method, results) in enumerate(s.runs.items()):
+        for ax, key in zip(axes, ("entropy", "negative_diversity"), strict=True):
+            series = [smooth([row.get(key) for row in r.steps], width) for r in results]
+            length = min(len(x) for x in series)
+            _band(ax, list(range(1, length + 1)), [x[:length] for x in series], NAMES.get(method, method), colors(i))
+    axes[0].set(xlabel="training step", ylabel="mean token entropy (nats)", title="policy entropy")
+    axes[1].set(xlabel="training step", ylabel="distinct / wrong answers", title="negative-answer diversity")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    name = f"{s.name}-exploration.png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    figures.append((f"{s.name}: policy entropy and negative-answer diversity ({width}-step moving mean)", name))
+    return figures
+
+
+def write_report(path: Path, experiment: Experiment, trainer: dict, command: str | None = None) -> Path:
+    """REPORT.md and the PNGs in the run directory, copied to ``experiment.docs`` when set."""
+    out = Path(experiment.out)
+    starts = collect(experiment)
+    k = max(trainer.get("eval_k", [1, 8]))
+    figures = {s.name: draw(s, k, out) for s in starts if s.runs}
+    command = command or f"passk experiment {experiment.name} --spec {path}"
+    report = out / "REPORT.md"
+    report.write_text(markdown(experiment, trainer, starts, command, figures))
+    if experiment.docs:
+        docs = Path(experiment.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        for name in ["REPORT.md", *(f for pairs in figures.values() for _, f in pairs)]:
+            shutil.copy2(out / name, docs / name)
+    return report

@@ -1,0 +1,108 @@
+"""The numbers of an experiment, read from its run directories, and the pure
+statistics the report is made of: means and spreads over seeds, paired
+differences between methods, and the verdict rule of the claims."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunResult:
+    """One training: its held-out evaluations {version: {size: {"pass@k": value}}} (version 0 is
+    the start's) and its per-step metrics."""
+
+    method: str
+    seed: int
+    evals: dict[int, dict[int, dict[str, float]]]
+    steps: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def final(self) -> dict[int, dict[str, float]]:
+        return self.evals[max(self.evals)]
+
+
+def read_evals(path: Path) -> dict[int, dict[int, dict[str, float]]]:
+    out = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        out[int(entry["version"])] = {int(size): row for size, row in entry["table"].items()}
+    return out
+
+
+def read_run(run_dir: Path, method: str, seed: int, start: dict[int, dict[int, dict[str, float]]]) -> RunResult:
+    evals = {**start, **read_evals(run_dir / "eval.jsonl")}
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    done = json.loads((run_dir / "done.json").read_text())
+    return RunResult(method, seed, evals, steps, float(done["seconds"]))
+
+
+def average(table: dict[int, dict[str, float]], metric: str, sizes: list[int] | None = None) -> float:
+    """The mean of ``metric`` over the table's maze sizes (Table 7's "Avg." column), or over ``sizes``."""
+    rows = [table[s] for s in (sizes if sizes is not None else sorted(table))]
+    return sum(row[metric] for row in rows) / len(rows)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A - B over paired seeds (same seed, same prompts, same evaluation)."""
+
+    mean: float
+    se: float  # standard error of the mean paired difference
+    values: tuple[float, ...]
+
+    @property
+    def clear(self) -> int:
+        """+1 / -1 when the difference is clear, 0 when not: every seed agrees on its sign and the
+        mean is more than two standard errors from 0. With 3 seeds this is a coarse rule; it is the
+        one every verdict of the report uses."""
+        if len(self.values) < 2 or (not all(v > 0 for v in self.values) and not all(v < 0 for v in self.values)):
+            return 0
+        if abs(self.mean) <= 2 * self.se:
+            return 0
+        return 1 if self.mean > 0 else -1
+
+    def text(self, scale: float = 100.0) -> str:
+        signs = ", ".join(f"{scale * v:+.1f}" for v in self.values)
+        return f"{scale * self.mean:+.1f} ± {scale * self.se:.1f} (per seed {signs})"
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> Difference:
+    """The difference of two methods' per-seed values, over the seeds both have."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("the two methods share no seed")
+    values = tuple(a[s] - b[s] for s in seeds)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.inf
+    return Difference(statistics.fmean(values), se, values)
+
+
+def window_mean(steps: list[dict], key: str, first: float, last: float) -> float | None:
+    """The mean of a per-step metric over the steps in the fraction [first, last) of the run
+    (e.g. 0.8-1.0: the last fifth), skipping steps where it is missing."""
+    n = len(steps)
+    chosen = [row.get(key) for row in steps[int(first * n) : max(int(last * n), int(first * n) + 1)]]
+    values = [v for v in chosen if isinstance(v, int | float)]
+    return statistics.fmean(values) if values else None
+
+
+def smooth(values: list[float | None], width: int) -> list[float | None]:
+    """Trailing moving average over the last ``width`` present values (None stays None)."""
+    out: list[float | None] = []
+    window: list[float] = []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        window = [*window, v][-width:]
+        out.append(sum(window) / len(window))
+    return out

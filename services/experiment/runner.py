@@ -1,0 +1,200 @@
+"""`passk experiment`: many trainings through the real local cluster, then a report.
+
+Each lane is a cluster of its own (redis-server, a verifier, one rollout
+replica, as `passk up` starts them) that runs trainings one after another, each
+a `passk train` process whose weights reach the lane's replica over gRPC. Lanes
+run at once: one training's rollouts, grading and update alternate, so one lane
+keeps about one core busy. A finished training leaves ``done.json`` in its
+directory; running the experiment again skips it and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.common.redis_server import RedisServer
+from services.experiment.spec import Experiment, Run, StartEval, check, plan
+from services.launcher import Cluster, preset_rollout_options, start_services
+
+console = Console()
+
+
+def ensure_inputs(experiment: Experiment, trainer: dict) -> None:
+    """The data splits and the start models, built (seeded) when missing."""
+    train, test = Path(trainer["train_data"]), Path(trainer["test_data"])
+    if not (train.exists() and test.exists()):
+        from services.tasks.maze import build_splits
+        from services.tasks.records import write_jsonl
+
+        splits = build_splits(
+            experiment.train_sizes, experiment.test_sizes, experiment.train_per_size, experiment.test_per_size,
+            experiment.data_seed,
+        )  # fmt: skip
+        write_jsonl(splits["train"], train)
+        write_jsonl(splits["test"], test)
+        console.print(f"wrote {len(splits['train'])} train and {len(splits['test'])} test mazes under {train.parent}")
+    for start in experiment.starts:
+        model_dir = Path(start.model_dir)
+        if (model_dir / "config.json").exists():
+            continue
+        import torch
+
+        from services.trainer.tiny_model import build_tiny
+
+        console.print(f"building start {start.name!r} in {model_dir}: {start.warmup_steps} warm-up steps")
+        torch.set_num_threads(1)  # the build's numbers depend on the thread count: keep it fixed
+        build_tiny(
+            model_dir, sizes=tuple(experiment.model_sizes), steps=start.warmup_steps, horizon=start.horizon,
+            seed=experiment.data_seed, max_positions=experiment.max_positions,
+        )  # fmt: skip
+
+
+def is_done(item: Run | StartEval) -> bool:
+    return (item.run_dir / "done.json").exists()
+
+
+class Lane:
+    """One cluster that trains one run at a time."""
+
+    def __init__(self, index: int, root: Path, model_dir: str, prompts_per_step: int, rollout_options: list[str]):
+        self.name = f"lane-{index}"
+        self.dir = root / "lanes" / self.name
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.cluster = Cluster(self.dir)
+        self.redis = RedisServer(self.dir / "redis", appendonly=False)
+        self.weights_token = secrets.token_hex(16)
+        try:
+            self.services = start_services(
+                self.cluster, self.redis.url, 1, model_dir, prompts_per_step, rollout_options, self.weights_token
+            )
+        except BaseException:
+            self.stop()
+            raise
+        self.current: subprocess.Popen | None = None
+
+    def train(self, path: Path, item: Run | StartEval) -> tuple[int, float]:
+        """Run one training to its end: (exit code, seconds)."""
+        if item.run_dir.exists():
+            shutil.rmtree(item.run_dir)  # an unfinished attempt: start it over
+        item.run_dir.mkdir(parents=True)
+        sets = [
+            *item.overrides(),
+            f"redis_url='{self.redis.url}'",
+            f"verifier_url='{self.services.verifier_url}'",
+            "checkpoint_every=0",
+        ]
+        command = [sys.executable, "-m", "services.cli", "train", "--preset", str(path)]
+        command += [arg for value in sets for arg in ("--set", value)]
+        env = {
+            **os.environ,
+            "PASSK_TRAINER_WEIGHTS_TOKEN": self.weights_token,
+            "PASSK_TRAINER_VERIFIER_TOKEN": self.services.api_token,
+        }
+        start = time.monotonic()
+        with (item.run_dir / "trainer.log").open("wb") as log:
+            self.current = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+            code = self.current.wait()
+        seconds = time.monotonic() - start
+        if code == 0:
+            (item.run_dir / "done.json").write_text(json.dumps({"seconds": seconds, "lane": self.name}) + "\n")
+        return code, seconds
+
+    def stop(self) -> None:
+        if self.current is not None and self.current.poll() is None:
+            self.current.send_signal(signal.SIGTERM)
+            try:
+                self.current.wait(30)
+            except subprocess.TimeoutExpired:
+                self.current.kill()
+        self.cluster.stop()
+        self.redis.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(path: Path, experiment: Experiment, trainer: dict, lanes: int | None = None) -> int:
+    """Every training of the experiment not already done, then the report. Exit code: 0 when all
+    finished, 1 when some failed (the report then covers what finished)."""
+    from services.experiment.report import write_report
+
+    evals, runs = plan(experiment)
+    check(path, evals, runs)
+    ensure_inputs(experiment, trainer)
+    root = Path(experiment.out)
+    root.mkdir(parents=True, exist_ok=True)
+    todo: queue.SimpleQueue[Run | StartEval] = queue.SimpleQueue()
+    pending = [item for item in [*evals, *runs] if not is_done(item)]
+    for item in pending:
+        todo.put(item)
+    skipped = len(evals) + len(runs) - len(pending)
+    console.print(
+        f"{experiment.name}: {len(runs)} trainings and {len(evals)} start evaluations in {root}"
+        + (f" ({skipped} already done)" if skipped else "")
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    failures: list[str] = []
+    started = time.monotonic()
+    rollout_options = preset_rollout_options(path)
+    count = min(lanes or experiment.lanes, max(len(pending), 1))
+    try:
+        with ExitStack() as stack, Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=console,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("trainings", total=len(pending))
+            # every lane starts from the first start's model; each training pushes its own start first
+            model_dir = experiment.starts[0].model_dir
+            workers = []
+            for i in range(count if pending else 0):
+                lane = Lane(i, root, model_dir, int(trainer.get("prompts_per_step", 16)), rollout_options)
+                stack.callback(lane.stop)
+                workers.append(threading.Thread(target=_work, args=(lane, path, todo, failures, progress, task)))
+            for worker in workers:
+                worker.daemon = True
+                worker.start()
+            for worker in workers:
+                while worker.is_alive():
+                    worker.join(0.5)
+    except KeyboardInterrupt:
+        console.print("stopped; finished trainings are kept (run the command again to do the rest)")
+        return 130
+    console.print(f"trainings took {(time.monotonic() - started) / 60:.1f} min")
+    report = write_report(path, experiment, trainer)
+    console.print(f"report: {report}")
+    if failures:
+        console.print(f"[red]{len(failures)} trainings failed: {', '.join(failures)} (see their trainer.log)")
+        return 1
+    return 0
+
+
+def _work(lane: Lane, path: Path, todo: queue.SimpleQueue, failures: list[str], progress: Progress, task) -> None:
+    while True:
+        try:
+            item = todo.get_nowait()
+        except queue.Empty:
+            return
+        code, seconds = lane.train(path, item)
+        if code != 0:
+            failures.append(item.run_dir.name)
+            progress.console.print(f"[red]{item.run_dir.name} failed ({code}) after {seconds:.0f} s")
+        else:
+            progress.console.print(f"{item.run_dir.name}: {seconds:.0f} s on {lane.name}")
+        progress.advance(task)

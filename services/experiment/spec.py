@@ -1,0 +1,171 @@
+"""An experiment file: which trainings to run (start model x method x seed), all on
+one base preset, read from TOML and checked before anything starts.
+
+The ``[trainer]`` table is a training preset like those in configs/ (every run
+gets it); ``[experiment]`` says what varies. Each start names the model it
+trains from and how to build that model when it is missing, so that the file
+alone says where every number of the report comes from.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Start(BaseModel):
+    """A starting checkpoint: the warm-up that builds it (``passk model build-tiny``) and the
+    methods trained from it."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    """Short name, used in run directories and the report."""
+    model_dir: str
+    """The model; built when it holds no config.json."""
+    warmup_steps: int = Field(ge=0, le=100_000)
+    """Supervised warm-up steps of the build."""
+    horizon: int = Field(ge=1, le=100_000)
+    """Cosine schedule length of the build: steps < horizon leaves it under-trained (not annealed)."""
+    methods: list[str] = []
+    """Methods trained from this start; empty: all of the experiment's."""
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")
+    """The experiment's name (`passk experiment <name>`)."""
+    out: str
+    """Run directory: one sub-directory per training, the report at its top."""
+    docs: str = ""
+    """Where a copy of the report goes (empty: none)."""
+    seeds: list[int] = Field(min_length=1, max_length=64)
+    """Training seeds, the same for every method."""
+    methods: list[str] = Field(min_length=1)
+    """Advantage estimators compared (registry names; the trainer's settings check them)."""
+    starts: list[Start] = Field(min_length=1)
+    """Starting models."""
+    lanes: int = Field(2, ge=1, le=64)
+    """Trainings run at once, each on its own Redis, verifier and replica (one core each)."""
+    model_sizes: list[int] = Field(min_length=1)
+    """Maze sizes of the models' supervised warm-up."""
+    max_positions: int = Field(1024, ge=64, le=65536)
+    """Context length of the built models."""
+    train_sizes: list[int] = Field(min_length=1)
+    """Maze sizes of the RL training split (data built when missing)."""
+    test_sizes: list[int] = Field(min_length=1)
+    """Maze sizes of the held-out split: the report's table rows."""
+    train_per_size: int = Field(5000, ge=1)
+    test_per_size: int = Field(100, ge=1)
+    data_seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> Experiment:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods repeat: {self.methods}")
+        names = [s.name for s in self.starts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"start names repeat: {names}")
+        for start in self.starts:
+            extra = set(start.methods) - set(self.methods)
+            if extra:
+                raise ValueError(f"start {start.name}: methods {sorted(extra)} are not in experiment.methods")
+        for field in ("model_sizes", "train_sizes", "test_sizes"):
+            bad = [s for s in getattr(self, field) if s < 5 or s % 2 == 0 or s > 201]
+            if bad:
+                raise ValueError(f"{field}: maze sizes must be odd and between 5 and 201, got {bad}")
+        return self
+
+    def methods_of(self, start: Start) -> list[str]:
+        return list(start.methods) or list(self.methods)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training of the experiment."""
+
+    start: str
+    method: str
+    seed: int
+    model_dir: str
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    def overrides(self) -> list[str]:
+        """`--set` values on top of the base preset."""
+        return [
+            f"model_dir='{self.model_dir}'",
+            f"run_dir='{self.run_dir}'",
+            f"estimator='{self.method}'",
+            f"seed={self.seed}",
+            "eval_at_start=false",  # the start's own evaluation run holds it: identical for every run
+        ]
+
+
+@dataclass(frozen=True)
+class StartEval:
+    """The evaluation of a start model before any training (step 0 of every curve from it)."""
+
+    start: str
+    model_dir: str
+    run_dir: Path
+
+    def overrides(self) -> list[str]:
+        return [f"model_dir='{self.model_dir}'", f"run_dir='{self.run_dir}'", "steps=0", "stages=[]"]
+
+
+def load(path: Path, out: str | None = None, seeds: list[int] | None = None) -> tuple[Experiment, dict]:
+    """(the experiment, the raw [trainer] table) of an experiment file; ``out``/``seeds`` replace the
+    file's. Raises ValueError naming the file and what is wrong."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    unknown = sorted(set(raw) - {"experiment", "trainer", "rollout"})
+    if unknown or "experiment" not in raw or "trainer" not in raw:
+        raise ValueError(f"{path}: needs [experiment] and [trainer] tables (and maybe [rollout]), got {sorted(raw)}")
+    table = dict(raw["experiment"])
+    if out is not None:
+        table["out"] = out
+    if seeds is not None:
+        table["seeds"] = seeds
+    try:
+        experiment = Experiment.model_validate(table)
+    except ValidationError as err:
+        raise ValueError(f"{path} [experiment]: {err}") from None
+    return experiment, raw["trainer"]
+
+
+def check(path: Path, evals: list[StartEval], runs: list[Run]) -> None:
+    """Every training's full settings, validated by the trainer's own rules before anything starts
+    (an unknown method or a k over n_rollout fails here, not an hour in)."""
+    from services.trainer.config import load_settings
+
+    for item in [*evals, *runs]:
+        try:
+            load_settings(path, item.overrides())
+        except ValueError as err:
+            raise ValueError(f"{path}: run {item.run_dir.name}: {err}") from None
+
+
+def plan(experiment: Experiment) -> tuple[list[StartEval], list[Run]]:
+    """The start evaluations and the trainings, the trainings ordered seed-major, so that a partial
+    experiment has every method at its first seeds."""
+    root = Path(experiment.out)
+    evals = [StartEval(s.name, s.model_dir, root / f"{s.name}-start") for s in experiment.starts]
+    runs = [
+        Run(start.name, str(method), seed, start.model_dir, root / f"{start.name}-{method}-s{seed}")
+        for seed in experiment.seeds
+        for start in experiment.starts
+        for method in experiment.methods_of(start)
+    ]
+    return evals, runs
