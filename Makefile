@@ -7,7 +7,7 @@ comma := ,
 # one stamp per set of extras: asking for more extras installs them
 STAMP := $(VENV)/.passk-installed-$(subst $(comma),-,$(PASSK_EXTRAS))
 
-.PHONY: run test setup bench curves redis test-deps
+.PHONY: run test setup bench curves redis test-deps maze-repro
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml scripts/setup-venv.sh
 # maze-tiny preset, then pass@k before and after RL.
 run: setup redis
 	$(VENV)/bin/passk up --preset configs/maze-tiny.toml --rollout-replicas 2
+
+# The paper's maze findings at CPU scale: every method x 3 seeds through local clusters, then
+# runs/maze-repro/REPORT.md (and docs/maze-repro/).
+maze-repro: setup redis
+	$(VENV)/bin/passk experiment maze-repro
 
 # The advantage-curve report (the paper's Figures 9 and 18).
 curves: setup

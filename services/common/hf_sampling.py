@@ -103,7 +103,7 @@ def _sample_batch(
     rows = logits.shape[0]
     tokens = torch.zeros((rows, max_tokens), dtype=torch.long)
     logprobs = torch.zeros((rows, max_tokens))
-    alive = torch.ones(rows, dtype=torch.bool)
+    live = torch.arange(rows)  # the rows still sampling: finished ones leave the batch and its cache
     lengths = torch.full((rows,), max_tokens)
     position = prompts.shape[1]
     for step in range(max_tokens):
@@ -113,15 +113,22 @@ def _sample_batch(
         else:
             probs = _top_p_filter(logits / temperature, top_p).softmax(-1)
             choice = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
-        tokens[:, step] = choice.cpu()
-        logprobs[:, step] = log_p.gather(1, choice.unsqueeze(1)).squeeze(1).cpu()
+        tokens[live, step] = choice.cpu()
+        logprobs[live, step] = log_p.gather(1, choice.unsqueeze(1)).squeeze(1).cpu()
         if eos is not None:
-            ended = alive & (choice.cpu() == eos)
-            lengths[ended] = step + 1
-            alive &= ~ended
-        if not alive.any() or step == max_tokens - 1:
+            ended = choice.cpu() == eos
+            lengths[live[ended]] = step + 1
+            if bool(ended.any()) and not bool(ended.all()):
+                # a long tail of a few rows would otherwise drag every finished row (and its cache,
+                # copied at each step) along: large held-out mazes cost minutes without this
+                keep = (~ended).nonzero().squeeze(1)
+                cache.batch_select_indices(keep.to(device))
+                live, choice = live[keep], choice[keep.to(device)]
+            elif bool(ended.all()):
+                break
+        if step == max_tokens - 1:
             break
-        positions = torch.full((rows, 1), position + step, device=device)
+        positions = torch.full((len(live), 1), position + step, device=device)
         out = model(input_ids=choice.unsqueeze(1), past_key_values=cache, position_ids=positions, use_cache=True)
         cache = out.past_key_values
         logits = out.logits[:, -1].float()

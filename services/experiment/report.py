@@ -257,6 +257,13 @@ def _band(ax, xs, series: list[list[float | None]], label: str, color) -> None:
     ax.fill_between(xs, low, high, color=color, alpha=0.15, lw=0)
 
 
+def curve_sizes(s: StartResults) -> list[int]:
+    """The maze sizes every evaluation of every run has (the training curves may cover fewer sizes
+    than the evaluations before and after)."""
+    tables = [table for results in s.runs.values() for r in results for table in r.evals.values()]
+    return sorted(set.intersection(*(set(t) for t in tables)))
+
+
 def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, str]]:
     """Two PNGs for one start; returns (caption, file name) pairs."""
     import matplotlib
@@ -268,20 +275,22 @@ def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, 
     pk = f"pass@{k}"
     figures = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    common = curve_sizes(s)
     for i, (method, results) in enumerate(s.runs.items()):
         versions = sorted(set.intersection(*(set(r.evals) for r in results)))
         for ax, metric in zip(axes, ("pass@1", pk), strict=True):
-            series = [[100 * average(r.evals[v], metric) for v in versions] for r in results]
+            series = [[100 * average(r.evals[v], metric, common) for v in versions] for r in results]
             _band(ax, versions, series, NAMES.get(method, method), colors(i))
+    over = ", ".join(f"{n}×{n}" for n in common)
     for ax, metric in zip(axes, ("pass@1", pk), strict=True):
-        ax.set(xlabel="training step", ylabel=f"held-out {metric} (%), avg. over sizes", title=f"held-out {metric}")
+        ax.set(xlabel="training step", ylabel=f"held-out {metric} (%), avg. over {over}", title=f"held-out {metric}")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     name = f"{s.name}-heldout.png"
     fig.savefig(out / name, dpi=100)
     plt.close(fig)
-    figures.append((f"{s.name}: held-out pass@1 and {pk} (mean over seeds, band: min-max)", name))
+    figures.append((f"{s.name}: held-out pass@1 and {pk} on {over} (mean over seeds, band: min-max)", name))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (method, results) in enumerate(s.runs.items()):

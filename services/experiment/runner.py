@@ -47,19 +47,21 @@ def ensure_inputs(experiment: Experiment, trainer: dict) -> None:
         write_jsonl(splits["train"], train)
         write_jsonl(splits["test"], test)
         console.print(f"wrote {len(splits['train'])} train and {len(splits['test'])} test mazes under {train.parent}")
-    for start in experiment.starts:
-        model_dir = Path(start.model_dir)
-        if (model_dir / "config.json").exists():
-            continue
+    missing = [s for s in experiment.starts if not (Path(s.model_dir) / "config.json").exists()]
+    for horizon in sorted({s.horizon for s in missing}):
+        # starts on one schedule are one warm-up, saved at each start's step
+        group = sorted((s for s in experiment.starts if s.horizon == horizon), key=lambda s: s.warmup_steps)
         import torch
 
         from services.trainer.tiny_model import build_tiny
 
-        console.print(f"building start {start.name!r} in {model_dir}: {start.warmup_steps} warm-up steps")
-        torch.set_num_threads(1)  # the build's numbers depend on the thread count: keep it fixed
+        console.print("building " + ", ".join(f"{s.name} ({s.warmup_steps} steps)" for s in group)
+                      + f" of one {horizon}-step warm-up on {experiment.model_sizes} mazes")  # fmt: skip
+        torch.set_num_threads(experiment.build_threads)  # the numbers depend on the thread count
         build_tiny(
-            model_dir, sizes=tuple(experiment.model_sizes), steps=start.warmup_steps, horizon=start.horizon,
-            seed=experiment.data_seed, max_positions=experiment.max_positions,
+            Path(group[-1].model_dir), sizes=tuple(experiment.model_sizes), steps=group[-1].warmup_steps,
+            horizon=horizon, seed=experiment.data_seed, max_positions=experiment.max_positions,
+            snapshots={s.warmup_steps: Path(s.model_dir) for s in group[:-1]},
         )  # fmt: skip
 
 
@@ -151,6 +153,7 @@ def run(path: Path, experiment: Experiment, trainer: dict, lanes: int | None = N
     )
     signal.signal(signal.SIGTERM, _interrupt)
     failures: list[str] = []
+    stopping = threading.Event()  # set on Ctrl-C/SIGTERM: no lane takes another training
     started = time.monotonic()
     rollout_options = preset_rollout_options(path)
     count = min(lanes or experiment.lanes, max(len(pending), 1))
@@ -166,13 +169,16 @@ def run(path: Path, experiment: Experiment, trainer: dict, lanes: int | None = N
             for i in range(count if pending else 0):
                 lane = Lane(i, root, model_dir, int(trainer.get("prompts_per_step", 16)), rollout_options)
                 stack.callback(lane.stop)
-                workers.append(threading.Thread(target=_work, args=(lane, path, todo, failures, progress, task)))
+                args = (lane, path, todo, failures, stopping, progress, task)
+                workers.append(threading.Thread(target=_work, args=args, daemon=True))
             for worker in workers:
-                worker.daemon = True
                 worker.start()
-            for worker in workers:
-                while worker.is_alive():
-                    worker.join(0.5)
+            try:
+                for worker in workers:
+                    while worker.is_alive():
+                        worker.join(0.5)
+            finally:
+                stopping.set()  # before the lanes stop: no worker starts a training on a stopped lane
     except KeyboardInterrupt:
         console.print("stopped; finished trainings are kept (run the command again to do the rest)")
         return 130
@@ -185,13 +191,21 @@ def run(path: Path, experiment: Experiment, trainer: dict, lanes: int | None = N
     return 0
 
 
-def _work(lane: Lane, path: Path, todo: queue.SimpleQueue, failures: list[str], progress: Progress, task) -> None:
-    while True:
+def _work(
+    lane: Lane, path: Path, todo: queue.SimpleQueue, failures: list[str], stopping: threading.Event, progress, task
+) -> None:
+    while not stopping.is_set():
         try:
             item = todo.get_nowait()
         except queue.Empty:
             return
-        code, seconds = lane.train(path, item)
+        try:
+            code, seconds = lane.train(path, item)
+        except OSError as err:  # the run directory or the trainer could not be set up: that run fails
+            code, seconds = -1, 0.0
+            progress.console.print(f"[red]{item.run_dir.name}: {err}")
+        if stopping.is_set():
+            return
         if code != 0:
             failures.append(item.run_dir.name)
             progress.console.print(f"[red]{item.run_dir.name} failed ({code}) after {seconds:.0f} s")

@@ -55,6 +55,8 @@ class Experiment(BaseModel):
     """Maze sizes of the models' supervised warm-up."""
     max_positions: int = Field(1024, ge=64, le=65536)
     """Context length of the built models."""
+    build_threads: int = Field(2, ge=1, le=256)
+    """torch threads of the models' build (its numbers depend on it)."""
     train_sizes: list[int] = Field(min_length=1)
     """Maze sizes of the RL training split (data built when missing)."""
     test_sizes: list[int] = Field(min_length=1)
@@ -76,6 +78,12 @@ class Experiment(BaseModel):
             extra = set(start.methods) - set(self.methods)
             if extra:
                 raise ValueError(f"start {start.name}: methods {sorted(extra)} are not in experiment.methods")
+            if start.warmup_steps < 1 or start.warmup_steps > start.horizon:
+                raise ValueError(f"start {start.name}: warmup_steps must be within 1..horizon={start.horizon}")
+        for horizon in {s.horizon for s in self.starts}:
+            steps = [s.warmup_steps for s in self.starts if s.horizon == horizon]
+            if len(set(steps)) != len(steps):
+                raise ValueError(f"two starts stop the {horizon}-step warm-up at the same step: they are one model")
         for field in ("model_sizes", "train_sizes", "test_sizes"):
             bad = [s for s in getattr(self, field) if s < 5 or s % 2 == 0 or s > 201]
             if bad:

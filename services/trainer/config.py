@@ -95,6 +95,9 @@ class TrainerSettings(BaseModel):
     eval_max_tokens: int = Field(0, ge=0)
     """New tokens per evaluation sample at most (0: max_tokens); larger held-out mazes than the
     training ones need longer answers."""
+    eval_every_sizes: list[int] = []
+    """Maze sizes of the evaluations every ``eval_every`` steps (empty: all); the evaluations before
+    and after training cover every size. Cheap training curves when the held-out set has large mazes."""
     eval_mazes: int = Field(100, ge=1)
     """Held-out mazes per size in an evaluation."""
     eval_n: int = Field(32, ge=1)

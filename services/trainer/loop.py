@@ -96,6 +96,9 @@ class Trainer:
         for item in self.test_items:
             by_size.setdefault(item.size, []).append(item)
         self.eval_items = [it for items in by_size.values() for it in items[: settings.eval_mazes]]
+        absent = sorted(set(settings.eval_every_sizes) - set(by_size))
+        if absent:
+            raise ValueError(f"eval_every_sizes {absent}: {settings.test_data} has no mazes of that size")
         self.prometheus = TrainerMetrics()
         self.client = redis_client.connect(settings.redis_url, on_error=self.prometheus.redis_errors.inc)
         self.consumer = StreamConsumer(self.client, self.streams.scored, "trainer", "trainer", claim_idle_ms=600_000)
@@ -141,7 +144,7 @@ class Trainer:
                 if progress:
                     progress(metrics)
                 if self.s.eval_every and step % self.s.eval_every == 0 and step != self.s.steps:
-                    self.record_eval()
+                    self.record_eval(self.s.eval_every_sizes)
             if self.s.steps and self.first_step <= self.s.steps:
                 self.record_eval()
         finally:
@@ -391,12 +394,14 @@ class Trainer:
         self.unsharded.load_state_dict(self.full_state, strict=False)
         return self.unsharded
 
-    def record_eval(self) -> dict:
+    def record_eval(self, sizes: list[int] | None = None) -> dict:
+        """Evaluate the current policy on the held-out mazes (of ``sizes`` only, when given)."""
         start = time.monotonic()
+        items = [it for it in self.eval_items if it.size in sizes] if sizes else self.eval_items
         table = evaluate(
             self.eval_model(),
             self.tokenizer,
-            self.eval_items,
+            items,
             n=self.s.eval_n,
             ks=self.s.eval_k,
             max_tokens=self.s.eval_max_tokens or self.s.max_tokens,

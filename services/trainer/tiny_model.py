@@ -85,16 +85,22 @@ def build_tiny(
     lr: float = 2e-3,
     seed: int = 0,
     max_positions: int = 512,
+    snapshots: dict[int, Path] | None = None,
 ) -> Path:
     """Build, warm-start and save the tiny model to ``out`` (HF format); returns ``out``.
 
     The cosine learning-rate schedule spans ``horizon`` steps but training stops
     after ``steps``: an under-trained, not annealed start, from which RL was
     measured to help (a fully annealed start lost pass@k under RL). Batches take
-    the ``sizes`` in turn.
+    the ``sizes`` in turn. ``snapshots`` {step: directory} also saves the model after those steps:
+    the same as building it with ``steps=step`` and this horizon (same seed, data and schedule),
+    for a fraction of the time.
     """
     if not sizes or any(size < 5 or size % 2 == 0 for size in sizes):
         raise ValueError(f"maze sizes must be odd and >= 5, got {list(sizes)}")
+    late = [step for step in (snapshots or {}) if not 1 <= step <= steps]
+    if late:
+        raise ValueError(f"snapshot steps must be within 1..{steps}, got {late}")
     big = max(sizes)
     longest = 1 + big * (big + 1) + big * big // 2 + 1  # bos, grid and newlines, a path over every open cell, eos
     if longest > max_positions:
@@ -119,7 +125,13 @@ def build_tiny(
         schedule.step()
         if step % 50 == 0 or step == steps - 1:
             log.info("warm-up step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss.item(), time.monotonic() - start)
+        if step + 1 in (snapshots or {}):
+            _save(model, tokenizer, snapshots[step + 1])
+    _save(model, tokenizer, out)
+    return out
+
+
+def _save(model, tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return out

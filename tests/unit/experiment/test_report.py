@@ -109,6 +109,10 @@ def test_the_experiment_file_is_checked(tmp_path):
         (base.replace("seeds = [", "seeds = [0, 0, "), "seeds repeat"),
         (base.replace("\n[trainer]\n", "\n[trainer]\nbogus = 1\n"), "bogus"),
         (base.replace("test_sizes = [", "test_sizes = [8, "), "odd"),
+        (base.replace("warmup_steps = 900", "warmup_steps = 2000"), "within 1..horizon"),
+        (base.replace("warmup_steps = 900", "warmup_steps = 1800"), "they are one model"),
+        (base.replace('methods = ["grpo", "passk_analytic"]', 'methods = ["pkpo"]'), "not in experiment.methods"),
+        (base.replace("\nk = 8\n", "\nk = 64\n"), "k=64"),
     ]:
         spec.write_text(bad)
         with pytest.raises(ValueError, match=message):
