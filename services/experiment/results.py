@@ -52,6 +52,11 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# Smaller differences are never called clear: 1 point of pass@k (one maze more or less solved
+# moves an 8-size average of 16 mazes each by 0.8), 0.01 nats of entropy, 1 % of answer diversity.
+MINIMUM_EFFECT = 0.01
+
+
 @dataclass(frozen=True)
 class Difference:
     """A - B over paired seeds (same seed, same prompts, same evaluation)."""
@@ -63,17 +68,17 @@ class Difference:
     @property
     def clear(self) -> int:
         """+1 / -1 when the difference is clear, 0 when not: every seed agrees on its sign and the
-        mean is more than two standard errors from 0. With 3 seeds this is a coarse rule; it is the
-        one every verdict of the report uses."""
+        mean is more than two standard errors and more than MINIMUM_EFFECT from 0. With 3 seeds this
+        is a coarse rule; it is the one every verdict of the report uses."""
         if len(self.values) < 2 or (not all(v > 0 for v in self.values) and not all(v < 0 for v in self.values)):
             return 0
-        if abs(self.mean) <= 2 * self.se:
+        if abs(self.mean) <= max(2 * self.se, MINIMUM_EFFECT):
             return 0
         return 1 if self.mean > 0 else -1
 
-    def text(self, scale: float = 100.0) -> str:
-        signs = ", ".join(f"{scale * v:+.1f}" for v in self.values)
-        return f"{scale * self.mean:+.1f} ± {scale * self.se:.1f} (per seed {signs})"
+    def text(self, scale: float = 100.0, digits: int = 1) -> str:
+        signs = ", ".join(f"{scale * v:+.{digits}f}" for v in self.values)
+        return f"{scale * self.mean:+.{digits}f} ± {scale * self.se:.{digits}f} (per seed {signs})"
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> Difference:

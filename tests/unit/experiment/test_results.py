@@ -32,6 +32,7 @@ def test_paired_difference_uses_shared_seeds_only():
         ((0.10, -0.01, 0.12), 0),  # the seeds disagree
         ((0.01, 0.30, 0.01), 0),  # all positive but within two standard errors
         ((0.2,), 0),  # one seed says nothing
+        ((0.004, 0.005, 0.006), 0),  # consistent but below a point
     ],
 )
 def test_a_difference_is_clear_only_when_seeds_agree_and_it_is_large(values, clear):
