@@ -297,12 +297,7 @@ def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, 
     over = ", ".join(f"{n}×{n}" for n in common)
     for ax, metric in zip(axes, ("pass@1", pk), strict=True):
         ax.set(xlabel="training step", ylabel=f"held-out {metric} (%), avg. over {over}", title=f"held-out {metric}")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    name = f"{s.name}-heldout.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
+    name = _save(fig, axes, out / f"{s.name}-heldout.png")
     figures.append((f"{s.name}: held-out pass@1 and {pk} on {over} (mean over seeds, band: min-max)", name))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -313,15 +308,21 @@ def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, 
             _band(ax, list(range(1, length + 1)), [x[:length] for x in series], NAMES.get(method, method), colors(i))
     axes[0].set(xlabel="training step", ylabel="mean token entropy (nats)", title="policy entropy")
     axes[1].set(xlabel="training step", ylabel="distinct / wrong answers", title="negative-answer diversity")
+    name = _save(fig, axes, out / f"{s.name}-exploration.png")
+    figures.append((f"{s.name}: policy entropy and negative-answer diversity ({width}-step moving mean)", name))
+    return figures
+
+
+def _save(fig, axes, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    name = f"{s.name}-exploration.png"
-    fig.savefig(out / name, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    figures.append((f"{s.name}: policy entropy and negative-answer diversity ({width}-step moving mean)", name))
-    return figures
+    return path.name
 
 
 def write_report(path: Path, experiment: Experiment, trainer: dict, command: str | None = None) -> Path:
