@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +59,26 @@ class Cluster:
             stop(process)
 
 
-def ensure_data(train: Path, test: Path, seed: int) -> None:
+def ensure_data(
+    train: Path,
+    test: Path,
+    seed: int,
+    train_sizes: Sequence[int] = (7,),
+    test_sizes: Sequence[int] = (7,),
+    train_per_size: int = 5000,
+    test_per_size: int = 100,
+) -> None:
+    """The maze splits (`passk data maze`), written when either is missing: maze-tiny's by default."""
     if train.exists() and test.exists():
         return
     from services.tasks.maze import build_splits
     from services.tasks.records import write_jsonl
 
-    splits = build_splits([7], [7], train_per_size=5000, test_per_size=100, seed=seed)
+    splits = build_splits(train_sizes, test_sizes, train_per_size=train_per_size, test_per_size=test_per_size,
+                          seed=seed)  # fmt: skip
     write_jsonl(splits["train"], train)
     write_jsonl(splits["test"], test)
-    console.print(f"wrote {len(splits['train'])} train and {len(splits['test'])} test 7x7 mazes under {train.parent}")
+    console.print(f"wrote {len(splits['train'])} train and {len(splits['test'])} test mazes under {train.parent}")
 
 
 def ensure_model(model_dir: Path) -> None:

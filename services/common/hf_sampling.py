@@ -122,8 +122,9 @@ def _sample_batch(
                 # a long tail of a few rows would otherwise drag every finished row (and its cache,
                 # copied at each step) along: large held-out mazes cost minutes without this
                 keep = (~ended).nonzero().squeeze(1)
-                cache.batch_select_indices(keep.to(device))
-                live, choice = live[keep], choice[keep.to(device)]
+                on_device = keep.to(device)
+                cache.batch_select_indices(on_device)
+                live, choice = live[keep], choice[on_device]
             elif bool(ended.all()):
                 break
         if step == max_tokens - 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.experiment.results import (
     Difference,
@@ -21,6 +22,9 @@ from services.experiment.results import (
     window_mean,
 )
 from services.experiment.spec import Experiment, plan
+
+if TYPE_CHECKING:
+    from services.trainer.config import TrainerSettings
 
 NAMES = {
     "grpo": "P@1 T. (GRPO)",
@@ -207,10 +211,11 @@ def spread_table(s: StartResults, k: int, train_sizes: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(experiment: Experiment, trainer: dict, starts: list[StartResults], command: str, figures: dict) -> str:
-    k = max(trainer.get("eval_k", [1, 8]))
+def markdown(
+    experiment: Experiment, trainer: TrainerSettings, starts: list[StartResults], command: str, figures: dict
+) -> str:
+    t, k = trainer, max(trainer.eval_k)
     sizes = sorted(experiment.test_sizes)
-    t = trainer.get
     starts_text = "; ".join(f"{s.name} ({s.model_dir}, {s.warmup_steps} of {s.horizon} warm-up steps)"
                             for s in experiment.starts)  # fmt: skip
     lines = [
@@ -219,13 +224,13 @@ def markdown(experiment: Experiment, trainer: dict, starts: list[StartResults], 
         f"Command: `{command}`  ",
         f"Seeds: {', '.join(map(str, experiment.seeds))}; starts: {starts_text}.",
         "",
-        f"Every training: {trainer.get('steps')} steps of {trainer.get('prompts_per_step')} prompts × "
-        f"N_rollout {trainer.get('n_rollout')}, k = {trainer.get('k')}, lr {trainer.get('lr')}, "
-        f"{t('loss_aggregation', 'token')}-level loss, clip {t('clip_low')}/{t('clip_high')}, "
-        f"temperature {trainer.get('temperature')}; trained on {', '.join(f'{n}×{n}' for n in experiment.train_sizes)} "
-        f"mazes. Held-out: {trainer.get('eval_mazes')} mazes per size × {trainer.get('eval_n')} samples "
-        f"(unbiased pass@k, evaluation seed {trainer.get('eval_seed')}, the same for every run) every "
-        f"{trainer.get('eval_every')} steps. Each number is the mean over the seeds unless marked.",
+        f"Every training: {t.steps} steps of {t.prompts_per_step} prompts × "
+        f"N_rollout {t.n_rollout}, k = {t.k}, lr {t.lr}, "
+        f"{t.loss_aggregation}-level loss, clip {t.clip_low}/{t.clip_high}, "
+        f"temperature {t.temperature}; trained on {', '.join(f'{n}×{n}' for n in experiment.train_sizes)} "
+        f"mazes. Held-out: {t.eval_mazes} mazes per size × {t.eval_n} samples "
+        f"(unbiased pass@k, evaluation seed {t.eval_seed}, the same for every run) every "
+        f"{t.eval_every} steps. Each number is the mean over the seeds unless marked.",
         "",
         f"Verdict rule: a difference between two methods is *clear* when every seed (paired: same seed, same "
         f"prompts) agrees on its sign and the mean is more than two standard errors and more than 1 point (0.01 "
@@ -325,12 +330,12 @@ def _save(fig, axes, path: Path) -> str:
     return path.name
 
 
-def write_report(path: Path, experiment: Experiment, trainer: dict, command: str | None = None) -> Path:
+def write_report(path: Path, experiment: Experiment, trainer: TrainerSettings, command: str | None = None) -> Path:
     """REPORT.md and the PNGs in the run directory, copied to ``experiment.docs`` when set."""
     out = Path(experiment.out)
     out.mkdir(parents=True, exist_ok=True)
     starts = collect(experiment)
-    k = max(trainer.get("eval_k", [1, 8]))
+    k = max(trainer.eval_k)
     figures = {s.name: draw(s, k, out) for s in starts if s.runs}
     command = command or f"passk experiment {experiment.name} --spec {path}"
     report = out / "REPORT.md"

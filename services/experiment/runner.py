@@ -22,39 +22,37 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.common.redis_server import RedisServer
 from services.experiment.spec import Experiment, Run, StartEval, check, plan
-from services.launcher import Cluster, preset_rollout_options, start_services
+from services.launcher import Cluster, ensure_data, preset_rollout_options, start_services
+
+if TYPE_CHECKING:
+    from services.trainer.config import TrainerSettings
 
 console = Console()
 
 
-def ensure_inputs(experiment: Experiment, trainer: dict) -> None:
+def ensure_inputs(experiment: Experiment, trainer: TrainerSettings) -> None:
     """The data splits and the start models, built (seeded) when missing."""
-    train, test = Path(trainer["train_data"]), Path(trainer["test_data"])
-    if not (train.exists() and test.exists()):
-        from services.tasks.maze import build_splits
-        from services.tasks.records import write_jsonl
-
-        splits = build_splits(
-            experiment.train_sizes, experiment.test_sizes, experiment.train_per_size, experiment.test_per_size,
-            experiment.data_seed,
-        )  # fmt: skip
-        write_jsonl(splits["train"], train)
-        write_jsonl(splits["test"], test)
-        console.print(f"wrote {len(splits['train'])} train and {len(splits['test'])} test mazes under {train.parent}")
+    ensure_data(
+        Path(trainer.train_data), Path(trainer.test_data), experiment.data_seed, experiment.train_sizes,
+        experiment.test_sizes, experiment.train_per_size, experiment.test_per_size,
+    )  # fmt: skip
     missing = [s for s in experiment.starts if not (Path(s.model_dir) / "config.json").exists()]
+    if not missing:
+        return
+    import torch
+
+    from services.trainer.tiny_model import build_tiny
+
     for horizon in sorted({s.horizon for s in missing}):
         # starts on one schedule are one warm-up, saved at each start's step
         group = sorted((s for s in experiment.starts if s.horizon == horizon), key=lambda s: s.warmup_steps)
-        import torch
-
-        from services.trainer.tiny_model import build_tiny
-
         console.print("building " + ", ".join(f"{s.name} ({s.warmup_steps} steps)" for s in group)
                       + f" of one {horizon}-step warm-up on {experiment.model_sizes} mazes")  # fmt: skip
         torch.set_num_threads(experiment.build_threads)  # the numbers depend on the thread count
@@ -132,7 +130,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run(path: Path, experiment: Experiment, trainer: dict, lanes: int | None = None) -> int:
+def run(path: Path, experiment: Experiment, trainer: TrainerSettings, lanes: int | None = None) -> int:
     """Every training of the experiment not already done, then the report. Exit code: 0 when all
     finished, 1 when some failed (the report then covers what finished)."""
     from services.experiment.report import write_report
@@ -167,7 +165,7 @@ def run(path: Path, experiment: Experiment, trainer: dict, lanes: int | None = N
             model_dir = experiment.starts[0].model_dir
             workers = []
             for i in range(count if pending else 0):
-                lane = Lane(i, root, model_dir, int(trainer.get("prompts_per_step", 16)), rollout_options)
+                lane = Lane(i, root, model_dir, trainer.prompts_per_step, rollout_options)
                 stack.callback(lane.stop)
                 args = (lane, path, todo, failures, stopping, progress, task)
                 workers.append(threading.Thread(target=_work, args=args, daemon=True))

@@ -12,8 +12,12 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from services.trainer.config import TrainerSettings
 
 
 class Start(BaseModel):
@@ -131,9 +135,11 @@ class StartEval:
         return [f"model_dir='{self.model_dir}'", f"run_dir='{self.run_dir}'", "steps=0", "stages=[]"]
 
 
-def load(path: Path, out: str | None = None, seeds: list[int] | None = None) -> tuple[Experiment, dict]:
-    """(the experiment, the raw [trainer] table) of an experiment file; ``out``/``seeds`` replace the
-    file's. Raises ValueError naming the file and what is wrong."""
+def load(path: Path, out: str | None = None, seeds: list[int] | None = None) -> tuple[Experiment, TrainerSettings]:
+    """(the experiment, its base trainer settings, defaults filled in and checked) of an experiment
+    file; ``out``/``seeds`` replace the file's. Raises ValueError naming the file and what is wrong."""
+    from services.trainer.config import load_settings
+
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
@@ -150,7 +156,7 @@ def load(path: Path, out: str | None = None, seeds: list[int] | None = None) -> 
         experiment = Experiment.model_validate(table)
     except ValidationError as err:
         raise ValueError(f"{path} [experiment]: {err}") from None
-    return experiment, raw["trainer"]
+    return experiment, load_settings(path)
 
 
 def check(path: Path, evals: list[StartEval], runs: list[Run]) -> None:

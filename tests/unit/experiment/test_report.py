@@ -8,6 +8,7 @@ import pytest
 
 from services.experiment.report import claims, collect, table7, write_report
 from services.experiment.spec import Experiment, load, plan
+from services.trainer.config import TrainerSettings
 
 SIZES = [7, 9, 11]
 
@@ -89,7 +90,7 @@ def test_unfinished_runs_are_left_out_and_the_report_is_written_with_figures(tmp
 
     spec = tmp_path / "exp.toml"
     spec.write_text('[experiment]\nname = "t"\n[trainer]\neval_k = [1, 8]\n')
-    report = write_report(spec, exp, {"eval_k": [1, 8], "steps": 10})
+    report = write_report(spec, exp, TrainerSettings(eval_k=[1, 8], steps=10))
     text = report.read_text()
     assert "| + P@1 T. (GRPO) |" in text and "**unclear**" in text
     for name in ("REPORT.md", "warm-heldout.png", "warm-exploration.png"):
@@ -101,7 +102,7 @@ def test_the_experiment_file_is_checked(tmp_path):
     base = Path("configs/experiments/maze-repro.toml").read_text()
     spec.write_text(base)
     exp, trainer = load(spec, out=str(tmp_path / "o"), seeds=[5])
-    assert exp.seeds == [5] and exp.out == str(tmp_path / "o") and trainer["steps"] >= 1
+    assert exp.seeds == [5] and exp.out == str(tmp_path / "o") and trainer.steps >= 1
     evals, runs = plan(exp)
     assert len(runs) == sum(len(exp.methods_of(s)) for s in exp.starts)
     assert {e.start for e in evals} == {s.name for s in exp.starts}
