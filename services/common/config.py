@@ -67,6 +67,13 @@ class VerifierSettings(ConsumerSettings):
     """Largest file a grader process may write (in its own temporary directory)."""
     start_timeout_s: float = Field(60.0, gt=0)
     """How long a grader process may take to start."""
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Seconds a client has to send a request's headers, from connecting or from its previous response;
+    then the connection is closed (one byte now and then held a connection forever)."""
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Seconds a request's body may take to arrive after its headers; then 408 and the connection is closed."""
+    max_connections: int = Field(256, ge=1, le=65_536)
+    """Open HTTP connections: one more closes the longest-idle one (no request in flight), or gets 503."""
 
 
 class RolloutSettings(ConsumerSettings):
@@ -127,3 +134,10 @@ class RolloutSettings(ConsumerSettings):
     """Largest weight payload accepted."""
     heartbeat_s: float = Field(2.0, gt=0)
     """Seconds between registry heartbeats."""
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Seconds a client has to send a request's headers, from connecting or from its previous response;
+    then the connection is closed (one byte now and then held a connection forever)."""
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Seconds a request's body may take to arrive after its headers; then 408 and the connection is closed."""
+    max_connections: int = Field(256, ge=1, le=65_536)
+    """Open HTTP connections: one more closes the longest-idle one (no request in flight), or gets 503."""

@@ -7,8 +7,7 @@ import socket
 import threading
 from pathlib import Path
 
-import uvicorn
-
+from services.common import http_server
 from services.common.config import RolloutSettings
 from services.common.logs import setup_logging
 from services.rollout.app import create_app
@@ -72,7 +71,7 @@ def run(settings: RolloutSettings) -> None:
     for thread in threads:
         thread.start()
     try:
-        uvicorn.run(create_app(rollout), host=settings.host, port=settings.port, log_level="warning")
+        http_server.serve(create_app(rollout), settings.host, settings.port, http_server.HTTPLimits.of(settings))
     finally:
         rollout.close()
         grpc_server.stop(grace=2)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import uvicorn
-
+from services.common import http_server
 from services.common.config import VerifierSettings
 from services.common.logs import setup_logging
 from services.verifier.app import create_app
@@ -16,6 +15,6 @@ def run(settings: VerifierSettings, *, queue: bool = True) -> None:
     if queue:
         verifier.start_queue()
     try:
-        uvicorn.run(create_app(verifier), host=settings.host, port=settings.port, log_level="warning")
+        http_server.serve(create_app(verifier), settings.host, settings.port, http_server.HTTPLimits.of(settings))
     finally:
         verifier.close()
