@@ -208,6 +208,9 @@ def serve_verifier(
     claim_idle_ms: Annotated[int | None, typer.Option(min=10, help="Take over groups a dead verifier left.")] = None,
     max_answer_chars: Annotated[int | None, typer.Option(min=1, help="Longer answers are wrong.")] = None,
     max_body_bytes: Annotated[int | None, typer.Option(min=1024, help="Largest HTTP request body.")] = None,
+    request_budget_s: Annotated[
+        float | None, typer.Option(min=0.01, help="Grading seconds one request may use [120].")
+    ] = None,
     api_token: Annotated[
         str | None, typer.Option(envvar="PASSK_VERIFIER_API_TOKEN", help="Bearer token /v1/grade requires.")
     ] = None,
@@ -222,7 +225,7 @@ def serve_verifier(
     given = {
         "host": host, "port": port, "redis_url": redis_url, "workers": workers, "timeout_s": timeout_s,
         "graders": graders, "claim_idle_ms": claim_idle_ms, "max_answer_chars": max_answer_chars,
-        "max_body_bytes": max_body_bytes, "api_token": api_token,
+        "max_body_bytes": max_body_bytes, "request_budget_s": request_budget_s, "api_token": api_token,
     }  # fmt: skip
     settings = _settings(VerifierSettings, given)
     run(settings, queue=queue)

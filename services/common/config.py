@@ -53,20 +53,24 @@ class VerifierSettings(ConsumerSettings):
     """Answers one HTTP request may grade."""
     max_answer_chars: int = Field(262_144, ge=1)
     """Longer answers are wrong without grading (a model that rambles this long failed)."""
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    """Largest HTTP request body."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest HTTP request body (a group of 4,096 answers of 4 KB); it bounds what is parsed before the
+    per-request limits are checked."""
     api_token: SecretStr = SecretStr("")
     """Bearer token /v1/grade requires; empty disables the check."""
     address_space_mb: int = Field(4096, ge=256)
     """Address-space limit of each grader process."""
     cpu_s: int = Field(600, ge=1)
-    """CPU-seconds limit of each grader process over its life (it is replaced at 80%)."""
+    """CPU-seconds limit of a batching grader process over its life (a one-answer grader gets timeout_s)."""
     open_files: int = Field(64, ge=16)
     """Open-files limit of each grader process."""
     file_size_mb: int = Field(16, ge=1)
     """Largest file a grader process may write (in its own temporary directory)."""
     start_timeout_s: float = Field(60.0, gt=0)
     """How long a grader process may take to start."""
+    request_budget_s: float = Field(120.0, gt=0, le=86_400)
+    """Grading seconds one request (an HTTP call or a queued group) may use, summed over its answers;
+    the answers left when it is spent are timeouts, not graded. Requests take turns answer by answer."""
     header_timeout_s: float = Field(10.0, gt=0, le=3600)
     """Seconds a client has to send a request's headers, from connecting or from its previous response;
     then the connection is closed (one byte now and then held a connection forever)."""

@@ -72,14 +72,32 @@ class StreamConsumer:
         self.on_claim, self.on_dead_letter = on_claim or (lambda: None), on_dead_letter or (lambda: None)
         self.claim_idle_ms, self.max_deliveries, self.block_ms = claim_idle_ms, max_deliveries, block_ms
         self.dead_letters = dead_letter_stream(stream)
+        self.regroups = 0  # times the group was found missing and made again
+        self._create_group()
+
+    def _create_group(self) -> None:
         try:
-            client.xgroup_create(stream, group, id="0", mkstream=True)
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
 
     def read(self, count: int = 1) -> list[Delivery]:
-        """Entries abandoned by dead consumers first, then new ones (blocking up to block_ms)."""
+        """Entries abandoned by dead consumers first, then new ones (blocking up to block_ms).
+
+        A stream or group that vanished (``DEL`` of the stream, Redis restarted without its data)
+        is made again, and the read returns nothing this time instead of failing forever."""
+        try:
+            return self._read(count)
+        except redis.ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+            log.warning("%s: group %s is gone (%s); creating it again", self.stream, self.group, err)
+            self._create_group()
+            self.regroups += 1
+            return []
+
+    def _read(self, count: int) -> list[Delivery]:
         claimed = self._claim(count)
         if claimed:
             return claimed

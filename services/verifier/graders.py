@@ -38,6 +38,11 @@ def _math(response: str, reference: str) -> float:
 
 GRADERS: dict[str, Grader] = {"maze": _maze, "puzzle": _puzzle, "math": _math}
 
+# Graders that never execute answer text, so one process may grade many answers: the maze checker
+# only walks the answer's characters (tests/unit/verifier/test_graders_execute.py shows it, and shows
+# that the puzzle and math graders can run an answer as code: each of their answers gets a fresh process).
+BATCHED = frozenset({"maze"})
+
 
 def warm() -> None:
     """Import and exercise the parsers before the sandbox closes the filesystem."""

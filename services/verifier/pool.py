@@ -1,190 +1,187 @@
-"""Grading outside the web and queue process: a pool of pre-started, sandboxed
-worker processes with a wall-clock limit per answer.
+"""Grading outside the web and queue process, in sandboxed grader processes forked from a
+template that never grades (``template.py``).
 
-A worker that overruns its limit is killed and replaced (a signal inside it
-might never be delivered, e.g. in GMP computing 9**9**9), and the answer's
-verdict is ``timeout``; a worker that dies mid-grade gives ``grader_error``.
-Replacements start in the background, so a kill never stalls the callers.
-Callable from any thread (``grade``, ``grade_many``) and from async code
-(``grade_many_async``).
+Each grader that may execute answer text grades exactly one answer and is killed: no
+answer can leave anything behind for another, not even a sibling of its own group. Those
+shown never to execute answer text (``BATCHED`` in the graders' module: the maze checker)
+grade batches in long-lived processes that never run the others. ``workers`` slots grade
+in parallel; each keeps a spare grader forked ahead, so the answer after a killed one does
+not wait for a process to start. Which answer comes next is the scheduler's
+(``scheduler.py``): round-robin between requests, with a budget per request.
+
+The service alone keeps time: it reads each reply with a deadline and a size limit, never
+blocking on a grader, and kills a late one through its pidfd. An answer over the limit is
+``timeout``; a grader that dies or replies nonsense gives ``grader_error``. If the template
+dies it is started again, for as long as it takes; meanwhile ``healthy()`` is False.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import json
 import logging
-import multiprocessing as mp
 import os
-import queue
-import resource
+import select
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
+from dataclasses import asdict
+from pathlib import Path
 
 from services.common.schemas import Verdict, VerdictStatus
-from services.verifier.errors import InvalidReference
-from services.verifier.sandbox import Limits, confine
+from services.verifier import frames
+from services.verifier.sandbox import Limits
+from services.verifier.scheduler import Request, Scheduler, failed
+from services.verifier.template import load_graders
 
 log = logging.getLogger(__name__)
 
-INDEX, STARTED = 0, 1  # fields of a worker's shared progress record
-FLUSH_S = 0.002  # a message of replies at most this often: the parent makes verdicts while the worker grades on
-# Single-threaded numeric libraries: threads would count against the process limit and the address space.
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-# why a grader process is replaced: it overran the time limit, died, sent a malformed reply,
-# or used most of its CPU-seconds budget
-RESTART_REASONS = ("timeout", "died", "bad_reply", "cpu_budget")
-
-
-def load_graders(graders: str) -> tuple[dict, Callable[[], None] | None]:
-    module_name, _, attr = graders.partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, attr or "GRADERS"), getattr(module, "warm", None)
-
-
-def _printable(text: str) -> str:
-    """Details go into JSON: no lone surrogates, and short."""
-    return text[:500].encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _serve(conn: Connection, graders: str, limits: Limits, progress) -> None:
-    os.environ.update(THREAD_ENV)
-    sys.dont_write_bytecode = True  # the sandbox has no writable package directory
-    try:
-        table, warm = load_graders(graders)
-        if warm is not None:
-            warm()  # import lazily loaded parsers now, while imports are cheap and allowed
-        report = confine(limits)
-    except Exception as err:
-        conn.send(("failed", f"{type(err).__name__}: {err}"))
-        return
-    conn.send(("ready", report))
-    while True:
-        try:
-            task, responses, reference = conn.recv()
-        except (EOFError, OSError):
-            return
-        replies, flushed = [], time.monotonic()
-        for index, response in enumerate(responses):
-            progress[STARTED] = start = time.monotonic()  # the parent's deadline for this answer
-            progress[INDEX] = index  # written last: the parent re-reads both until they agree
-            status, reward, detail = _grade_one(table, task, response, reference)
-            now = time.monotonic()
-            replies.append((status, reward, detail, now - start))
-            if now - flushed >= FLUSH_S or index == len(responses) - 1:
-                flushed = now
-                usage = resource.getrusage(resource.RUSAGE_SELF)
-                # JSON, not pickle: the parent must not unpickle what a process that ran hostile code sends
-                conn.send_bytes(json.dumps([replies, usage.ru_utime + usage.ru_stime]).encode())
-                replies = []
-
-
-def _grade_one(table: dict, task: str, response: str, reference: str) -> tuple[str, float, str]:
-    try:
-        grader = table[task]
-        reward = float(grader(response, reference))
-        if not 0.0 <= reward <= 1.0:  # also NaN
-            return "grader_error", 0.0, f"reward {reward!r} is outside [0, 1]"
-        return "ok", reward, ""
-    except KeyError:
-        return "invalid_request", 0.0, f"unknown task {task!r}; known: {', '.join(sorted(table))}"
-    except InvalidReference as err:
-        return "invalid_request", 0.0, _printable(str(err))
-    except BaseException as err:  # MemoryError, RecursionError, a grader bug: the worker lives on
-        return "grader_error", 0.0, _printable(f"{type(err).__name__}: {err}")
-
-
+# why a grader process ended before its time: it overran the time limit, died, or replied nonsense
+RESTART_REASONS = ("timeout", "died", "bad_reply")
+REPLY_BYTES_PER_ANSWER = 4096  # a reply's detail is at most 500 characters
+BATCH_SIZE = 64  # answers a batching grader takes at once: larger is faster, smaller is fairer
+IDLE_CHECK_S = 0.5  # how often an idle slot checks that its spare grader is alive
+BATCH_RETIRE_AFTER = 100_000  # answers, so that RLIMIT_CPU never ends a batching grader mid-batch
 REPLY_STATUSES = frozenset({"ok", "invalid_request", "grader_error"})
-REPLY_BYTES_BASE, REPLY_BYTES_PER_ANSWER = 4096, 4096  # a reply's detail is at most 500 characters
 
 
-def parse_reply(raw: bytes, at_most: int) -> tuple[list[tuple[str, float, str, float]], float]:
-    """A worker's message, checked field by field: ``([(status, reward, detail, seconds), ...], cpu_s)``
-    with 1 to ``at_most`` replies."""
-    try:
-        replies, cpu_s = json.loads(raw)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"not a [replies, cpu] JSON pair: {err}") from None
-    if not isinstance(replies, list) or not 1 <= len(replies) <= at_most or not isinstance(cpu_s, float | int):
-        raise ValueError(f"expected 1 to {at_most} replies and a CPU time")
+def clean_environment() -> dict[str, str]:
+    """What the template (and so every grader) gets: nothing of the service's, no secret."""
+    env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    if "PYTHONPATH" in os.environ:  # where the service found its own code, for the same imports
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def parse_replies(message: object, count: int) -> list[tuple[str, float, str]]:
+    """A grader's reply, checked field by field: ``count`` lists [status, reward, detail]."""
+    if not isinstance(message, list) or len(message) != count:
+        raise ValueError(f"expected {count} replies")
     checked = []
-    for reply in replies:
-        if not (isinstance(reply, list) and len(reply) == 4):
-            raise ValueError("a reply is not [status, reward, detail, seconds]")
-        status, reward, detail, seconds = reply
+    for reply in message:
+        if not (isinstance(reply, list) and len(reply) == 3):
+            raise ValueError("a reply is not [status, reward, detail]")
+        status, reward, detail = reply
         if status not in REPLY_STATUSES or not isinstance(detail, str) or len(detail) > 1024:
             raise ValueError(f"bad status or detail in {str(reply)[:100]}")
-        if not (isinstance(reward, float | int) and 0.0 <= reward <= 1.0):  # also rejects NaN
+        if not (isinstance(reward, float | int) and not isinstance(reward, bool) and 0.0 <= reward <= 1.0):
             raise ValueError(f"reward {reward!r} is not in [0, 1]")
-        if not (isinstance(seconds, float | int) and 0.0 <= seconds < 1e6):
-            raise ValueError(f"elapsed {seconds!r} is not a duration")
-        checked.append((status, float(reward), detail, float(seconds)))
-    return checked, float(cpu_s)
+        checked.append((status, float(reward), detail))
+    return checked
 
 
-def _verdict(task: str, status: str, reward: float, detail: str, elapsed: float) -> Verdict:
+def verdict_of(task: str, status: str, reward: float, detail: str, elapsed: float) -> Verdict:
     """A grader's (status, reward) as a verdict: "ok" is correct with full marks, else wrong."""
     if status == "ok":
         status = VerdictStatus.CORRECT if reward >= 1.0 else VerdictStatus.WRONG
     return Verdict(reward=reward, status=status, detail=detail, grader=task, elapsed=elapsed)
 
 
-class _Worker:
-    def __init__(self, ctx: mp.context.BaseContext, graders: str, limits: Limits, start_timeout_s: float) -> None:
-        self.conn, child = ctx.Pipe()
-        # which answer of the current chunk the worker is on, and since when: shared memory, so that
-        # a chunk costs two messages, not two per answer, and the parent still times each answer
-        self.progress = ctx.RawArray("d", 2)
-        self.process = ctx.Process(target=_serve, args=(child, graders, limits, self.progress), daemon=True)
-        self.process.start()
-        child.close()
-        self.sandbox: dict[str, str] = {}
-        self.cpu_s = 0.0
-        try:
-            if not self.conn.poll(start_timeout_s):
-                raise RuntimeError(f"grader process not ready within {start_timeout_s:g} s")
-            kind, payload = self.conn.recv()
-        except (EOFError, OSError) as err:
-            self.kill()
-            raise RuntimeError(f"grader process died while starting: {err!r}") from err
-        except RuntimeError:
-            self.kill()
-            raise
-        if kind != "ready":
-            self.kill()
-            raise RuntimeError(f"grader process failed to start: {payload}")
-        self.sandbox = payload
+class Grader:
+    """The service's handle on one forked grader: its socket, and a pidfd to kill exactly it."""
 
-    def position(self) -> tuple[int, float]:
-        """(index of the answer being graded, its start time); index -1 before the first.
+    def __init__(self, pid: int, sock: socket.socket, pidfd: int | None, workdir: Path) -> None:
+        self.pid, self.sock, self.pidfd, self.workdir = pid, sock, pidfd, workdir
+        self.graded = 0
+        sock.setblocking(False)
 
-        The record is the worker's to write, so it is read as untrusted: anything but an index
-        in range reads as -1."""
-        while True:
-            index, started = self.progress[INDEX], self.progress[STARTED]
-            if self.progress[INDEX] == index or index != index:  # consistent, or NaN
-                return (int(index) if 0 <= index < 1 << 31 else -1), started
+    def alive(self) -> bool:
+        if self.pidfd is None:
+            return False
+        return not select.select([self.pidfd], [], [], 0)[0]  # a pidfd turns readable when the process exits
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
+    def send(self, message: object, deadline: float) -> None:
+        data = frames.encode(message)
+        view = memoryview(data)
+        while view:
+            if time.monotonic() > deadline:
+                raise frames.FrameTimeout
+            try:
+                sent = self.sock.send(view)
+                view = view[sent:]
+            except BlockingIOError:
+                select.select([], [self.sock], [], max(0.0, deadline - time.monotonic()))
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.join(5)
-        self.conn.close()
-        workdir = self.sandbox.get("workdir")
-        if workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass  # already gone
+
+    def close(self) -> None:
+        self.kill()
+        self.sock.close()
+        if self.pidfd is not None:
+            select.select([self.pidfd], [], [], 1.0)  # gone, so nothing writes in its workdir any more
+            os.close(self.pidfd)
+            self.pidfd = None
+        shutil.rmtree(self.workdir, ignore_errors=True)  # fd-based: a link a grader left is not followed
+
+
+class TemplateDown(RuntimeError):
+    """The template process is not running (and could not be started)."""
+
+
+class Template:
+    """The template process and its control socket; ``fork`` asks it for a new grader."""
+
+    def __init__(self, spec: dict, start_timeout_s: float) -> None:
+        self.workbase = Path(spec["workbase"])
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lock = threading.Lock()
+        self.control = ours
+        # stderr stays the service's, for the template's own tracebacks; graders leave it at once
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.verifier.template", json.dumps({**spec, "control_fd": theirs.fileno()})],
+            env=clean_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),),
+            cwd=self.workbase,
+        )
+        theirs.close()
+        self.control.settimeout(start_timeout_s)
+        try:
+            message = json.loads(self.control.recv(65536) or b'{"failed": "exited while starting"}')
+        except (TimeoutError, OSError, ValueError) as err:
+            self.close()
+            raise TemplateDown(f"grader template not ready within {start_timeout_s:g} s: {err}") from None
+        if "ready" not in message:
+            self.close()
+            raise TemplateDown(f"grader template failed to start: {message.get('failed')}")
+        self.report: dict[str, str] = message["ready"]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def fork(self, kind: str) -> Grader:
+        with self._lock:
+            try:
+                self.control.sendall(kind.encode())
+                message, fds, _, _ = socket.recv_fds(self.control, 4096, 2)
+            except OSError as err:
+                raise TemplateDown(f"grader template unreachable: {err}") from None
+        if not message:
+            for fd in fds:
+                os.close(fd)
+            raise TemplateDown("grader template exited")
+        pid = json.loads(message)["pid"]
+        sock = socket.socket(fileno=fds[0])
+        return Grader(pid, sock, fds[1] if len(fds) > 1 else None, self.workbase / str(pid))
+
+    def close(self) -> None:
+        self.control.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
 
 class GraderPool:
@@ -196,180 +193,284 @@ class GraderPool:
         limits: Limits | None = None,
         start_timeout_s: float = 60.0,
         on_restart: Callable[[str], None] | None = None,
+        request_budget_s: float = 600.0,
     ) -> None:
         """``graders`` names the module (``module:attr``) whose dict maps task names to graders;
-        ``on_restart(reason)`` is told of every replaced worker."""
-        if workers < 1 or timeout_s <= 0 or start_timeout_s <= 0:
-            raise ValueError("the grader pool needs workers >= 1, timeout_s > 0 and start_timeout_s > 0")
+        ``on_restart(reason)`` is told of every grader that ended before its time."""
+        if workers < 1 or timeout_s <= 0 or start_timeout_s <= 0 or request_budget_s <= 0:
+            raise ValueError("the grader pool needs workers >= 1 and positive timeout_s, start_timeout_s, budget")
         self.workers, self.timeout_s, self.graders = workers, timeout_s, graders
         self.limits, self.start_timeout_s = limits or Limits(), start_timeout_s
+        self.request_budget_s = request_budget_s
         self.on_restart = on_restart
         self.restarts: collections.Counter[str] = collections.Counter()
-        self._ctx = mp.get_context("spawn")  # no inherited threads, locks or sockets
-        self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._live: set[_Worker] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        with ThreadPoolExecutor(workers) as starter:  # start in parallel: each imports its graders
-            started = list(starter.map(lambda _: self._start(), range(workers)))
-        self.sandbox = started[0].sandbox
-        for worker in started:
-            self._idle.put(worker)
-        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="grader")
-        self._replacer = ThreadPoolExecutor(1, thread_name_prefix="grader-restart")
+        self.batched = load_graders(graders)[2]
+        self.workbase = Path(tempfile.mkdtemp(prefix="passk-graders-"))
+        os.chmod(self.workbase, 0o711)  # graders running as another uid reach their own directory, list none
+        self._spec = {
+            "graders": graders,
+            "limits": asdict(self.limits),
+            "timeout_s": timeout_s,
+            "workbase": str(self.workbase),
+            "sys_path": [os.path.abspath(p) for p in sys.path],  # the graders' module is found as here
+        }
+        self._template_lock = threading.Lock()
+        self._graders: set[Grader] = set()
+        self._graders_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._template: Template | None = None
+        self.template_error = ""
+        self._start_template()  # the first start's failure is the service's: it cannot grade
+        self.sandbox = self._probe()
+        self.scheduler = Scheduler(BATCH_SIZE)
+        self._slots = [threading.Thread(target=self._slot, name=f"grader-{i}", daemon=True) for i in range(workers)]
+        for slot in self._slots:
+            slot.start()
+        self._keeper = threading.Thread(target=self._keep_template, name="grader-template", daemon=True)
+        self._keeper.start()
 
-    def _start(self) -> _Worker:
-        worker = _Worker(self._ctx, self.graders, self.limits, self.start_timeout_s)
-        with self._lock:
-            self._live.add(worker)
-        return worker
+    # --- the template --------------------------------------------------------------------------
 
-    def _retire(self, worker: _Worker, reason: str) -> None:
-        with self._lock:
-            self._live.discard(worker)
-            self.restarts[reason] += 1
-        worker.kill()
+    def _start_template(self) -> None:
+        template = Template(self._spec, self.start_timeout_s)
+        with self._template_lock:
+            old, self._template = self._template, template
+            self.template_error = ""
+        if old is not None:
+            old.close()
+
+    def _probe(self) -> dict[str, str]:
+        grader = self._fork("probe")
+        try:
+            message = frames.recv_deadline(grader.sock, time.monotonic() + self.start_timeout_s, 1 << 16)
+            return {str(k): str(v) for k, v in message["report"].items()}
+        except (frames.FrameError, frames.FrameTimeout, KeyError, TypeError) as err:
+            raise RuntimeError(f"the grader sandbox did not report: {err!r}") from None
+        finally:
+            grader.close()
+
+    def _keep_template(self) -> None:
+        """Start the template again whenever it is gone, retrying until it starts or the pool closes."""
+        while not self._closed.wait(0.2):
+            template = self._template
+            if template is not None and template.alive():
+                continue
+            try:
+                self._start_template()
+                log.warning("grader template restarted")
+            except TemplateDown as err:
+                self.template_error = str(err)
+                log.error("could not start the grader template: %s; retrying", err)
+                self._closed.wait(1.0)
+
+    def _fork(self, kind: str) -> Grader:
+        template = self._template
+        if template is None or not template.alive():
+            raise TemplateDown(self.template_error or "the grader template is not running")
+        grader = template.fork(kind)
+        with self._graders_lock:
+            self._graders.add(grader)
+        return grader
+
+    def _release(self, grader: Grader) -> None:
+        with self._graders_lock:
+            self._graders.discard(grader)
+        grader.close()
+
+    def _fork_when_possible(self, kind: str) -> Grader | None:
+        """A new grader, waiting up to start_timeout_s for the template to be back; None if it is not."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._closed.is_set():
+            try:
+                return self._fork(kind)
+            except (TemplateDown, OSError) as err:
+                if time.monotonic() > deadline:
+                    log.error("no grader process: %s", err)
+                    return None
+                self._closed.wait(0.2)
+        return None
+
+    # --- the slots -------------------------------------------------------------------------------
+
+    def _try_fork(self, kind: str) -> Grader | None:
+        try:
+            return self._fork(kind)
+        except (TemplateDown, OSError):
+            return None  # the slot waits for the template when it needs the grader
+
+    def _slot(self) -> None:
+        spare: Grader | None = None
+        batcher: Grader | None = None
+        while not self.scheduler.closed:
+            if spare is not None and not spare.alive():  # killed while it waited: never hand it an answer
+                self._release(spare)
+                spare = None
+            if spare is None:
+                spare = self._try_fork("once")  # while idle, too: /readyz counts the spares
+            work = self.scheduler.take(timeout=IDLE_CHECK_S)
+            if work is None:
+                continue
+            request, indices = work
+            if spare is not None and not spare.alive():
+                self._release(spare)
+                spare = None
+            try:
+                if request.batched:
+                    batcher = self._grade_batch(batcher, request, indices)
+                else:
+                    grader = spare or self._fork_when_possible("once")
+                    spare = self._grade_once(grader, request, indices[0])
+            except Exception:
+                log.exception("grading failed")
+                for i in indices:
+                    request.record(i, failed(request.task, "grader_error", "internal error while grading"))
+            finally:
+                self.scheduler.finish(len(indices))
+        for grader in (spare, batcher):
+            if grader is not None:
+                self._release(grader)
+
+    def _job(self, request: Request, indices: list[int]) -> dict:
+        responses = [request.responses[i] for i in indices]
+        return {"task": request.task, "reference": request.reference, "responses": responses}
+
+    def _grade_once(self, grader: Grader | None, request: Request, index: int) -> Grader | None:
+        """Grade one answer on a fresh ``grader``, which is killed after; returns the next spare,
+        forked while this one grades, so the next answer never waits for a process to start."""
+        task = request.task
+        if grader is None:
+            request.record(index, failed(task, "grader_error", f"no grader process: {self.template_error}"))
+            return None
+        if not request.running(grader.kill):
+            return grader  # cancelled before it started: the grader is still clean
+        spare: list[Grader | None] = []
+        started = time.monotonic()
+        try:
+            job = self._job(request, [index])
+            refill = lambda: spare.append(self._try_fork("once"))  # noqa: E731
+            outcome, replies, detail = self._exchange(grader, job, started, 1, refill)
+        finally:
+            request.finished_running(grader.kill)
+            self._release(grader)
+        elapsed = time.monotonic() - started
+        if not request.cancelled:
+            self._record_once(request, index, outcome, replies, detail, elapsed)
+        return spare[0] if spare else None
+
+    def _record_once(self, request: Request, index: int, outcome: str, replies: list, detail: str, elapsed: float):
+        task = request.task
+        if outcome == "done":
+            request.record(index, verdict_of(task, *replies[0], elapsed))
+        else:
+            self._count_restart(outcome)
+            status = "timeout" if outcome == "timeout" else "grader_error"
+            request.record(index, failed(task, status, detail, elapsed))
+
+    def _grade_batch(self, batcher: Grader | None, request: Request, indices: list[int]) -> Grader | None:
+        task = request.task
+        if batcher is not None and (not batcher.alive() or batcher.graded >= BATCH_RETIRE_AFTER):
+            self._release(batcher)
+            batcher = None
+        batcher = batcher or self._fork_when_possible("batch")
+        if batcher is None:
+            for i in indices:
+                request.record(i, failed(task, "grader_error", f"no grader process: {self.template_error}"))
+            return None
+        started = time.monotonic()
+        outcome, replies, detail = self._exchange(batcher, self._job(request, indices), started, len(indices))
+        elapsed = time.monotonic() - started
+        if outcome == "done":
+            batcher.graded += len(indices)
+            for i, reply in zip(indices, replies, strict=True):
+                request.record(i, verdict_of(task, *reply, elapsed / len(indices)))
+            return batcher
+        self._count_restart(outcome)
+        self._release(batcher)
+        status = "timeout" if outcome == "timeout" else "grader_error"
+        for i in indices:
+            request.record(i, failed(task, status, detail, elapsed / len(indices)))
+        return None
+
+    def _exchange(
+        self, grader: Grader, job: dict, started: float, count: int, after_send: Callable[[], None] | None = None
+    ) -> tuple[str, list, str]:
+        """Send ``job``, read its replies by the deadline: ("done", replies, "") or (reason, [], detail)."""
+        deadline = started + self.timeout_s
+        try:
+            grader.send(job, deadline)
+            if after_send is not None:
+                after_send()
+            message = frames.recv_deadline(grader.sock, deadline, 4096 + REPLY_BYTES_PER_ANSWER * count)
+            return "done", parse_replies(message, count), ""
+        except frames.FrameTimeout:
+            return "timeout", [], f"no verdict within {self.timeout_s:g} s"
+        except frames.FrameError as err:
+            if "closed" in str(err):
+                return "died", [], "grader process died before replying"
+            return "bad_reply", [], f"bad reply from grader: {err}"
+        except ValueError as err:
+            return "bad_reply", [], f"bad reply from grader: {err}"
+        except OSError as err:
+            return "died", [], f"grader process unreachable: {err}"
+
+    def _count_restart(self, reason: str) -> None:
+        self.restarts[reason] += 1
         if self.on_restart is not None:
             self.on_restart(reason)
-        self._replacer.submit(self._replace)
 
-    def _replace(self) -> None:
-        while not self._closed:
-            try:
-                worker = self._start()
-            except RuntimeError as err:
-                log.error("could not start a grader process: %s; retrying", err)
-                time.sleep(1.0)
-                continue
-            if self._closed:
-                worker.kill()
-            else:
-                self._idle.put(worker)
-            return
+    # --- the API ---------------------------------------------------------------------------------
 
-    def pids(self) -> list[int]:
-        with self._lock:
-            return [w.pid for w in self._live if w.pid is not None]
-
-    def _take(self) -> _Worker | None:
-        """A live idle worker; one that died while idle (killed, out of memory) is replaced, not handed an answer."""
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            try:
-                worker = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return None
-            if worker.process.is_alive():
-                return worker
-            self._retire(worker, "died")
-
-    def _await(self, worker: _Worker, remaining: int, seen: list[float]) -> tuple[str, object, float]:
-        """Wait for the worker's next message, each answer within timeout_s of its start.
-
-        ``seen`` is [index, when this process first saw the worker on it], kept across calls: an
-        answer's start is the worker's own record, but never later than that, so a process that
-        ran hostile code and keeps rewriting its record gets at most twice the limit.
-        Returns ("done", message bytes, 0), or ("timeout" | "died", index, elapsed) for the answer
-        the worker was on."""
-        limit = REPLY_BYTES_BASE + REPLY_BYTES_PER_ANSWER * remaining
-        while True:
-            index, started = self._started(worker, seen)
-            try:
-                if worker.conn.poll(max(0.0, started + self.timeout_s - time.monotonic())):
-                    return "done", worker.conn.recv_bytes(limit), 0.0
-            except (EOFError, OSError):  # died (out of memory, CPU limit, killed) or sent too much
-                index, started = self._started(worker, seen)
-                return "died", max(index, 0), time.monotonic() - started
-            if self._started(worker, seen)[0] == index:  # still on the same answer: it overran
-                return "timeout", max(index, 0), time.monotonic() - started
-            # it moved on to another answer meanwhile: wait for that one's deadline
-
-    @staticmethod
-    def _started(worker: _Worker, seen: list[float]) -> tuple[int, float]:
-        index, started = worker.position()
-        if index < 0:
-            return index, seen[1]  # not on an answer yet: timed from the send
-        if index != seen[0]:
-            seen[0], seen[1] = index, time.monotonic()
-        return index, started if started <= seen[1] else seen[1]  # also when the record holds NaN
-
-    def _dispatch(self, worker: _Worker, task: str, batch: list[int], responses: list[str], reference: str, verdicts):
-        """Grade ``batch`` on ``worker``, filling ``verdicts``; returns the indices left to grade elsewhere."""
-        worker.progress[INDEX] = -1.0
-        seen = [-1.0, time.monotonic()]  # before the first answer: timed from the send
-        received = 0
-        try:
-            worker.conn.send((task, [responses[i] for i in batch], reference))
-        except OSError:  # the pipe broke: the worker died before it got the batch
-            self._retire(worker, "died")
-            return batch
-        while received < len(batch):
-            outcome, result, elapsed = self._await(worker, len(batch) - received, seen)
-            if outcome == "done":
-                try:
-                    replies, worker.cpu_s = parse_reply(result, len(batch) - received)
-                except ValueError as err:  # a worker that sends nonsense is not trusted again
-                    for i in batch[received:]:
-                        verdicts[i] = _verdict(task, "grader_error", 0.0, f"bad reply from grader: {err}", 0.0)
-                    self._retire(worker, "bad_reply")
-                    return []
-                for i, reply in zip(batch[received:], replies, strict=False):
-                    verdicts[i] = _verdict(task, *reply)
-                received += len(replies)
-                continue
-            # the answer it overran or died on fails; the ones it graded but had not sent yet go elsewhere
-            failed = min(max(result, received), len(batch) - 1)
-            if outcome == "timeout":
-                detail = f"no verdict within {self.timeout_s:g} s"
-            else:
-                worker.process.join(1)
-                detail = f"grader process died (exit code {worker.process.exitcode})"
-            status = "timeout" if outcome == "timeout" else "grader_error"
-            verdicts[batch[failed]] = _verdict(task, status, 0.0, detail, elapsed)
-            self._retire(worker, outcome)
-            return batch[received:failed] + batch[failed + 1 :]
-        if worker.cpu_s > 0.8 * self.limits.cpu_s:
-            self._retire(worker, "cpu_budget")  # before RLIMIT_CPU would end it mid-answer
-        else:
-            self._idle.put(worker)
-        return []
-
-    def _grade_chunk(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
-        verdicts: list[Verdict] = [_verdict(task, "grader_error", 0.0, "not graded", 0.0)] * len(responses)
-        pending = list(range(len(responses)))
-        while pending:
-            worker = self._take()
-            if worker is None:
-                detail = f"no grader process free within {self.start_timeout_s:g} s"
-                for i in pending:
-                    verdicts[i] = _verdict(task, "grader_error", 0.0, detail, 0.0)
-                break
-            pending = self._dispatch(worker, task, pending, responses, reference, verdicts)
-        return verdicts
-
-    def grade(self, task: str, response: str, reference: str) -> Verdict:
-        return self._grade_chunk(task, [response], reference)[0]
-
-    def _chunks(self, responses: list[str]) -> list[list[str]]:
-        size = max(1, -(-len(responses) // self.workers))
-        return [responses[i : i + size] for i in range(0, len(responses), size)]
+    def submit(self, task: str, responses: list[str], reference: str, budget_s: float | None = None) -> Request:
+        request = Request(task, responses, reference, budget_s or self.request_budget_s, task in self.batched)
+        self.scheduler.submit(request)
+        return request
 
     def grade_many(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
-        """One chunk per worker: a chunk travels as one message each way."""
-        chunks = self._threads.map(lambda c: self._grade_chunk(task, c, reference), self._chunks(responses))
-        return [v for chunk in chunks for v in chunk]
+        request = self.submit(task, responses, reference)
+        request.done.wait()
+        return list(request.verdicts)  # type: ignore[arg-type]
+
+    def grade(self, task: str, response: str, reference: str) -> Verdict:
+        return self.grade_many(task, [response], reference)[0]
 
     async def grade_many_async(self, task: str, responses: list[str], reference: str) -> list[Verdict]:
+        """Cancelling the awaiting task cancels the request: nothing more of it is graded."""
         loop = asyncio.get_running_loop()
-        chunks = self._chunks(responses)
-        futures = [loop.run_in_executor(self._threads, self._grade_chunk, task, c, reference) for c in chunks]
-        return [v for chunk in await asyncio.gather(*futures) for v in chunk]
+        finished = loop.create_future()
+        request = self.submit(task, responses, reference)
+        request.on_done(lambda: loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None)))
+        try:
+            await finished
+        except asyncio.CancelledError:
+            request.cancel()
+            raise
+        return list(request.verdicts)  # type: ignore[arg-type]
+
+    def pids(self) -> list[int]:
+        """Live grader processes: spares, graders at work and batching graders."""
+        with self._graders_lock:
+            return [g.pid for g in self._graders if g.alive()]
+
+    def in_flight(self) -> int:
+        return self.scheduler.in_flight
+
+    def healthy(self) -> bool:
+        """The template runs, every slot runs, and at least one grader process is alive."""
+        template = self._template
+        alive = template is not None and template.alive() and all(s.is_alive() for s in self._slots)
+        return alive and bool(self.pids())
 
     def close(self) -> None:
-        self._closed = True
-        self._threads.shutdown(wait=True)
-        self._replacer.shutdown(wait=True)
-        with self._lock:
-            workers, self._live = list(self._live), set()
-        for worker in workers:
-            worker.kill()
+        self._closed.set()
+        self.scheduler.close()
+        for slot in self._slots:
+            slot.join(10)
+        self._keeper.join(5)
+        with self._graders_lock:
+            graders, self._graders = list(self._graders), set()
+        for grader in graders:
+            grader.close()
+        with self._template_lock:
+            if self._template is not None:
+                self._template.close()
+        shutil.rmtree(self.workbase, ignore_errors=True)

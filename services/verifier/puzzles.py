@@ -30,6 +30,10 @@ def parse_reference(reference: str) -> tuple[str, str, dict[str, Any]]:
         data = json.loads(reference)
     except json.JSONDecodeError as err:
         raise InvalidReference(f"puzzle reference is not JSON: {err}") from err
+    try:  # \udcxx escapes decode to lone surrogates, which no grader can use (or echo in JSON)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidReference("puzzle reference holds lone surrogates (\\udXXX escapes of no character)") from None
     if not isinstance(data, dict) or set(data) != {"dataset", "config", "entry"}:
         raise InvalidReference("puzzle reference must be an object with exactly dataset, config and entry")
     name, config, entry = data["dataset"], data["config"], data["entry"]

@@ -1,23 +1,32 @@
-"""Confinement of one grader process, applied once, after its imports and before
-it sees any answer.
+"""Confinement of one grader process, applied after it is forked from the template and
+before it sees any answer.
 
-Graders parse untrusted model output, and some parsers ``eval`` it (sympy's
-``parse_expr`` does), so each layer assumes the grader runs hostile code:
+Graders parse untrusted model output and some ``eval`` it (reasoning-gym's n_queens
+scorer, sympy's ``parse_expr``), so each layer assumes the grader runs hostile code.
+In the order they are applied:
 
-* a new network namespace: no interface but a down loopback, so no socket can
-  reach anything;
-* Landlock: reads only beneath the Python installation and the system
-  libraries, writes only beneath a fresh temporary working directory, no TCP
-  bind or connect, no signals to processes outside the sandbox;
-* resource limits: address space, CPU seconds, open files, processes, file size,
-  no core files;
-* seccomp: no exec, fork, new sockets, ptrace, namespace changes, or raising the
-  resource limits again (root ignores RLIMIT_NPROC, seccomp does not).
+* session: a new session with no controlling terminal, stdin/stdout/stderr on
+  /dev/null, every other inherited descriptor closed (only its own socket stays), an
+  empty environment; so nothing reaches a terminal, the service's log, its pipes or
+  the resource tracker, and no secret is in the process;
+* a private working directory (the only writable place);
+* resource limits: address space, CPU seconds, open files, processes, file size, no
+  core files;
+* privileges: started as root, the grader runs as an unprivileged uid (65534 unless
+  configured) with no supplementary groups; in every case with no capabilities (the
+  bounding and ambient sets emptied too) and ``no_new_privs``;
+* Landlock: reads only beneath the Python installation, the graders' package and the
+  system libraries (never the current directory), writes only beneath the working
+  directory, no TCP, no signals to processes outside the sandbox;
+* seccomp, an allow-list: the system calls a grader needs and nothing else (no exec,
+  fork, sockets, ioctl but a few harmless requests, chmod/chown/utime/xattr, mknod,
+  host names, the kernel log, ptrace, namespaces, raised limits); the rest fail with
+  EPERM, so Python raises instead of dying.
 
-Each layer is tried on its own; one the kernel refuses is reported, not fatal,
-so the service runs where it can and says what is isolated (``/readyz``). The
-wall-clock limit is the pool's: it kills the process, which no code inside can
-prevent.
+The network namespace is the template's (a new, empty one; every grader inherits it).
+Each layer is tried on its own; one the kernel refuses is reported, not fatal, so the
+service runs where it can and says what is isolated (``/readyz``). Wall-clock limits
+are the service's: it kills the process, which no code inside can prevent.
 """
 
 from __future__ import annotations
@@ -26,28 +35,58 @@ import ctypes
 import errno
 import os
 import resource
+import signal
 import struct
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 CLONE_THREAD = 0x00010000
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+SYS_CAPSET, SYS_CAPGET = 126, 125
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 LANDLOCK_RULE_PATH_BENEATH = 1
+UNPRIVILEGED_UID = 65534  # "nobody"
 
 # Landlock filesystem rights, by the ABI version that introduced them.
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 FS_ABI1 = (1 << 13) - 1  # execute .. make_sym
 FS_BY_ABI = {1: FS_ABI1, 2: FS_ABI1 | 1 << 13, 3: FS_ABI1 | 3 << 13}  # + refer, + truncate
 FS_ALL_FROM_5 = FS_ABI1 | 7 << 13  # + ioctl_dev
-FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | 1 << 14 | 1 << 15  # the only rights a file rule may hold
 NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
 SCOPE_ABSTRACT_UNIX, SCOPE_SIGNAL = 1, 2
+
+# ioctl requests a grader may make: Python asks whether a stream is a terminal (TCGETS) and
+# sets close-on-exec or non-blocking flags; everything else, TIOCSTI above all, is refused.
+TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX = 0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451
+ALLOWED_IOCTLS = (TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX)
+
+# What CPython, sympy, reasoning-gym and math-verify call while grading (seen with strace over
+# the graders' tests), plus reading the clock and sleeping. Descriptors come only from open()
+# of files Landlock allows, and from the socket the grader was given.
+ALLOWED_SYSCALLS = (
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "close",
+    "fstat", "newfstatat", "statx", "lstat", "stat", "fstatfs", "statfs", "lseek",
+    "mmap", "mprotect", "munmap", "mremap", "brk", "madvise", "msync",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
+    "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid",
+    "getgroups", "getpgrp", "getsid", "getrandom",
+    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+    "getitimer", "setitimer", "alarm",
+    "futex", "sched_yield", "sched_getaffinity", "set_robust_list", "get_robust_list", "rseq", "restart_syscall",
+    "exit", "exit_group",
+    "open", "openat", "getdents64", "getcwd", "chdir", "fchdir", "readlink", "readlinkat",
+    "access", "faccessat", "faccessat2", "fcntl", "flock", "dup", "dup2", "dup3",
+    "poll", "ppoll", "select", "pselect6", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown",
+    "uname", "sysinfo", "getrusage", "times",
+    "mkdir", "mkdirat", "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2",
+    "ftruncate", "truncate", "fsync", "fdatasync",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,9 +94,9 @@ class Limits:
     """Resource limits of one grader process."""
 
     address_space_mb: int = 4096
-    cpu_s: int = 600  # for the process's whole life; the pool retires it before
+    cpu_s: int = 600  # of one process's life: a one-answer grader gets its answer's limit instead
     open_files: int = 64
-    processes: int = 0  # no new processes or threads; root ignores this limit, seccomp stops its fork
+    processes: int = 0  # no new processes or threads (seccomp stops a fork anyway)
     file_size_mb: int = 16
 
 
@@ -72,6 +111,15 @@ def _syscall(number: int, *args) -> int:
     return result
 
 
+def _prctl(option: int, arg: int = 0) -> None:
+    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+# --- in the template: once, before any grader is forked ---------------------------------------
+
+
 def isolate_network() -> str:
     """Move into a new, empty network namespace (needs CAP_SYS_ADMIN or user namespaces)."""
     if _libc.unshare(CLONE_NEWNET) == 0:
@@ -82,23 +130,139 @@ def isolate_network() -> str:
     raise OSError(first, f"unshare(CLONE_NEWNET) refused: {os.strerror(first)}")
 
 
-def make_workdir() -> Path:
-    """A fresh private directory, made the working and temporary directory."""
-    workdir = Path(tempfile.mkdtemp(prefix="passk-grader-"))
-    os.chdir(workdir)
-    os.environ["TMPDIR"] = str(workdir)
-    tempfile.tempdir = str(workdir)
-    return workdir
-
-
-def read_roots() -> list[str]:
-    """Directories a grader may read: the interpreter, its packages and the system libraries."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr", "/lib", "/lib64", "/usr/lib"}
-    paths.update(sysconfig.get_paths().values())
-    paths.update(p for p in sys.path if p)
-    paths.add(str(Path(__file__).resolve().parents[2]))  # the project, for editable installs
+def read_roots(graders_module: str) -> list[str]:
+    """Directories a grader may read: the interpreter and its packages, the system libraries and the
+    package holding the graders. Never the current directory, nor whatever ``sys.path`` picked up
+    from it (``python -m`` puts it first): started from ``/``, that would be everything."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo"}
+    paths.update(v for k, v in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib"))
+    paths.update(("/lib", "/lib64"))
+    for name in {graders_module.partition(":")[0].split(".")[0], __name__.split(".")[0]}:
+        module = sys.modules.get(name)
+        for location in getattr(getattr(module, "__spec__", None), "submodule_search_locations", None) or ():
+            paths.add(location)
     real = {os.path.realpath(p) for p in paths}
-    return sorted(p for p in real if os.path.isdir(p))
+    return sorted(p for p in real if os.path.isdir(p) and p != "/")
+
+
+def unreadable_to_others(roots: list[str]) -> list[str]:
+    """Roots that a process of another uid cannot reach (a directory on the way without o+x, or
+    the root itself without o+rx): graders there can use only what the template imported."""
+    bad = []
+    for root in roots:
+        path = Path(root)
+        chain = [*reversed(path.parents), path]
+        modes = []
+        try:
+            modes = [p.stat().st_mode for p in chain]
+        except OSError:
+            bad.append(root)
+            continue
+        if any(not m & 0o001 for m in modes) or not modes[-1] & 0o004:
+            bad.append(root)
+    return bad
+
+
+def build_filter(sc):
+    """The seccomp allow-list as a libseccomp filter, built once in the template and loaded in
+    each grader (loading is cheap, building is not)."""
+    deny = sc.ERRNO(errno.EPERM)
+    f = sc.SyscallFilter(defaction=deny)
+    for name in ALLOWED_SYSCALLS:
+        try:
+            f.add_rule(sc.ALLOW, name)
+        except (ValueError, RuntimeError, OSError):  # not a system call on this architecture
+            pass
+    for request in ALLOWED_IOCTLS:
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
+    f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(2, sc.EQ, 0))  # reading a limit, never setting one
+    f.add_rule(sc.ALLOW, "getrlimit")
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # flags sit behind a pointer; libc falls back to clone
+    f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))  # threads only
+    return f
+
+
+# --- in each grader, after the fork -----------------------------------------------------------
+
+
+def new_session(keep: int) -> str:
+    """No terminal, no inherited streams or descriptors but ``keep``, an empty environment."""
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    os.closerange(3, keep)
+    os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.environ.clear()  # the template was started with a scrubbed environment already
+    return "new session, no terminal, streams on /dev/null, no inherited descriptors, empty environment"
+
+
+def enter_workdir(workdir: Path, uid: int | None) -> None:
+    workdir.mkdir(mode=0o700)
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    os.chdir(workdir)
+    os.environ.update({"TMPDIR": str(workdir), "HOME": str(workdir)})
+    import tempfile
+
+    tempfile.tempdir = str(workdir)
+
+
+def set_limits(limits: Limits, cpu_s: int | None = None) -> str:
+    mb = 1 << 20
+    cpu = cpu_s if cpu_s is not None else limits.cpu_s
+    for name, value in (
+        ("RLIMIT_AS", limits.address_space_mb * mb),
+        ("RLIMIT_CPU", cpu),
+        ("RLIMIT_NOFILE", limits.open_files),
+        ("RLIMIT_NPROC", limits.processes),
+        ("RLIMIT_FSIZE", limits.file_size_mb * mb),
+        ("RLIMIT_CORE", 0),
+    ):
+        # soft below hard for CPU, so SIGXCPU ends the process before SIGKILL would
+        hard = value + 5 if name == "RLIMIT_CPU" else value
+        resource.setrlimit(getattr(resource, name), (value, hard))
+    return (
+        f"address space {limits.address_space_mb} MiB, cpu {cpu} s, {limits.open_files} files, "
+        f"{limits.processes} processes, file size {limits.file_size_mb} MiB"
+    )
+
+
+def _capabilities() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) capability masks of this thread."""
+    header = struct.pack("=Ii", LINUX_CAPABILITY_VERSION_3, 0)
+    data = ctypes.create_string_buffer(24)
+    _syscall(SYS_CAPGET, header, data)
+    e0, p0, i0, e1, p1, i1 = struct.unpack("=6I", data.raw)
+    return e0 | e1 << 32, p0 | p1 << 32, i0 | i1 << 32
+
+
+def drop_privileges(uid: int | None) -> str:
+    """As root: no supplementary groups, ``uid`` as every user and group id. Always: the bounding
+    and ambient capability sets emptied, no capabilities left, ``no_new_privs``."""
+    for cap in range(64):  # CAP_SETPCAP is needed and last to go; past the last capability: EINVAL
+        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+            break
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # from root to another uid: the kernel clears every capability
+    header = struct.pack("=Ii", LINUX_CAPABILITY_VERSION_3, 0)
+    _syscall(SYS_CAPSET, header, bytes(24))  # also inside a user namespace, where the uid is not root
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if any(_capabilities()):
+        raise OSError(errno.EPERM, "capabilities remain after dropping them")
+    return f"uid {os.getuid()}, gid {os.getgid()}, no groups, no capabilities, no_new_privs"
+
+
+def die_with_parent() -> None:
+    """SIGKILL when the template goes (set after the uid change, which clears it)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(1)
 
 
 def _add_path_rule(ruleset: int, path: str, rights: int) -> None:
@@ -110,8 +274,9 @@ def _add_path_rule(ruleset: int, path: str, rights: int) -> None:
         os.close(fd)
 
 
-def restrict_filesystem(workdir: Path) -> str:
-    """Landlock: read-only beneath ``read_roots()``, read-write beneath ``workdir``, nothing else."""
+def landlock_ruleset(workdir: Path, roots: list[str]) -> tuple[int, str]:
+    """A Landlock ruleset: read-only beneath ``roots``, read-write beneath ``workdir``, nothing else.
+    Built while the process may still open every root; enforced by ``enforce_landlock``."""
     abi = _syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     handled = FS_BY_ABI.get(abi, FS_ALL_FROM_5 if abi >= 5 else FS_BY_ABI[3])
     fields = [handled]
@@ -123,76 +288,53 @@ def restrict_filesystem(workdir: Path) -> str:
     ruleset = _syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     try:
         read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
-        for root in read_roots():
+        for root in roots:
             _add_path_rule(ruleset, root, read)
         _add_path_rule(ruleset, "/dev/null", (FS_READ_FILE | FS_WRITE_FILE) & handled)
         _add_path_rule(ruleset, str(workdir), handled)
-        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    except OSError:
+        os.close(ruleset)
+        raise
+    extra = (", no TCP" if abi >= 4 else "") + (", no signals out" if abi >= 6 else "")
+    return ruleset, f"landlock ABI {abi}: read-only {len(roots)} installation directories, read-write workdir{extra}"
+
+
+def enforce_landlock(ruleset: int) -> None:
+    try:
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
         _syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0))
     finally:
         os.close(ruleset)
-    extra = (", no TCP" if abi >= 4 else "") + (", no signals out" if abi >= 6 else "")
-    return f"landlock ABI {abi}: read-only system, read-write workdir{extra}"
 
 
-def set_limits(limits: Limits) -> str:
-    mb = 1 << 20
-    for name, value in (
-        ("RLIMIT_AS", limits.address_space_mb * mb),
-        ("RLIMIT_CPU", limits.cpu_s),
-        ("RLIMIT_NOFILE", limits.open_files),
-        ("RLIMIT_NPROC", limits.processes),
-        ("RLIMIT_FSIZE", limits.file_size_mb * mb),
-        ("RLIMIT_CORE", 0),
-    ):
-        # soft below hard for CPU, so SIGXCPU ends the process before SIGKILL would
-        hard = value + 5 if name == "RLIMIT_CPU" else value
-        resource.setrlimit(getattr(resource, name), (value, hard))
-    return (
-        f"address space {limits.address_space_mb} MiB, cpu {limits.cpu_s} s, {limits.open_files} files, "
-        f"{limits.processes} processes, file size {limits.file_size_mb} MiB"
-    )
-
-
-def filter_syscalls(sc) -> str:
-    """seccomp: deny the system calls a grader never needs, with EPERM, so Python raises instead of dying."""
-    deny = sc.ERRNO(errno.EPERM)
-    f = sc.SyscallFilter(defaction=sc.ALLOW)
-    for name in (
-        "execve", "execveat", "fork", "vfork", "ptrace", "process_vm_writev", "unshare", "setns",
-        "mount", "umount2", "pivot_root", "chroot", "setrlimit", "prlimit64", "socket", "socketpair",
-        "kill", "bpf", "perf_event_open", "keyctl", "add_key", "request_key",
-    ):  # fmt: skip
-        f.add_rule(deny, name)
-    f.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))  # a process, not a thread
-    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # flags sit behind a pointer; libc falls back to clone
-    f.load()
-    return "seccomp: no exec, fork, sockets, ptrace, namespaces or raised limits"
-
-
-def confine(limits: Limits) -> dict[str, str]:
-    """Apply every layer; returns what each one did or why it was refused."""
-    report: dict[str, str] = {}
-    try:  # before the filesystem closes: finding libseccomp reads the loader cache
-        import pyseccomp
-    except (ImportError, OSError, RuntimeError) as err:
-        pyseccomp = err
+def confine(
+    sock_fd: int, workdir: Path, limits: Limits, roots: list[str], syscall_filter, *, cpu_s: int | None = None
+) -> dict[str, str]:
+    """Apply every layer, in order; returns what each one did or why it was refused."""
+    report = {"session": new_session(sock_fd)}
+    uid = UNPRIVILEGED_UID if os.geteuid() == 0 else None
+    enter_workdir(workdir, uid)
     try:
-        report["network"] = isolate_network()
+        ruleset, report["filesystem"] = landlock_ruleset(workdir, roots)
     except OSError as err:
-        report["network"] = f"not isolated: {err.strerror}"
-    workdir = make_workdir()
-    report["workdir"] = str(workdir)
+        ruleset, report["filesystem"] = None, f"not restricted (landlock: {err.strerror})"
+    report["limits"] = set_limits(limits, cpu_s)
     try:
-        report["filesystem"] = restrict_filesystem(workdir)
+        report["privileges"] = drop_privileges(uid)
     except OSError as err:
-        report["filesystem"] = f"not restricted (landlock: {err.strerror})"
-    report["limits"] = set_limits(limits)
-    try:
-        if isinstance(pyseccomp, Exception):
-            raise pyseccomp
-        report["syscalls"] = filter_syscalls(pyseccomp)
-    except (ImportError, OSError, RuntimeError) as err:
-        report["syscalls"] = f"not filtered: {err}"
+        report["privileges"] = f"not dropped: {err}"
+    die_with_parent()
+    if ruleset is not None:
+        try:
+            enforce_landlock(ruleset)
+        except OSError as err:
+            report["filesystem"] = f"not restricted (landlock: {err.strerror})"
+    if isinstance(syscall_filter, BaseException):
+        report["syscalls"] = f"not filtered: {syscall_filter}"
+    else:
+        try:
+            syscall_filter.load()
+            report["syscalls"] = "seccomp allow-list: no exec, fork, sockets, tty ioctls, metadata changes, devices"
+        except (OSError, RuntimeError, ValueError) as err:
+            report["syscalls"] = f"not filtered: {err}"
     return report

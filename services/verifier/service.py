@@ -27,7 +27,7 @@ class Verifier:
         self.registry = CollectorRegistry()
         self.restarts = Counter(
             "passk_verifier_worker_restarts",
-            "Grader processes replaced, by reason (timeout, died, cpu_budget)",
+            "Grader processes that ended before their time, by reason (timeout, died, bad_reply)",
             ["reason"],
             registry=self.registry,
         )
@@ -41,7 +41,12 @@ class Verifier:
             limits,
             settings.start_timeout_s,
             on_restart=lambda reason: self.restarts.labels(reason).inc(),
+            request_budget_s=settings.request_budget_s,
         )
+        self.in_flight = Gauge(
+            "passk_verifier_answers_in_flight", "Answers being graded right now", registry=self.registry
+        )
+        self.in_flight.set_function(self.pool.in_flight)
         self.verdicts = Counter(
             "passk_verifier_verdicts", "Verdicts by grader and status", ["grader", "status"], registry=self.registry
         )
@@ -74,6 +79,7 @@ class Verifier:
         )
         self.stop = threading.Event()
         self.queue_thread: threading.Thread | None = None
+        self.consumer_state = "not started"  # "ok" after a read that worked, else what went wrong
 
     def _too_long(self, task: str, response: str) -> Verdict | None:
         """An answer over the length limit is wrong without grading: the model failed to stop."""
@@ -114,7 +120,7 @@ class Verifier:
 
     def run_queue(self) -> None:
         """Consume rollout groups until ``stop`` is set; ack each only after its scores are published."""
-        client = redis_client.connect(self.settings.redis_url, on_error=self.redis_errors.inc)
+        client = redis_client.connect(self.settings.redis_url, on_error=self._redis_failed)
         name = self.settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
         consumer = StreamConsumer(
             client,
@@ -130,6 +136,7 @@ class Verifier:
         while not self.stop.is_set():
             try:
                 deliveries = consumer.read()
+                self.consumer_state = "ok"
                 lag, pending = consumer.backlog()
                 self.queue_lag.set(lag)
                 self.queue_pending.set(pending)
@@ -141,15 +148,28 @@ class Verifier:
                     consumer.ack(delivery)
                     self.groups.inc()
             except (redis.ConnectionError, redis.TimeoutError) as err:  # Redis restarting: wait, then go on
+                self.consumer_state = f"redis unavailable: {err}"
                 log.warning("redis unavailable: %s", err)
                 self.stop.wait(1.0)
-            except Exception:  # an unacked group comes back after claim_idle_ms, then goes to the dead letters
+            except Exception as err:  # an unacked group comes back after claim_idle_ms, then goes to the dead letters
+                self.consumer_state = f"failing: {type(err).__name__}: {err}"[:300]
                 log.exception("scoring failed; the group stays pending")
                 self.stop.wait(1.0)
 
+    def _redis_failed(self) -> None:
+        """Every failed attempt, also those the client retries: not ready from the first, not the last."""
+        self.redis_errors.inc()
+        self.consumer_state = "redis unavailable (retrying)"
+
+    def consumer_ok(self) -> bool:
+        if self.queue_thread is None:
+            return True  # no queue: HTTP only
+        return self.queue_thread.is_alive() and self.consumer_state == "ok"
+
     @property
     def ready(self) -> bool:
-        return self.queue_thread is None or self.queue_thread.is_alive()
+        """Graders can be started and, when it runs, the queue consumer reads."""
+        return self.pool.healthy() and self.consumer_ok()
 
     def close(self) -> None:
         self.stop.set()

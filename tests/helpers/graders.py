@@ -1,15 +1,19 @@
 """Misbehaving graders for the pool tests: they run in the grader processes."""
 
 import os
-import sys
 import time
+from pathlib import Path
 
+from services.verifier.graders import (
+    BATCHED,  # noqa: F401  (the maze checker batches here too)
+    warm,  # noqa: F401  (the pool warms the real graders too)
+)
 from services.verifier.graders import GRADERS as REAL
-from services.verifier.graders import warm  # noqa: F401  (the pool warms the real graders too)
 
 
 def _sleep(response: str, reference: str) -> float:
-    print(f"grader {os.getpid()} sleeping", file=sys.stderr, flush=True)  # tests wait for this line
+    # graders have no way out but their verdict: tests find this file in the grader's working directory
+    Path("sleeping").touch()
     time.sleep(3600)
     return 1.0
 

@@ -20,15 +20,38 @@ def wait_for(predicate, timeout_s: float = 60, interval_s: float = 0.1):
         time.sleep(interval_s)
 
 
-def spawned_children(pid: int) -> list[int]:
-    """Child processes of ``pid`` started by multiprocessing's spawn (grader workers), from /proc."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc."""
+    found, frontier = [], [pid]
+    while frontier:
+        for task in Path(f"/proc/{frontier.pop()}/task").glob("*"):
             try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                children = (task / "children").read_text().split()
             except FileNotFoundError:
                 continue
-            if b"spawn_main" in cmdline:
-                children.append(int(child))
-    return children
+            found += map(int, children)
+            frontier += map(int, children)
+    return found
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def grader_processes(service_pid: int) -> list[int]:
+    """The verifier's grader processes: those forked from its template process (which shares their command
+    line, and is left out)."""
+    below = descendants(service_pid)
+    templates = [p for p in below if b"services.verifier.template" in cmdline(p)]
+    return [p for t in templates for p in descendants(t)]
+
+
+def sleeping_grader(service_pid: int) -> int | None:
+    """The grader running the ``sleep`` test grader: it leaves ``sleeping`` in its working directory."""
+    for pid in grader_processes(service_pid):
+        if list(Path("/tmp").glob(f"passk-graders-*/{pid}/sleeping")):
+            return pid
+    return None

@@ -78,19 +78,35 @@ def probe_result(verdict: dict) -> dict:
 # --- the service under attack ---------------------------------------------------------------
 
 
-def _demote(user: str, nofile: int | None, terminal: bool):
+def _prepare(nofile: int | None, terminal: bool):
     def preexec() -> None:
         if terminal:  # a session of its own with the terminal on stdin as its controlling tty
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if nofile is not None:  # the common default soft limit, under which the flood of finding 5 bit
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-        if user == "nobody":
-            os.setgroups([])
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
 
     return preexec
+
+
+def as_nobody(cmd: list[str], stage: Path) -> list[str]:
+    """``cmd`` as uid/gid 65534 with no groups. When the Python installation lies below a directory other
+    users cannot enter (pyenv under /root, 0700), it is made reachable in a mount namespace of the
+    command's own: a tmpfs over that directory with the installation bound back into it. The host's
+    mounts and permissions are untouched."""
+    demote = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *cmd]
+    real = Path(os.path.realpath(sys.base_prefix))
+    blocked = next((p for p in [*reversed(real.parents), real] if not os.stat(p).st_mode & 0o001), None)
+    if blocked is None:
+        return demote
+    inside = real.parents[len(real.parents) - len(blocked.parts) - 1] if blocked != real else real
+    script = (
+        'set -e; mount --bind "$1" "$2"; mount -t tmpfs -o mode=755 tmpfs "$3"; mkdir -p "$4"; '
+        'mount --bind "$2" "$4"; shift 4; exec "$@"'
+    )
+    stage.mkdir(exist_ok=True)
+    args = [str(inside), str(stage), str(blocked), str(inside)]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *args, *demote]
 
 
 @contextlib.contextmanager
@@ -110,6 +126,8 @@ def verifier(
     cmd = [sys.executable, "-m", "services.cli", "serve", "verifier", "--redis-url", redis_url, "--port", str(port)]
     cmd += ["--workers", "2", "--timeout-s", str(TIMEOUT_S), *(extra or [])]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PASSK_VERIFIER_API_TOKEN": TOKEN, **(env or {})}
+    if user == "nobody":
+        cmd = as_nobody(cmd, tmp / f"python-{port}")
     with log.open("ab") as out:
         process = subprocess.Popen(
             cmd,
@@ -119,7 +137,7 @@ def verifier(
             stdout=out,
             stderr=stdio if stdio is not None else subprocess.STDOUT,
             start_new_session=stdio is None,
-            preexec_fn=_demote(user, nofile, stdio is not None),
+            preexec_fn=_prepare(nofile, stdio is not None),  # noqa: PLW1509  (the test's own threads hold no locks here)
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -178,12 +196,17 @@ def test_1_no_keystrokes_into_the_services_terminal(user, redis_server, tmp_path
     os.chmod(os.ttyname(slave), 0o666)
 
     marker = "touch-redteam-tty-marker"
-    body = "import fcntl, termios\n"
+    # through ctypes, which the graders' process has loaded anyway: fcntl or termios might not be importable
+    body = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    body += (
+        f"def push(fd):\n    for c in {marker.encode()!r}:\n"
+        "        assert libc.ioctl(fd, 0x5412, ctypes.c_char_p(bytes([c]))) == 0, ctypes.get_errno()\n"
+    )
     for fd in (0, 1, 2):
-        body += attempt(f"fd{fd}", f"[fcntl.ioctl({fd}, termios.TIOCSTI, c) for c in {marker!r}]")
-    body += attempt("devtty", f"t = os.open('/dev/tty', os.O_RDWR); [fcntl.ioctl(t, termios.TIOCSTI, c) for c in {marker!r}]")
+        body += attempt(f"fd{fd}", f"push({fd})")  # 0x5412 is TIOCSTI
+    body += attempt("devtty", "push(os.open('/dev/tty', os.O_RDWR))")
     try:
-        with verifier(tmp_path, user, redis_server.url, stdio=slave, extra=[]) as (process, url, _):
+        with verifier(tmp_path, user, redis_server.url, stdio=slave) as (_, url, _):
             result = probe(url, body)
             assert_still_grading(url)
     finally:
@@ -273,7 +296,11 @@ def test_3_an_answer_cannot_set_the_rewards_of_later_answers(target):
     _, _, url, _, _ = target
     # enough copies that every grader process runs one, whichever gets which
     grade(url, "puzzle", QUEENS, [code_answer(PATCH_GRADERS)] * 8)
-    wrong = {"maze": (MAZE, "<answer>R</answer>"), "math": ("24", "\\boxed{25}"), "puzzle": (QUEENS, "<answer>x</answer>")}
+    wrong = {
+        "maze": (MAZE, "<answer>R</answer>"),
+        "math": ("24", "\\boxed{25}"),
+        "puzzle": (QUEENS, "<answer>x</answer>"),
+    }
     for task, (reference, answer) in wrong.items():
         assert {v["status"] for v in grade(url, task, reference, [answer] * 4)} == {"wrong"}, task
 
@@ -322,7 +349,7 @@ while True:
 """
 
 TRUNCATED_HEADER = """
-import struct, time
+import os, struct, time
 for fd in range(3, 64):
     try: os.write(fd, struct.pack('!i', 1000) + b'[')
     except OSError: pass
@@ -444,7 +471,7 @@ def test_10_graders_cannot_write_the_services_log(target):
 
 def metric(url: str, name: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not exported")
 
@@ -527,7 +554,6 @@ def scored_groups(client) -> dict[str, ScoredGroup]:
 
 
 def test_14_the_consumer_recovers_when_its_stream_is_deleted(target, redis_server):
-    _, _, url, _, _ = target
     client = redis_server.client
     publish(client, STREAMS.rollouts, rollout_group("before-del", "maze", MAZE, ["<answer>DDRRUU</answer>"]))
     wait_for(lambda: "before-del" in scored_groups(client), timeout_s=120)
@@ -557,7 +583,7 @@ def test_14_readyz_is_false_while_the_consumer_cannot_work(tmp_path):
 
 
 def test_readyz_reports_each_sandbox_layer(target):
-    user, _, url, _, _ = target
+    _, _, url, _, _ = target
     body = httpx.get(f"{url}/readyz").json()
     layers = body["sandbox"]
     for layer in ("network", "filesystem", "syscalls", "privileges", "session", "limits"):
@@ -570,7 +596,8 @@ def test_readyz_is_false_with_no_live_grader(redis_server, tmp_path):
     and no way to start another, /readyz must say not ready; once loading works again, ready."""
     os.chmod(tmp_path, 0o777)
     extra = ["--graders", "tests.helpers.refusing_graders"]
-    with verifier(tmp_path, "root", redis_server.url, extra=extra) as (process, url, _):
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # started from /: where tests/ is
+    with verifier(tmp_path, "root", redis_server.url, extra=extra, env=env) as (process, url, _):
         marker = Path(f"/tmp/passk-refuse-graders-{process.pid}")  # what the module checks, from its parent's pid
         marker.touch()
         for pid in grader_processes(process.pid):
