@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 # why a grader process ended before its time: it overran the time limit, died, or replied nonsense
 RESTART_REASONS = ("timeout", "died", "bad_reply")
 REPLY_BYTES_PER_ANSWER = 4096  # a reply's detail is at most 500 characters
-BATCH_SIZE = 64  # answers a batching grader takes at once: larger is faster, smaller is fairer
+BATCH_MAX = 512  # answers a batching grader takes at once at most: larger is faster, smaller is fairer
+BATCH_MIN = 256  # a batched request is spread over the slots only above this: below, one process is faster
 IDLE_CHECK_S = 0.5  # how often an idle slot checks that its spare grader is alive
 BATCH_RETIRE_AFTER = 100_000  # answers, so that RLIMIT_CPU never ends a batching grader mid-batch
 REPLY_STATUSES = frozenset({"ok", "invalid_request", "grader_error"})
@@ -60,10 +62,10 @@ def clean_environment() -> dict[str, str]:
     return env
 
 
-def parse_replies(message: object, count: int) -> list[tuple[str, float, str]]:
-    """A grader's reply, checked field by field: ``count`` lists [status, reward, detail]."""
-    if not isinstance(message, list) or len(message) != count:
-        raise ValueError(f"expected {count} replies")
+def parse_replies(message: object, at_most: int) -> list[tuple[str, float, str]]:
+    """A grader's reply message, checked field by field: 1 to ``at_most`` lists [status, reward, detail]."""
+    if not isinstance(message, list) or not 1 <= len(message) <= at_most:
+        raise ValueError(f"expected 1 to {at_most} replies")
     checked = []
     for reply in message:
         if not (isinstance(reply, list) and len(reply) == 3):
@@ -78,10 +80,12 @@ def parse_replies(message: object, count: int) -> list[tuple[str, float, str]]:
 
 
 def verdict_of(task: str, status: str, reward: float, detail: str, elapsed: float) -> Verdict:
-    """A grader's (status, reward) as a verdict: "ok" is correct with full marks, else wrong."""
-    if status == "ok":
-        status = VerdictStatus.CORRECT if reward >= 1.0 else VerdictStatus.WRONG
-    return Verdict(reward=reward, status=status, detail=detail, grader=task, elapsed=elapsed)
+    """A grader's (status, reward) as a verdict: "ok" is correct with full marks, else wrong.
+
+    Built without validation: ``parse_replies`` checked every field and the task was checked with the
+    request (2.3 against 2.8 µs a verdict here)."""
+    kind = VerdictStatus(status) if status != "ok" else VerdictStatus.CORRECT if reward >= 1.0 else VerdictStatus.WRONG
+    return Verdict.model_construct(reward=reward, status=kind, detail=detail, grader=task, elapsed=max(0.0, elapsed))
 
 
 class Grader:
@@ -119,8 +123,13 @@ class Grader:
     def close(self) -> None:
         self.kill()
         self.sock.close()
+        self.reap()
+
+    def reap(self) -> None:
+        """Wait for the (killed) process to be gone, then remove its directory: nothing writes there
+        any more. Takes milliseconds (a large address space to tear down): the pool does it aside."""
         if self.pidfd is not None:
-            select.select([self.pidfd], [], [], 1.0)  # gone, so nothing writes in its workdir any more
+            select.select([self.pidfd], [], [], 5.0)
             os.close(self.pidfd)
             self.pidfd = None
         shutil.rmtree(self.workdir, ignore_errors=True)  # fd-based: a link a grader left is not followed
@@ -215,6 +224,7 @@ class GraderPool:
             "sys_path": [os.path.abspath(p) for p in sys.path],  # the graders' module is found as here
         }
         self._template_lock = threading.Lock()
+        self._reaper = ThreadPoolExecutor(1, thread_name_prefix="grader-reaper")
         self._graders: set[Grader] = set()
         self._graders_lock = threading.Lock()
         self._closed = threading.Event()
@@ -222,7 +232,7 @@ class GraderPool:
         self.template_error = ""
         self._start_template()  # the first start's failure is the service's: it cannot grade
         self.sandbox = self._probe()
-        self.scheduler = Scheduler(BATCH_SIZE)
+        self.scheduler = Scheduler(BATCH_MAX, spread=workers, least=BATCH_MIN)
         self._slots = [threading.Thread(target=self._slot, name=f"grader-{i}", daemon=True) for i in range(workers)]
         for slot in self._slots:
             slot.start()
@@ -273,9 +283,15 @@ class GraderPool:
         return grader
 
     def _release(self, grader: Grader) -> None:
+        """Kill ``grader`` now; wait for it and clean up on the reaper thread, off the slot's path."""
         with self._graders_lock:
             self._graders.discard(grader)
-        grader.close()
+        grader.kill()
+        grader.sock.close()
+        try:
+            self._reaper.submit(grader.reap)
+        except RuntimeError:  # the pool is closing: clean up here
+            grader.reap()
 
     def _fork_when_possible(self, kind: str) -> Grader | None:
         """A new grader, waiting up to start_timeout_s for the template to be back; None if it is not."""
@@ -344,27 +360,24 @@ class GraderPool:
         if not request.running(grader.kill):
             return grader  # cancelled before it started: the grader is still clean
         spare: list[Grader | None] = []
+        replies: list = []
         started = time.monotonic()
         try:
             job = self._job(request, [index])
             refill = lambda: spare.append(self._try_fork("once"))  # noqa: E731
-            outcome, replies, detail = self._exchange(grader, job, started, 1, refill)
+            outcome, detail = self._exchange(grader, job, started, lambda _, r: replies.extend(r), refill)
         finally:
             request.finished_running(grader.kill)
             self._release(grader)
         elapsed = time.monotonic() - started
         if not request.cancelled:
-            self._record_once(request, index, outcome, replies, detail, elapsed)
+            if outcome == "done":
+                request.record(index, verdict_of(task, *replies[0], elapsed))
+            else:
+                self._count_restart(outcome)
+                status = "timeout" if outcome == "timeout" else "grader_error"
+                request.record(index, failed(task, status, detail, elapsed))
         return spare[0] if spare else None
-
-    def _record_once(self, request: Request, index: int, outcome: str, replies: list, detail: str, elapsed: float):
-        task = request.task
-        if outcome == "done":
-            request.record(index, verdict_of(task, *replies[0], elapsed))
-        else:
-            self._count_restart(outcome)
-            status = "timeout" if outcome == "timeout" else "grader_error"
-            request.record(index, failed(task, status, detail, elapsed))
 
     def _grade_batch(self, batcher: Grader | None, request: Request, indices: list[int]) -> Grader | None:
         task = request.task
@@ -376,42 +389,60 @@ class GraderPool:
             for i in indices:
                 request.record(i, failed(task, "grader_error", f"no grader process: {self.template_error}"))
             return None
-        started = time.monotonic()
-        outcome, replies, detail = self._exchange(batcher, self._job(request, indices), started, len(indices))
-        elapsed = time.monotonic() - started
+        started = last = time.monotonic()
+
+        def record(offset: int, replies: list) -> None:
+            nonlocal last
+            now = time.monotonic()
+            share = (now - last) / len(replies)  # the slice's time, shared by its answers
+            last = now
+            for i, reply in zip(indices[offset : offset + len(replies)], replies, strict=True):
+                request.record(i, verdict_of(task, *reply, share))
+
+        outcome, detail = self._exchange(batcher, self._job(request, indices), started, record)
+        batcher.graded += len(indices)
         if outcome == "done":
-            batcher.graded += len(indices)
-            for i, reply in zip(indices, replies, strict=True):
-                request.record(i, verdict_of(task, *reply, elapsed / len(indices)))
             return batcher
         self._count_restart(outcome)
         self._release(batcher)
         status = "timeout" if outcome == "timeout" else "grader_error"
-        for i in indices:
-            request.record(i, failed(task, status, detail, elapsed / len(indices)))
+        for i in indices:  # those not replied to; a recorded verdict is never replaced
+            request.record(i, failed(task, status, detail, time.monotonic() - last))
         return None
 
     def _exchange(
-        self, grader: Grader, job: dict, started: float, count: int, after_send: Callable[[], None] | None = None
-    ) -> tuple[str, list, str]:
-        """Send ``job``, read its replies by the deadline: ("done", replies, "") or (reason, [], detail)."""
+        self,
+        grader: Grader,
+        job: dict,
+        started: float,
+        on_replies: Callable[[int, list], None],
+        after_send: Callable[[], None] | None = None,
+    ) -> tuple[str, str]:
+        """Send ``job`` and hand its replies to ``on_replies(offset, replies)`` as they arrive, all by the
+        deadline: ("done", "") or (reason, detail), the answers not replied to yet failing for reason."""
         deadline = started + self.timeout_s
+        count, received = len(job["responses"]), 0
         try:
             grader.send(job, deadline)
             if after_send is not None:
                 after_send()
-            message = frames.recv_deadline(grader.sock, deadline, 4096 + REPLY_BYTES_PER_ANSWER * count)
-            return "done", parse_replies(message, count), ""
+            while received < count:
+                left = count - received
+                message = frames.recv_deadline(grader.sock, deadline, 4096 + REPLY_BYTES_PER_ANSWER * left)
+                replies = parse_replies(message, left)
+                on_replies(received, replies)
+                received += len(replies)
+            return "done", ""
         except frames.FrameTimeout:
-            return "timeout", [], f"no verdict within {self.timeout_s:g} s"
+            return "timeout", f"no verdict within {self.timeout_s:g} s"
         except frames.FrameError as err:
             if "closed" in str(err):
-                return "died", [], "grader process died before replying"
-            return "bad_reply", [], f"bad reply from grader: {err}"
+                return "died", "grader process died before replying"
+            return "bad_reply", f"bad reply from grader: {err}"
         except ValueError as err:
-            return "bad_reply", [], f"bad reply from grader: {err}"
+            return "bad_reply", f"bad reply from grader: {err}"
         except OSError as err:
-            return "died", [], f"grader process unreachable: {err}"
+            return "died", f"grader process unreachable: {err}"
 
     def _count_restart(self, reason: str) -> None:
         self.restarts[reason] += 1
@@ -470,6 +501,7 @@ class GraderPool:
             graders, self._graders = list(self._graders), set()
         for grader in graders:
             grader.close()
+        self._reaper.shutdown(wait=True)
         with self._template_lock:
             if self._template is not None:
                 self._template.close()

@@ -91,8 +91,10 @@ class Request:
 class Scheduler:
     """The line of requests; graders call ``take`` to get work."""
 
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, spread: int = 1, least: int = 1) -> None:
+        """A batched request is cut into ``spread`` batches (one per grader) of at least ``least`` and at
+        most ``batch_size`` answers."""
+        self.batch_size, self.spread, self.least = batch_size, spread, least
         self._line: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -120,7 +122,10 @@ class Scheduler:
                     if request.over_budget():
                         self._exhaust(request)
                         continue
-                    count = self.batch_size if request.batched else 1
+                    count = 1
+                    if request.batched:
+                        share = max(self.least, -(-len(request.responses) // self.spread))
+                        count = min(self.batch_size, share)
                     indices = [request.pending.popleft() for _ in range(min(count, len(request.pending)))]
                     if request.pending:
                         self._line.append(request)  # to the back of the line: round-robin

@@ -35,6 +35,7 @@ from services.verifier.sandbox import Limits, build_filter, confine, isolate_net
 
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 DETAIL_CHARS = 500
+REPLY_SLICE = 32  # answers per reply message of a batching grader
 # Imported here because a grader (another uid, below Landlock) may not be able to load them later:
 # a Python installed under /root is unreadable to uid 65534. Looked up lazily by the codecs, json, re.
 PRELOADED = ("encodings.idna", "encodings.punycode", "encodings.ascii", "encodings.latin_1", "unicodedata")
@@ -106,7 +107,10 @@ def serve_grader(sock: socket.socket, kind: str, table: dict, spec: dict, syscal
             if job is None:
                 os._exit(0)
             task, reference, responses = job["task"], job["reference"], job["responses"]
-            frames.send_blocking(sock, [grade_one(table, task, r, reference) for r in responses])
+            # replies go out in slices, so the service turns them into verdicts while this process grades on
+            for start in range(0, len(responses), REPLY_SLICE):
+                part = responses[start : start + REPLY_SLICE]
+                frames.send_blocking(sock, [grade_one(table, task, r, reference) for r in part])
             if kind == "once":
                 os._exit(0)
     except BaseException:

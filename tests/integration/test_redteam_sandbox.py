@@ -370,15 +370,22 @@ def test_4_the_time_limit_holds_against_the_grader(target, attack):
 # --- 5. a flood of idle connections must not leave the service without graders ----------------
 
 
-def test_5_idle_connections_do_not_empty_the_pool(redis_server, tmp_path):
+def test_5_idle_connections_do_not_empty_the_pool(tmp_path):
     """Under the common soft limit of 1,024 files, 1,100 idle connections are held while a grader times
     out and needs a replacement; afterwards the service must grade again with a full pool."""
     os.chmod(tmp_path, 0o777)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
-    client = redis_server.client
-    client.flushdb()
-    with verifier(tmp_path, "root", redis_server.url, nofile=1024) as (_, url, _):
+    # a Redis of its own: the module's verifiers would otherwise take the group from the one under test
+    with (
+        RedisServer(tmp_path / "redis") as redis_server,
+        verifier(tmp_path, "root", redis_server.url, nofile=1024) as (
+            _,
+            url,
+            _,
+        ),
+    ):
+        client = redis_server.client
         port = int(url.rsplit(":", 1)[1])
         publish(client, STREAMS.rollouts, rollout_group("hang", "puzzle", QUEENS, [code_answer("while True: pass")]))
         idle = []

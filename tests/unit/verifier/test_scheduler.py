@@ -67,3 +67,10 @@ def test_close_releases_waiting_graders_and_requests():
     scheduler.close()
     assert scheduler.take() is None
     assert request.done.is_set() and "stopping" in request.verdicts[0].detail
+
+
+def test_a_batched_request_is_spread_over_the_graders():
+    scheduler = Scheduler(batch_size=512, spread=2)
+    request = Request("maze", ["a"] * 256, "", budget_s=100, batched=True)
+    scheduler.submit(request)
+    assert [len(scheduler.take()[1]) for _ in range(2)] == [128, 128]
