@@ -72,7 +72,6 @@ class StreamConsumer:
         self.on_claim, self.on_dead_letter = on_claim or (lambda: None), on_dead_letter or (lambda: None)
         self.claim_idle_ms, self.max_deliveries, self.block_ms = claim_idle_ms, max_deliveries, block_ms
         self.dead_letters = dead_letter_stream(stream)
-        self.regroups = 0  # times the group was found missing and made again
         self._create_group()
 
     def _create_group(self) -> None:
@@ -94,7 +93,6 @@ class StreamConsumer:
                 raise
             log.warning("%s: group %s is gone (%s); creating it again", self.stream, self.group, err)
             self._create_group()
-            self.regroups += 1
             return []
 
     def _read(self, count: int) -> list[Delivery]:

@@ -176,7 +176,8 @@ class Template:
             try:
                 self.control.sendall(kind.encode())
                 message, fds, _, _ = socket.recv_fds(self.control, 4096, 2)
-            except OSError as err:
+            except OSError as err:  # a late reply would answer the next request: this template is done
+                self.process.kill()
                 raise TemplateDown(f"grader template unreachable: {err}") from None
         if not message:
             for fd in fds:
@@ -230,8 +231,14 @@ class GraderPool:
         self._closed = threading.Event()
         self._template: Template | None = None
         self.template_error = ""
-        self._start_template()  # the first start's failure is the service's: it cannot grade
-        self.sandbox = self._probe()
+        try:  # the first start's failure is the service's: it cannot grade
+            self._start_template()
+            self.sandbox = self._probe()
+        except BaseException:
+            if self._template is not None:
+                self._template.close()
+            shutil.rmtree(self.workbase, ignore_errors=True)
+            raise
         self.scheduler = Scheduler(BATCH_MAX, spread=workers, least=BATCH_MIN)
         self._slots = [threading.Thread(target=self._slot, name=f"grader-{i}", daemon=True) for i in range(workers)]
         for slot in self._slots:
