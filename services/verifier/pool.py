@@ -229,18 +229,24 @@ class GraderPool:
         self._graders: set[Grader] = set()
         self._graders_lock = threading.Lock()
         self._closed = threading.Event()
-        self._template: Template | None = None
+        # one template per slot: a fork copies the template's page tables, and one process forks one at a
+        # time, so graders that need a process an answer start as fast as there are templates (and cores)
+        self._templates: list[Template | None] = [None] * workers
         self.template_error = ""
         try:  # the first start's failure is the service's: it cannot grade
-            self._start_template()
+            with ThreadPoolExecutor(workers) as starting:
+                list(starting.map(self._start_template, range(workers)))
             self.sandbox = self._probe()
         except BaseException:
-            if self._template is not None:
-                self._template.close()
+            for template in self._templates:
+                if template is not None:
+                    template.close()
             shutil.rmtree(self.workbase, ignore_errors=True)
             raise
         self.scheduler = Scheduler(BATCH_MAX, spread=workers, least=BATCH_MIN)
-        self._slots = [threading.Thread(target=self._slot, name=f"grader-{i}", daemon=True) for i in range(workers)]
+        self._slots = [
+            threading.Thread(target=self._slot, args=(i,), name=f"grader-{i}", daemon=True) for i in range(workers)
+        ]
         for slot in self._slots:
             slot.start()
         self._keeper = threading.Thread(target=self._keep_template, name="grader-template", daemon=True)
@@ -248,16 +254,16 @@ class GraderPool:
 
     # --- the template --------------------------------------------------------------------------
 
-    def _start_template(self) -> None:
+    def _start_template(self, slot: int) -> None:
         template = Template(self._spec, self.start_timeout_s)
         with self._template_lock:
-            old, self._template = self._template, template
+            old, self._templates[slot] = self._templates[slot], template
             self.template_error = ""
         if old is not None:
             old.close()
 
     def _probe(self) -> dict[str, str]:
-        grader = self._fork("probe")
+        grader = self._fork("probe", 0)
         try:
             message = frames.recv_deadline(grader.sock, time.monotonic() + self.start_timeout_s, 1 << 16)
             return {str(k): str(v) for k, v in message["report"].items()}
@@ -269,19 +275,19 @@ class GraderPool:
     def _keep_template(self) -> None:
         """Start the template again whenever it is gone, retrying until it starts or the pool closes."""
         while not self._closed.wait(0.2):
-            template = self._template
-            if template is not None and template.alive():
-                continue
-            try:
-                self._start_template()
-                log.warning("grader template restarted")
-            except TemplateDown as err:
-                self.template_error = str(err)
-                log.error("could not start the grader template: %s; retrying", err)
-                self._closed.wait(1.0)
+            for slot, template in enumerate(self._templates):
+                if template is not None and template.alive():
+                    continue
+                try:
+                    self._start_template(slot)
+                    log.warning("grader template of slot %d restarted", slot)
+                except TemplateDown as err:
+                    self.template_error = str(err)
+                    log.error("could not start the grader template: %s; retrying", err)
+                    self._closed.wait(1.0)
 
-    def _fork(self, kind: str) -> Grader:
-        template = self._template
+    def _fork(self, kind: str, slot: int) -> Grader:
+        template = self._templates[slot]
         if template is None or not template.alive():
             raise TemplateDown(self.template_error or "the grader template is not running")
         grader = template.fork(kind)
@@ -300,12 +306,12 @@ class GraderPool:
         except RuntimeError:  # the pool is closing: clean up here
             grader.reap()
 
-    def _fork_when_possible(self, kind: str) -> Grader | None:
+    def _fork_when_possible(self, kind: str, slot: int) -> Grader | None:
         """A new grader, waiting up to start_timeout_s for the template to be back; None if it is not."""
         deadline = time.monotonic() + self.start_timeout_s
         while not self._closed.is_set():
             try:
-                return self._fork(kind)
+                return self._fork(kind, slot)
             except (TemplateDown, OSError) as err:
                 if time.monotonic() > deadline:
                     log.error("no grader process: %s", err)
@@ -315,13 +321,13 @@ class GraderPool:
 
     # --- the slots -------------------------------------------------------------------------------
 
-    def _try_fork(self, kind: str) -> Grader | None:
+    def _try_fork(self, kind: str, slot: int) -> Grader | None:
         try:
-            return self._fork(kind)
+            return self._fork(kind, slot)
         except (TemplateDown, OSError):
             return None  # the slot waits for the template when it needs the grader
 
-    def _slot(self) -> None:
+    def _slot(self, slot: int) -> None:
         spare: Grader | None = None
         batcher: Grader | None = None
         while not self.scheduler.closed:
@@ -329,7 +335,7 @@ class GraderPool:
                 self._release(spare)
                 spare = None
             if spare is None:
-                spare = self._try_fork("once")  # while idle, too: /readyz counts the spares
+                spare = self._try_fork("once", slot)  # while idle, too: /readyz counts the spares
             work = self.scheduler.take(timeout=IDLE_CHECK_S)
             if work is None:
                 continue
@@ -339,10 +345,10 @@ class GraderPool:
                 spare = None
             try:
                 if request.batched:
-                    batcher = self._grade_batch(batcher, request, indices)
+                    batcher = self._grade_batch(batcher, request, indices, slot)
                 else:
-                    grader = spare or self._fork_when_possible("once")
-                    spare = self._grade_once(grader, request, indices[0])
+                    grader = spare or self._fork_when_possible("once", slot)
+                    spare = self._grade_once(grader, request, indices[0], slot)
             except Exception:
                 log.exception("grading failed")
                 for i in indices:
@@ -357,7 +363,7 @@ class GraderPool:
         responses = [request.responses[i] for i in indices]
         return {"task": request.task, "reference": request.reference, "responses": responses}
 
-    def _grade_once(self, grader: Grader | None, request: Request, index: int) -> Grader | None:
+    def _grade_once(self, grader: Grader | None, request: Request, index: int, slot: int) -> Grader | None:
         """Grade one answer on a fresh ``grader``, which is killed after; returns the next spare,
         forked while this one grades, so the next answer never waits for a process to start."""
         task = request.task
@@ -371,7 +377,7 @@ class GraderPool:
         started = time.monotonic()
         try:
             job = self._job(request, [index])
-            refill = lambda: spare.append(self._try_fork("once"))  # noqa: E731
+            refill = lambda: spare.append(self._try_fork("once", slot))  # noqa: E731
             outcome, detail = self._exchange(grader, job, started, lambda _, r: replies.extend(r), refill)
         finally:
             request.finished_running(grader.kill)
@@ -386,12 +392,12 @@ class GraderPool:
                 request.record(index, failed(task, status, detail, elapsed))
         return spare[0] if spare else None
 
-    def _grade_batch(self, batcher: Grader | None, request: Request, indices: list[int]) -> Grader | None:
+    def _grade_batch(self, batcher: Grader | None, request: Request, indices: list[int], slot: int) -> Grader | None:
         task = request.task
         if batcher is not None and (not batcher.alive() or batcher.graded >= BATCH_RETIRE_AFTER):
             self._release(batcher)
             batcher = None
-        batcher = batcher or self._fork_when_possible("batch")
+        batcher = batcher or self._fork_when_possible("batch", slot)
         if batcher is None:
             for i in indices:
                 request.record(i, failed(task, "grader_error", f"no grader process: {self.template_error}"))
@@ -493,10 +499,9 @@ class GraderPool:
         return self.scheduler.in_flight
 
     def healthy(self) -> bool:
-        """The template runs, every slot runs, and at least one grader process is alive."""
-        template = self._template
-        alive = template is not None and template.alive() and all(s.is_alive() for s in self._slots)
-        return alive and bool(self.pids())
+        """Every slot and its template run, and at least one grader process is alive."""
+        templates = all(t is not None and t.alive() for t in self._templates)
+        return templates and all(s.is_alive() for s in self._slots) and bool(self.pids())
 
     def close(self) -> None:
         self._closed.set()
@@ -510,6 +515,7 @@ class GraderPool:
             grader.close()
         self._reaper.shutdown(wait=True)
         with self._template_lock:
-            if self._template is not None:
-                self._template.close()
+            for template in self._templates:
+                if template is not None:
+                    template.close()
         shutil.rmtree(self.workbase, ignore_errors=True)

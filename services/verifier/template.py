@@ -123,10 +123,10 @@ def main() -> None:
     sys.path[:] = spec["sys_path"]
     os.environ.update(THREAD_ENV)
     sys.dont_write_bytecode = True  # graders cannot write beside the packages
+    # No parent-death signal here: it follows the thread that started this process, and the pool starts
+    # templates from short-lived threads. The template goes when its control socket closes, which the
+    # kernel does when the service dies however it dies; its graders follow it (theirs is set).
     try:
-        from services.verifier.sandbox import _prctl
-
-        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: go when the service goes
         table, warm, _ = load_graders(spec["graders"])
         if warm is not None:
             warm()  # import lazily loaded parsers now, while imports are cheap and allowed
