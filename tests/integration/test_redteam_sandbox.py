@@ -287,8 +287,8 @@ for name, module in list(sys.modules.items()):
 
 READ_GOLDS = (
     "import builtins\n"
-    "seen = [g for g in builtins.__dict__.get('_redteam_seen', []) if 'frac' in g]\n"
-    "raise SystemExit('PROBE:' + repr(seen))"
+    "seen = [g for g in builtins.__dict__.get('_redteam_seen', []) if '7919' in g]\n"
+    "raise SystemExit('PROBE:' + repr(seen) + ' of ' + str(len(builtins.__dict__.get('_redteam_seen', []))))"
 )
 
 
@@ -424,7 +424,8 @@ def test_6_nothing_outside_the_python_installation_is_readable(target):
 
 def test_8_the_services_secrets_do_not_reach_graders(target, redis_server):
     _, _, url, _, _ = target
-    secretish = "[e for e in {} if 'TOKEN' in e or 'SECRET' in e or 'redteam' in e]"
+    # only entries that hold the token's value, so that the detail's 500 characters hold them
+    secretish = "[e for e in {} if 'redteam-secret' in e]"
     body = "r['environ'] = " + secretish.format("[f'{k}={v}' for k, v in os.environ.items()]") + "\n"
     for name, path in (("proc_environ", "'/proc/self/environ'"), ("parent_environ", "f'/proc/{os.getppid()}/environ'")):
         raw = f"open({path}, 'rb').read().decode(errors='replace').split(chr(0))"
