@@ -409,8 +409,12 @@ class GraderPool:
             now = time.monotonic()
             share = (now - last) / len(replies)  # the slice's time, shared by its answers
             last = now
+            made: dict[tuple, Verdict] = {}  # verdicts are frozen: equal replies of a slice share one
             for i, reply in zip(indices[offset : offset + len(replies)], replies, strict=True):
-                request.record(i, verdict_of(task, *reply, share))
+                verdict = made.get(reply)
+                if verdict is None:
+                    verdict = made[reply] = verdict_of(task, *reply, share)
+                request.record(i, verdict)
 
         outcome, detail = self._exchange(batcher, self._job(request, indices), started, record)
         batcher.graded += len(indices)
