@@ -61,7 +61,7 @@ class VerifierSettings(ConsumerSettings):
     address_space_mb: int = Field(4096, ge=256)
     """Address-space limit of each grader process."""
     cpu_s: int = Field(600, ge=1)
-    """CPU-seconds limit of a batching grader process over its life (a one-answer grader gets timeout_s)."""
+    """CPU-seconds limit of a batching grader process over its life (a one-answer grader gets timeout_s + 1)."""
     open_files: int = Field(64, ge=16)
     """Open-files limit of each grader process."""
     file_size_mb: int = Field(16, ge=1)
