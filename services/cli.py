@@ -402,6 +402,9 @@ def eval_(
     verifier_url: Annotated[str | None, typer.Option(help="A running verifier; default: start one.")] = None,
     out: Annotated[Path | None, typer.Option(help="Where eval.md and eval.csv go (default: <model-dir>/eval).")] = None,
     threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads.")] = 2,
+    samples: Annotated[
+        bool, typer.Option(help="Also write samples.jsonl: every item's responses and their rewards.")
+    ] = False,
 ) -> None:
     """Unbiased pass@k of a checkpoint per maze size and per task category, as Markdown and CSV."""
     ks = k or [1, 8]
@@ -429,15 +432,25 @@ def eval_(
     out.mkdir(parents=True, exist_ok=True)
     # a verifier of our own, on loopback, without the queue, unless one is given
     own = service(["serve", "verifier", "--no-queue"], out / "verifier.log") if verifier_url is None else nullcontext()
-    with own as started:
+    import json
+
+    sample_file = (out / "samples.jsonl").open("w") if samples else None
+
+    def record(item, responses: list[str], rewards: list[float]) -> None:
+        line = {"row": item.row, "task": item.task, "prompt": item.prompt, "reference": item.reference,
+                "responses": responses, "rewards": rewards}  # fmt: skip
+        sample_file.write(json.dumps(line) + "\n")
+
+    with own as started, sample_file or nullcontext():
         table = evaluate_items(
             model, tokenizer, eval_items(items, template), n=n, ks=ks, max_tokens=max_tokens,
-            verifier_url=verifier_url or started[1], seed=seed,
+            verifier_url=verifier_url or started[1], seed=seed, record=record if samples else None,
         )  # fmt: skip
     text = markdown(table, ks)
     (out / "eval.md").write_text(f"pass@k (%) of {model_dir}, n={n} samples per item, seed {seed}\n\n{text}")
     (out / "eval.csv").write_text(csv_text(table, ks))
-    typer.echo(text + f"\nwritten: {out / 'eval.md'}, {out / 'eval.csv'}")
+    written = [out / "eval.md", out / "eval.csv", *([out / "samples.jsonl"] if samples else [])]
+    typer.echo(text + f"\nwritten: {', '.join(map(str, written))}")
 
 
 def _held_out(path: Path) -> list:

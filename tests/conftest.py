@@ -27,3 +27,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from services.trainer.tiny_model import build_tiny
 
     return build_tiny(Path(tmp_path_factory.mktemp("model")) / "tiny", steps=3, batch=8)
+
+
+@pytest.fixture(scope="session")
+def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 5x5 maze model with 100 supervised steps (about 10 s): it solves some mazes and fails
+    most, so a count of correct answers has both kinds to get wrong."""
+    from services.trainer.tiny_model import build_tiny
+
+    return build_tiny(Path(tmp_path_factory.mktemp("model")) / "warm", sizes=(5,), steps=100, batch=16, horizon=300)

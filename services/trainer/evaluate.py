@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -63,8 +64,11 @@ def evaluate_items(
     seed: int,
     batch: int = 16,
     verifier_token: str = "",
+    record: Callable[[EvalItem, list[str], list[float]], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{row: {"pass@k": value, ..., "items": count}} with values in [0, 1], rows in first-seen order."""
+    """{row: {"pass@k": value, ..., "items": count}} with values in [0, 1], rows in first-seen order.
+
+    ``record(item, responses, rewards)`` sees every item's samples and their rewards as graded."""
     was_training = model.training
     model.eval()
     correct: dict[str, list[int]] = defaultdict(list)
@@ -76,8 +80,11 @@ def evaluate_items(
                 model, tokenizer, [it.prompt for it in chunk], n, max_tokens=max_tokens, seed=seed + start
             )
             for item, gens in zip(chunk, generations, strict=True):
-                rewards = grade(verifier_url, [g.text for g in gens], item.reference, client, item.task)
+                texts = [g.text for g in gens]
+                rewards = grade(verifier_url, texts, item.reference, client, item.task)
                 correct[item.row].append(sum(r > 0 for r in rewards))
+                if record is not None:
+                    record(item, texts, rewards)
     model.train(was_training)
     table = {}
     for row, counts in correct.items():

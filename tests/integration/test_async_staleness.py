@@ -1,6 +1,6 @@
 """Async mode's staleness bound, through a real Redis: a scored group from too many versions back is
 dropped, counted, and its job generated again with the same prompt and seed; groups within the bound
-are trained on; the batch keeps the jobs' order."""
+are trained on; a group from another epoch is skipped; the batch keeps the jobs' order."""
 
 import threading
 
@@ -56,4 +56,6 @@ def test_a_too_stale_group_is_dropped_and_its_job_generated_again(redis_server, 
     groups = result["groups"]
     assert [g.group.job.job_id for g in groups] == [again.job_id, jobs[1].job_id, jobs[2].job_id]
     assert [g.group.policy_version for g in groups] == [5, 4, 5] and result["dropped"] == 1
+    # the foreign group came first for jobs[2], with the same version: only its epoch gives it away
+    assert [g.group.policy_epoch for g in groups] == [epoch] * 3
     trainer.metrics_file.close()

@@ -1,6 +1,8 @@
 """SIGKILL the trainer mid-run, resume it from its checkpoint: the run continues as if it had not
-stopped (same prompts, same updates), the replica is brought back to the restored version, and no
-scored group is trained on twice."""
+stopped (same prompts, same updates, the same weights and optimizer state at its end as a run that
+never stopped), the replica is brought back to the restored version, and no scored group is trained
+on twice. Noisy rewards give every step a gradient: the tiny model alone solves almost no maze, and
+a resume that lost the optimizer or reloaded the base weights would go unseen on zero updates."""
 
 import json
 import os
@@ -9,6 +11,8 @@ import subprocess
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from services.common import registry
 from services.common.config import StreamNames
@@ -25,6 +29,26 @@ def metrics(run):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def weights(checkpoint):
+    return load_file(checkpoint / "model.safetensors")
+
+
+def assert_same_tensors(left, right, where: str):
+    """Equal nested state (dicts, lists, tensors, numbers), tensor by tensor."""
+    if isinstance(left, torch.Tensor):
+        assert torch.allclose(left.double(), right.double(), rtol=1e-5, atol=1e-8), where
+    elif isinstance(left, dict):
+        assert left.keys() == right.keys(), where
+        for key in left:
+            assert_same_tensors(left[key], right[key], f"{where}.{key}")
+    elif isinstance(left, list | tuple):
+        assert len(left) == len(right), where
+        for i, (a, b) in enumerate(zip(left, right, strict=True)):
+            assert_same_tensors(a, b, f"{where}[{i}]")
+    else:
+        assert left == right, where
+
+
 def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, tiny_model, tmp_path):
     client = redis_server.client
     client.flushdb()
@@ -38,7 +62,7 @@ def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, ti
     ):
         command = trainer_args(
             tmp_path, redis_server.url, verifier_url, tiny_model, steps=STEPS, prompts_per_step=PROMPTS,
-            n_rollout=8, k=4, checkpoint_every=4, keep_checkpoints=2, mini_batch_prompts=2,
+            n_rollout=8, k=4, checkpoint_every=4, keep_checkpoints=2, mini_batch_prompts=2, noise_rewards=0.5,
         )  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with (logs / "trainer-1.log").open("wb") as out:
@@ -61,6 +85,17 @@ def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, ti
                 [*command, "--resume"], check=False, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900
             )
         assert second.returncode == 0, (logs / "trainer-2.log").read_text()[-3000:]
+        resumed_policy = registry.current_policy(client)
+        replica_log = (logs / "r0.log").read_text()
+
+        # the same run again, never stopped, in a directory of its own
+        straight = tmp_path / "straight"
+        with (logs / "trainer-straight.log").open("wb") as out:
+            third = subprocess.run(
+                [*command, "--set", f"run_dir='{straight}'"], check=False, stdout=out, stderr=subprocess.STDOUT,
+                env=env, timeout=900,
+            )  # fmt: skip
+        assert third.returncode == 0, (logs / "trainer-straight.log").read_text()[-3000:]
 
     after = metrics(run)[len(before) :]
     assert [m["step"] for m in after] == [5, 6, 7, 8]
@@ -73,14 +108,26 @@ def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, ti
     for step in (5, 6):
         again = by_attempt[(first_epoch + 1, step)]
         assert sorted(again.values()) == sorted(by_attempt[(first_epoch, step)].values())
+    # every step trained: noisy rewards gave it a gradient, and the weights moved from the start
+    assert all(m["grad_norm"] > 0 and m["flipped_rewards"] > 0 for m in before + after)
+    base = load_file(tiny_model / "model.safetensors")
+    moved = weights(run / "checkpoints" / "step-000004")
+    assert any(not torch.equal(base[name], moved[name]) for name in base)
     # same model and optimizer state: the repeated steps took the very same updates
     for old, new in zip(before[4:6], after[:2], strict=True):
-        for key in ("reward_mean", "loss", "grad_norm", "entropy", "lr"):
+        for key in ("reward_mean", "trained_reward_mean", "loss", "grad_norm", "entropy", "lr"):
             assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-7), key
+    # and the run ends where the uninterrupted one ends: weights, optimizer, scheduler, sampler
+    resumed_end, straight_end = run / "checkpoints" / "step-000008", straight / "checkpoints" / "step-000008"
+    assert_same_tensors(weights(resumed_end), weights(straight_end), "weights")
+    resumed_state = torch.load(resumed_end / "trainer.pt", map_location="cpu", weights_only=True)
+    straight_state = torch.load(straight_end / "trainer.pt", map_location="cpu", weights_only=True)
+    assert resumed_state["optimizer"]["state"], "the optimizer has moments to compare"
+    for key in ("step", "version", "optimizer", "scheduler", "sampler"):
+        assert_same_tensors(resumed_state[key], straight_state[key], key)
     # the replica was pushed the restored version in the new epoch, then followed the run to its end
-    replica_log = (logs / "r0.log").read_text()
     assert f"serving policy version 4 (epoch {first_epoch + 1})" in replica_log
-    assert registry.current_policy(client) == registry.Policy(first_epoch + 1, STEPS)
+    assert resumed_policy == registry.Policy(first_epoch + 1, STEPS)
     # each step of the resumed run trained on its own jobs, once; nothing from the killed run
     assert all(len(m["trained_jobs"]) == m["groups"] == PROMPTS for m in after)
     assert all(job.startswith(f"e{first_epoch + 1}-") for m in after for job in m["trained_jobs"])

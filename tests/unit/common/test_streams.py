@@ -49,12 +49,17 @@ def test_a_dead_consumers_entries_are_claimed_by_another(redis_client):
     alive = StreamConsumer(redis_client, "prompts", "rollout", "alive", claim_idle_ms=50, block_ms=10)
     publish(redis_client, "prompts", job(2))
     [taken] = dead.read()  # and never acked
-    deadline_reads = [alive.read() for _ in range(100)]
-    claimed = next(batch for batch in deadline_reads if batch)
+    claimed = []
+    for _ in range(1000):  # each read blocks up to 10 ms; the claim comes once the entry idled 50 ms
+        claimed = alive.read()
+        if claimed:
+            break
     assert [d.entry_id for d in claimed] == [taken.entry_id]
     assert claimed[0].deliveries == 2
+    assert alive.pending() == 1 and dead_letters(redis_client, "prompts") == []  # still alive, now alive's
     alive.ack(claimed[0])
     assert alive.pending() == 0
+    assert alive.read() == [] and dead.read() == []  # acked: nobody gets it again
 
 
 def test_too_many_deliveries_go_to_the_dead_letters(redis_client):

@@ -272,8 +272,20 @@ def test_an_empty_batch_gives_an_empty_result(name):
     assert got.shape == (0, 8) and got.dtype == torch.float32
 
 
-def test_scaled_uniforms_never_reach_their_bound():
-    # sample_bootstrap_groups takes floor(u * m) as a draw in 0..m-1 without clamping
-    u = torch.tensor(1 - 2**-53, dtype=torch.float64)  # the largest float64 below 1
-    m = torch.arange(1, 1 << 16, dtype=torch.float64)
-    assert bool(((u * m).to(torch.int64) < m.to(torch.int64)).all())
+@pytest.mark.parametrize("width", [9, 64, 65, 80])  # both sides of the one-word-per-group layout
+@pytest.mark.parametrize("extreme", [0, (1 << 62) - 1])
+def test_the_extreme_random_bits_still_draw_distinct_valid_responses(width, extreme, monkeypatch):
+    # floor(r * (top + 1) / 2**31) is taken as a draw in 0..top without clamping: feed the sampler
+    # the smallest and the largest 62-bit words its generator can return and check every draw
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.full(size, extreme, dtype=torch.int64))
+    mask = torch.ones(3, width, dtype=torch.bool)
+    mask[1, width - 4 :] = False  # a ragged row
+    k = 5
+    index = sample_bootstrap_groups(mask, k, 7, torch.Generator())
+    valid = mask.sum(1).view(3, 1, 1)
+    assert bool((index >= 0).all()) and bool((index < valid).all())
+    assert bool((index.sort(2).values.diff(dim=2) > 0).all()), "a group holds k distinct responses"
+    # Floyd's algorithm with every draw at its top (or at 0) takes the k highest ranks (or 0, then the tops)
+    tops = torch.arange(k).view(1, 1, k) + valid - k
+    want = tops if extreme else torch.cat([torch.zeros_like(tops[..., :1]), tops[..., 1:]], dim=2)
+    assert torch.equal(index.sort(2).values, want.expand_as(index).sort(2).values)

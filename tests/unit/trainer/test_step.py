@@ -1,10 +1,13 @@
 """A step whose gradient is not finite stops the run before the optimizer moves, so no checkpoint can
-hold its result; a finite step moves the parameters."""
+hold its result; a finite step moves the parameters, each estimator its own way."""
+
+import itertools
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.trainer.advantage import Estimator
 from services.trainer.batch import Batch
 from services.trainer.config import TrainerSettings, stage_at
 from services.trainer.distributed import Ranks
@@ -44,3 +47,24 @@ def test_a_nan_gradient_stops_before_the_optimizer_step(tiny_model):
     for name, parameter in model.named_parameters():
         assert torch.equal(before[name], parameter) or torch.isnan(before[name]).any(), name
     assert not opt.optimizer.state  # AdamW never stepped: no moments to save
+
+
+def test_each_estimator_moves_the_weights_its_own_way(tiny_model):
+    """The same batch from the same start: every estimator's step has a gradient, and two estimators
+    whose advantages differ take different steps. Plain SGD, so a step is the
+    gradient itself (Adam's first step is about lr * sign(gradient) and would hide a rescaling)."""
+    steps, advantages = {}, {}
+    for estimator in Estimator:
+        model, opt, settings = setup(tiny_model)
+        opt.optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        opt.scheduler = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda s: 1.0)
+        settings = settings.model_copy(update={"estimator": estimator.value})
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        metrics = train_on(batch(), opt, settings, stage_at(settings, 1), 0, Ranks(0, 1, torch.device("cpu")))
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert metrics["grad_norm"] > 0 and metrics["adv_abs_mean"] > 0, estimator
+        steps[estimator] = after - before
+        advantages[estimator] = (metrics["adv_mean"], metrics["adv_abs_mean"], metrics["adv_std"])
+    for a, b in itertools.combinations(Estimator, 2):
+        if advantages[a] != pytest.approx(advantages[b]):
+            assert not torch.allclose(steps[a], steps[b], rtol=1e-3, atol=1e-9), (a, b)
