@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -65,3 +67,100 @@ def test_policy_loss_clips_like_dapo():
     assert seq.item() == pytest.approx(float(((-1.28 - 1.0 - 0.5) / 3 + (1.5 + 1.0) / 2) / 2))
     with pytest.raises(ValueError, match="aggregation must be"):
         policy_loss(new, old, adv, mask, aggregation="prompt")
+
+
+def reference_loss(lp, old, adv, mask, *, clip_low, clip_high, aggregation, normalizer, entropy, entropy_coef,
+                   ref, kl_coef):  # fmt: skip
+    """policy_loss written out token by token in float64 Python: the objective of Sec. 2.1 and
+    Appendix A.2 (DAPO's clip-higher surrogate), the entropy bonus and GRPO's k3 KL estimate."""
+    rows = [[t for t in range(len(mask[i])) if mask[i][t]] for i in range(len(mask))]
+
+    def average(values) -> float:  # values[i][t] over the response tokens
+        if aggregation == "token":
+            total = sum(values[i][t] for i, ts in enumerate(rows) for t in ts)
+            count = sum(len(ts) for ts in rows)
+            return total / (normalizer if normalizer is not None else max(count, 1))
+        per_response = [sum(values[i][t] for t in ts) / max(len(ts), 1) for i, ts in enumerate(rows)]
+        return sum(per_response) / (normalizer if normalizer is not None else len(rows))
+
+    ratio = [[math.exp(lp[i][t] - old[i][t]) for t in range(len(lp[i]))] for i in range(len(lp))]
+    surrogate = [
+        [-min(r * adv[i], min(max(r, 1 - clip_low), 1 + clip_high) * adv[i]) for r in ratio[i]] for i in range(len(lp))
+    ]
+    loss = average(surrogate)
+    entropy_term = average(entropy) if entropy is not None and entropy_coef else 0.0
+    kl = [
+        [math.exp(ref[i][t] - lp[i][t]) - (ref[i][t] - lp[i][t]) - 1 for t in range(len(lp[i]))] for i in range(len(lp))
+    ]
+    kl_term = average(kl) if ref is not None and kl_coef else 0.0
+    clipped = sum(
+        1
+        for i, ts in enumerate(rows)
+        for t in ts
+        if min(max(ratio[i][t], 1 - clip_low), 1 + clip_high) * adv[i] < ratio[i][t] * adv[i]
+    )
+    tokens = sum(len(ts) for ts in rows)
+    stats = {
+        "clip_fraction": clipped / max(tokens, 1),
+        "ratio_mean": sum(ratio[i][t] for i, ts in enumerate(rows) for t in ts) / max(tokens, 1),
+        "entropy": entropy_term,
+        "kl": kl_term,
+    }
+    return loss - entropy_coef * entropy_term + kl_coef * kl_term, stats
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+@pytest.mark.parametrize("normalizer", [None, 7.0])
+@pytest.mark.parametrize("extras", ["none", "entropy", "kl", "both"])
+def test_policy_loss_matches_the_objective_written_out(aggregation, normalizer, extras):
+    gen = torch.Generator().manual_seed(7)
+    rows, width = 6, 5
+    lp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
+    old = lp + (torch.rand(rows, width, generator=gen, dtype=torch.float64) - 0.5)  # ratios from 0.6 to 1.6
+    adv = torch.tensor([1.5, -0.7, 0.0, 2.0, -1.2, 0.3], dtype=torch.float64)
+    lengths = [5, 3, 1, 0, 4, 2]  # a one-token response and an empty one
+    mask = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    entropy = torch.rand(rows, width, generator=gen, dtype=torch.float64)
+    ref = lp + (torch.rand(rows, width, generator=gen, dtype=torch.float64) - 0.5) * 0.4
+    options = {"clip_low": 0.15, "clip_high": 0.3, "aggregation": aggregation, "normalizer": normalizer,
+               "entropy": entropy if extras in ("entropy", "both") else None,
+               "entropy_coef": 0.03 if extras in ("entropy", "both") else 0.0,
+               "ref_logprobs": ref if extras in ("kl", "both") else None,
+               "kl_coef": 0.2 if extras in ("kl", "both") else 0.0}  # fmt: skip
+    loss, stats = policy_loss(lp, old, adv, mask, **options)
+    want, want_stats = reference_loss(
+        lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), ref=ref.tolist(),
+        **{key: (v.tolist() if isinstance(v, torch.Tensor) else v) for key, v in options.items() if key != "ref_logprobs"},
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    for key, value in want_stats.items():
+        assert getattr(stats, key) == pytest.approx(value, rel=1e-6, abs=1e-12), key  # counts divide in float32
+    assert 0 < stats.clip_fraction < 1  # some tokens clipped on each side, some not
+    if extras != "none":
+        assert (stats.entropy != 0) == (extras in ("entropy", "both")) and (stats.kl != 0) == (extras in ("kl", "both"))
+
+
+def test_the_gradient_flows_only_through_the_unclipped_tokens():
+    """d loss / d logprob: ratio * adv / tokens where the unclipped term is in force, 0 where the clip is."""
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    lp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]], dtype=torch.float64)).requires_grad_()
+    loss, stats = policy_loss(lp, old, torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 4, dtype=torch.bool))
+    loss.backward()
+    # a positive advantage clips from above only: 1.5 > 1.28 is clipped, 0.5 (below 0.8) is not
+    assert lp.grad.tolist()[0] == pytest.approx([-0.5 / 4, -0.9 / 4, -1.1 / 4, 0.0])
+    assert stats.clip_fraction == pytest.approx(1 / 4)
+
+
+def test_an_all_padding_batch_has_zero_loss_and_stats():
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    loss, stats = policy_loss(zeros, zeros, torch.ones(2, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.bool),
+                              entropy=zeros + 1, entropy_coef=0.1, ref_logprobs=zeros, kl_coef=0.1)  # fmt: skip
+    assert loss.item() == 0.0
+    assert (stats.clip_fraction, stats.ratio_mean, stats.entropy, stats.kl) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_an_unknown_aggregation_is_refused_by_name():
+    zeros = torch.zeros(1, 1)
+    with pytest.raises(ValueError) as raised:
+        policy_loss(zeros, zeros, torch.ones(1), torch.ones(1, 1, dtype=torch.bool), aggregation="prompt")
+    assert str(raised.value) == "aggregation must be 'token' or 'sequence', got 'prompt'"

@@ -1,0 +1,344 @@
+"""Each confinement layer of ``services/verifier/sandbox.py`` by its effect, with every other layer
+off: a child forked from the test applies one layer, then tries what only that layer stops; the
+same probe in a child without the layer shows that the probe itself works. (The pool's tests run
+all layers at once, where two or three overlap on most refusals.)"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pyseccomp
+import pytest
+
+from services.verifier import sandbox
+from services.verifier.sandbox import UNPRIVILEGED_UID, Limits
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux confinement")
+ROOT = os.geteuid() == 0
+WAIT_S = 60  # a guard against a hang only
+
+
+def outcome(probe) -> str:
+    """What a probe did: "ok", "ok:<value>", or the exception's name and errno."""
+    try:
+        value = probe()
+    except BaseException as err:
+        code = getattr(err, "errno", None)
+        return f"{type(err).__name__}:{errno.errorcode.get(code, code)}" if code else type(err).__name__
+    return "ok" if value is None else f"ok:{value}"
+
+
+def in_child(layer, *probes) -> tuple[list[str], int]:
+    """Fork; the child applies ``layer(fd)`` (fd: the pipe it reports on), runs each probe and
+    writes their outcomes. Returns the outcomes and the child's wait status."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 0
+        try:
+            os.close(read)
+            layer(write)
+            os.write(write, json.dumps([outcome(p) for p in probes]).encode())
+        except BaseException as err:
+            os.write(write, json.dumps([f"layer failed: {err!r}"]).encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([read], [], [], WAIT_S)
+        assert ready, "the child hung"
+        chunk = os.read(read, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    text = b"".join(chunks).decode()
+    return (json.loads(text) if text else []), status
+
+
+def nothing(_fd: int) -> None:
+    pass
+
+
+def connect(port: int):
+    return lambda: socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.fixture
+def open_dir():
+    """A directory that uid 65534 can reach (pytest's tmp_path sits under a 0700 directory)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="passk-layers-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def server():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener
+
+
+# --- the network namespace --------------------------------------------------------------------
+
+
+def test_the_network_namespace_alone_cuts_the_host_off(server):
+    port = server.getsockname()[1]
+    assert in_child(nothing, connect(port))[0] == ["ok"]
+    server.accept()[0].close()
+    [result], _ = in_child(lambda fd: sandbox.isolate_network(), connect(port))
+    assert result.startswith(("OSError:ENETUNREACH", "ConnectionRefusedError")), result
+    server.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        server.accept()  # nobody reached the host's listener
+
+
+# --- Landlock ---------------------------------------------------------------------------------
+
+
+def landlocked(workdir: Path, roots: list[str]):
+    def layer(_fd: int) -> None:
+        ruleset, _ = sandbox.landlock_ruleset(workdir, roots)
+        sandbox.enforce_landlock(ruleset)
+
+    return layer
+
+
+def test_landlock_alone_confines_reads_writes_and_tcp(tmp_path, server):
+    workdir, outside = tmp_path / "work", tmp_path / "outside.txt"
+    workdir.mkdir()
+    outside.write_text("secret")
+    roots = sandbox.read_roots("tests.helpers.graders")
+    assert not any(str(tmp_path).startswith(root) for root in roots)
+    port = server.getsockname()[1]
+    probes = (
+        lambda: Path(os.__file__).read_text()[:0],  # the standard library: readable
+        lambda: (workdir / "mine").write_text("x"),  # its working directory: writable
+        (workdir / "mine").read_text,
+        outside.read_text,
+        lambda: (tmp_path / "escape").write_text("x"),
+        lambda: os.listdir(tmp_path),
+        lambda: (workdir / "mine").rename(tmp_path / "moved"),  # out of the working directory
+        connect(port),
+    )
+    control, _ = in_child(nothing, *probes)
+    assert control == ["ok:", "ok:1", "ok:x", "ok:secret", "ok:1", control[5], "ok:" + str(tmp_path / "moved"), "ok"]
+    server.accept()[0].close()
+    for leftover in ("escape", "moved"):
+        (tmp_path / leftover).unlink()
+    confined, _ = in_child(landlocked(workdir, roots), *probes)
+    assert confined[:3] == ["ok:", "ok:1", "ok:x"]
+    assert all(r.startswith("PermissionError") for r in confined[3:]), confined
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "moved").exists()
+
+
+def test_landlock_alone_stops_signals_to_processes_outside(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    roots = sandbox.read_roots("tests.helpers.graders")
+    probe = lambda: os.kill(os.getppid(), 0)  # noqa: E731 - signal 0: may it signal the test?
+    assert in_child(nothing, probe)[0] == ["ok"]
+    [result], _ = in_child(landlocked(workdir, roots), probe)
+    assert result == "PermissionError:EPERM", result
+
+
+# --- seccomp ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpf() -> bytes:
+    return sandbox.build_filter(pyseccomp)
+
+
+def test_seccomp_alone_refuses_what_is_not_on_the_list(tmp_path, bpf):
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    probes = (
+        victim.read_text,  # on the list: open, read
+        lambda: os.getpid() > 0,
+        lambda: os.chmod(victim, 0o600),
+        lambda: os.utime(victim, (1, 1)),
+        lambda: socket.socket().close(),
+        lambda: os.waitpid(pid, 0) if (pid := os.fork()) else os._exit(0),
+        lambda: __import__("fcntl").ioctl(0, __import__("termios").TIOCSTI, b"x"),
+        lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_NOFILE, (8, 8)),
+        lambda: os.mknod(str(tmp_path / "node"), 0o600 | 0o010000),  # a FIFO: no device rights needed
+        lambda: socket.sethostname("passk"),
+    )
+    control, _ = in_child(nothing, *probes)
+    assert control[:6] == ["ok:x", "ok:True", "ok", "ok", "ok", control[5]] and control[5].startswith("ok:")
+    assert control[8] == "ok"  # and TIOCSTI, setrlimit and sethostname meet only the kernel's own checks
+    (tmp_path / "node").unlink()
+    os.chmod(victim, 0o644)
+    filtered, _ = in_child(lambda fd: sandbox.load_filter(bpf), *probes)
+    assert filtered[:2] == ["ok:x", "ok:True"]
+    assert filtered[7] == "ValueError"  # CPython's word for a setrlimit refused with EPERM
+    assert all(r.startswith("PermissionError:EPERM") for r in filtered[2:7] + filtered[8:]), str(filtered)
+    assert victim.stat().st_mode & 0o777 == 0o644 and not (tmp_path / "node").exists()
+
+
+def test_seccomp_allows_the_ioctls_python_asks_and_reading_a_limit(bpf):
+    probes = (
+        lambda: os.isatty(0),  # TCGETS
+        lambda: __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[0] > 0,  # prlimit, read
+        lambda: os.set_blocking(os.open("/dev/null", os.O_RDONLY), False),  # fcntl
+    )
+    filtered, _ = in_child(lambda fd: sandbox.load_filter(bpf), *probes)
+    assert filtered[0] in ("ok:True", "ok:False") and filtered[1:] == ["ok:True", "ok"], filtered
+
+
+# --- privileges -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to have privileges to drop")
+def test_dropping_privileges_alone_takes_root_and_every_capability(open_dir):
+    tmp_path = open_dir
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    theirs = tmp_path / "theirs"
+    theirs.write_text("x")
+    os.chown(theirs, 1234, 1234)
+    theirs.chmod(0o600)
+    status = lambda: "/".join(  # noqa: E731
+        line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith(("CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:"))
+    )  # fmt: skip
+    probes = (secret.read_text, theirs.read_text, lambda: os.chown(secret, 1234, 1234), os.getuid, status)
+    control, _ = in_child(nothing, *probes)
+    assert control[:3] == ["ok:root only", "ok:x", "ok"] and control[3] == "ok:0"
+    os.chown(secret, 0, 0)
+    dropped, _ = in_child(lambda fd: sandbox.drop_privileges(UNPRIVILEGED_UID), *probes)
+    assert dropped[:3] == ["PermissionError:EACCES", "PermissionError:EACCES", "PermissionError:EPERM"]
+    assert dropped[3] == f"ok:{UNPRIVILEGED_UID}"
+    assert dropped[4] == "ok:0000000000000000/0000000000000000/0000000000000000/1", dropped[4]
+    # without a uid to change to (the service not run as root): still uid 0, and no capability left
+    kept, _ = in_child(lambda fd: sandbox.drop_privileges(None), *probes)
+    assert kept[1:4] == ["PermissionError:EACCES", "PermissionError:EPERM", "ok:0"]
+    assert kept[4] == "ok:0000000000000000/0000000000000000/0000000000000000/1", kept[4]
+    assert secret.stat().st_uid == 0
+
+
+# --- resource limits --------------------------------------------------------------------------
+
+
+def test_limits_alone_bound_memory_file_size_and_cpu(tmp_path):
+    limits = Limits(address_space_mb=512, file_size_mb=1, open_files=16)
+    probes = (
+        lambda: len(bytearray(1 << 30)),  # 1 GiB: over the address space
+        lambda: (tmp_path / "big").write_bytes(b"x" * (2 << 20)),  # 2 MiB: over the file size
+        lambda: [os.open("/dev/null", os.O_RDONLY) for _ in range(32)] and None,  # over the open files
+        lambda: __import__("resource").getrlimit(__import__("resource").RLIMIT_CORE),
+    )
+    control, _ = in_child(nothing, *probes)
+    assert control[:3] == [f"ok:{1 << 30}", f"ok:{2 << 20}", "ok"]
+    limited, _ = in_child(lambda fd: sandbox.set_limits(limits, cpu_s=5), *probes)
+    assert limited[0] == "MemoryError" and limited[1] == "OSError:EFBIG" and limited[2] == "OSError:EMFILE"
+    assert limited[3] == "ok:(0, 0)"
+    # the CPU limit: a busy loop ends by SIGXCPU, whatever the wall clock says
+    _, status = in_child(lambda fd: sandbox.set_limits(limits, cpu_s=1), lambda: [None for _ in iter(int, 1)])
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU
+
+
+def test_a_limit_cannot_be_raised_again():
+    limits = Limits(address_space_mb=512)
+    raise_it = lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_AS, (-1, -1))  # noqa: E731
+    [result], _ = in_child(lambda fd: (sandbox.set_limits(limits), sandbox.drop_privileges(None)), raise_it)
+    assert result.startswith(("ValueError", "PermissionError", "OSError"))
+
+
+# --- the session ------------------------------------------------------------------------------
+
+
+def test_a_new_session_alone_leaves_nothing_inherited(tmp_path):
+    inherited = os.open(tmp_path / "inherited", os.O_CREAT | os.O_WRONLY)
+    os.environ["PASSK_SECRET_FOR_THE_TEST"] = "leak"
+    try:
+        probes = (
+            lambda: os.fstat(inherited).st_size,
+            lambda: os.environ.get("PASSK_SECRET_FOR_THE_TEST"),
+            lambda: os.readlink("/proc/self/fd/1"),
+            lambda: os.getsid(0) == os.getpid(),
+        )
+        control, _ = in_child(nothing, *probes)
+        assert control[:2] == ["ok:0", "ok:leak"] and control[3] == "ok:False"
+        fresh, _ = in_child(sandbox.new_session, *probes)
+    finally:
+        os.close(inherited)
+        del os.environ["PASSK_SECRET_FOR_THE_TEST"]
+    assert fresh == ["OSError:EBADF", "ok", "ok:/dev/null", "ok:True"], fresh
+
+
+# --- dying with the template ------------------------------------------------------------------
+
+
+def test_a_grader_dies_with_its_template():
+    """A middle process (the template) forks a grader that sets die_with_parent and waits; when the
+    template exits, the grader is killed, which closes the pipe it holds."""
+    read, write = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(read)
+            if os.fork() == 0:
+                sandbox.die_with_parent()
+                os.write(write, b"ready")
+                while True:
+                    signal.pause()
+            os.close(write)
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], WAIT_S)
+    assert ready and os.read(read, 5) == b"ready"
+    os.waitpid(middle, 0)  # the template is gone
+    ready, _, _ = select.select([read], [], [], WAIT_S)
+    assert ready and os.read(read, 1) == b"", "the grader outlived its template"
+    os.close(read)
+
+
+# --- all of them, in confine's order ---------------------------------------------------------
+
+
+def test_confine_applies_every_layer_and_says_so(open_dir, bpf, server):
+    tmp_path = open_dir
+    workdir = tmp_path / "work"
+    roots = sandbox.read_roots("tests.helpers.graders")
+    port = server.getsockname()[1]
+    probes = (
+        lambda: json.dumps(report),
+        os.getcwd,
+        lambda: (Path.cwd() / "scratch").write_text("x"),
+        lambda: (tmp_path / "escape").write_text("x"),
+        connect(port),
+        os.fork,
+        os.getuid,
+    )
+    report: dict = {}
+
+    def layer(fd: int) -> None:
+        report.update(sandbox.confine(fd, workdir, Limits(), roots, bpf, cpu_s=3))
+
+    result, _ = in_child(layer, *probes)
+    got = json.loads(result[0][3:])
+    assert got["session"].startswith("new session") and got["filesystem"].startswith("landlock ABI")
+    assert got["syscalls"].startswith("seccomp") and "cpu 3 s" in got["limits"]
+    assert got["privileges"].startswith(f"uid {UNPRIVILEGED_UID if ROOT else os.getuid()}")
+    assert result[1] == f"ok:{workdir}" and result[2] == "ok:1"
+    assert all(r.startswith("PermissionError") for r in result[3:6]), result
+    assert result[6] == f"ok:{UNPRIVILEGED_UID if ROOT else os.getuid()}"
+    assert not (tmp_path / "escape").exists()
+    assert oct(workdir.stat().st_mode & 0o777) == "0o700"
