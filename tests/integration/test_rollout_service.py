@@ -1,15 +1,21 @@
-"""A rollout replica as a real process: generation, weight pushes over gRPC, the queue."""
+"""A rollout replica as a real process: generation, weight pushes over gRPC, the queue.
+
+Tests that count versions, epochs and errors from a replica's start get a replica of their own
+(``fresh_replica``, in Redis database 1); the others share one and assert only relative to what
+they find, so any order of the tests gives the same results."""
 
 import sys
+from contextlib import contextmanager
 
 import httpx
 import pytest
+import redis
 import torch
+import xxhash
 from safetensors.torch import load_file
 
 from services.common import registry
 from services.common.config import StreamNames
-from services.common.payload import checksum
 from services.common.schemas import PromptJob, RolloutGroup
 from services.common.weights import chunks, encode, pb, pb_grpc, push, push_call, status
 from tests.helpers.procs import service, wait_for
@@ -20,15 +26,29 @@ API_TOKEN = "api-s3cret"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def replica(redis_server, tiny_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("rollout") / "rollout.log"
-    redis_server.client.flushdb()
-    args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", redis_server.url, "--replica", "r-test"]
+@contextmanager
+def started_replica(redis_url: str, model_dir, log):
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    args = ["serve", "rollout", "--model-dir", str(model_dir), "--redis-url", redis_url, "--replica", "r-test"]
     args += ["--weights-token", "s3cret", "--claim-idle-ms", "500"]
     with service(args, log, env={"PASSK_ROLLOUT_API_TOKEN": API_TOKEN}) as (process, url):
-        info = wait_for(lambda: {r.replica: r for r in registry.live_replicas(redis_server.client)}.get("r-test"))
+        info = wait_for(lambda: {r.replica: r for r in registry.live_replicas(client)}.get("r-test"))
         yield process, url, info.grpc
+
+
+@pytest.fixture(scope="module")
+def replica(redis_server, tiny_model, tmp_path_factory):
+    with started_replica(redis_server.url, tiny_model, tmp_path_factory.mktemp("rollout") / "rollout.log") as started:
+        yield started
+
+
+@pytest.fixture
+def fresh_replica(redis_server, tiny_model, tmp_path):
+    """A replica that has served nothing yet, on a Redis database no other replica uses."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    with started_replica(url, tiny_model, tmp_path / "rollout.log") as started:
+        yield (*started, redis.Redis.from_url(url))
 
 
 def weights_of(model_dir, scale: float) -> dict[str, torch.Tensor]:
@@ -73,24 +93,38 @@ def test_weight_push_needs_the_token(replica, tiny_model):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def errors_counted(url: str) -> float:
+    line = next(
+        x
+        for x in httpx.get(f"{url}/metrics").text.splitlines()
+        if x.startswith("passk_rollout_weight_sync_errors_total")
+    )
+    return float(line.split()[-1])
+
+
 def test_corrupted_and_truncated_pushes_keep_the_old_version(replica, tiny_model):
     import grpc
 
     _, url, address = replica
+    served = status(address, token="s3cret")
+    errors_before = errors_counted(url)
     payload = encode(weights_of(tiny_model, 1.0))
     metadata = [("authorization", "Bearer s3cret")]
-    digest = checksum(payload)
+    digest = xxhash.xxh3_128_hexdigest(payload)  # the library's, not the project's checksum()
+    version = served.version + 7
     corrupted = bytearray(payload)
     corrupted[len(corrupted) // 2] ^= 0xFF
     streams = {
         "checksum mismatch": [
-            pb.WeightChunk(version=7, total_bytes=len(payload), checksum=digest, data=bytes(corrupted))
+            pb.WeightChunk(version=version, total_bytes=len(payload), checksum=digest, data=bytes(corrupted))
         ],
-        "truncated stream": [pb.WeightChunk(version=7, total_bytes=len(payload), checksum=digest, data=payload[:1000])],
-        "longer than": [pb.WeightChunk(version=7, total_bytes=10, checksum=digest, data=payload[:1000])],
-        "must carry the payload's XXH3-128": [pb.WeightChunk(version=7, total_bytes=len(payload), data=payload)],
+        "truncated stream": [
+            pb.WeightChunk(version=version, total_bytes=len(payload), checksum=digest, data=payload[:1000])
+        ],
+        "longer than": [pb.WeightChunk(version=version, total_bytes=10, checksum=digest, data=payload[:1000])],
+        "must carry the payload's XXH3-128": [pb.WeightChunk(version=version, total_bytes=len(payload), data=payload)],
         "chunks after the one carrying the checksum": [
-            pb.WeightChunk(version=7, total_bytes=len(payload), checksum=digest, data=payload[:1000]),
+            pb.WeightChunk(version=version, total_bytes=len(payload), checksum=digest, data=payload[:1000]),
             pb.WeightChunk(data=payload[1000:]),
         ],
     }
@@ -102,20 +136,19 @@ def test_corrupted_and_truncated_pushes_keep_the_old_version(replica, tiny_model
         for message, stream in streams.items():
             reply = stub.Push(iter(stream), timeout=30, metadata=metadata)
             assert not reply.accepted and message in reply.error, reply.error
-            assert reply.version == 0
+            assert (reply.epoch, reply.version) == (served.epoch, served.version)
         # a NaN is found as the bytes stream in (chunks cut at element boundaries) and, when odd chunk
         # sizes split elements, in the received file
         for chunk_bytes in (4096, 4099):
-            reply = push_call(channel)(chunks(7, encode(with_nan), chunk_bytes), timeout=30, metadata=metadata)
+            reply = push_call(channel)(chunks(version, encode(with_nan), chunk_bytes), timeout=30, metadata=metadata)
             assert not reply.accepted and reply.error == f"{name}: NaN or inf values", reply.error
-    assert status(address, token="s3cret").version == 0
+    assert status(address, token="s3cret").version == served.version
     assert "NaN" in httpx.get(f"{url}/readyz").json()["last_weight_error"]
-    assert "passk_rollout_weight_sync_errors_total 7.0" in httpx.get(f"{url}/metrics").text
+    assert errors_counted(url) == errors_before + 7
 
 
-def test_a_pushed_version_is_served_and_tags_the_groups(replica, tiny_model, redis_server):
-    process, url, address = replica
-    client = redis_server.client
+def test_a_pushed_version_is_served_and_tags_the_groups(fresh_replica, tiny_model):
+    process, url, address, client = fresh_replica
     reply = push(address, 1, encode(weights_of(tiny_model, 1.0)), token="s3cret")
     assert reply.accepted and reply.version == 1
     assert push(address, 1, encode(weights_of(tiny_model, 1.0)), token="s3cret").error.startswith(

@@ -1,9 +1,10 @@
 """The hand-serialized weight chunks are protobuf WeightChunks, and bad bytes are refused."""
 
 import pytest
+import xxhash
 from google.protobuf.message import DecodeError
 
-from services.common.payload import CACHED_CHUNKS, Payload, checksum
+from services.common.payload import CACHED_CHUNKS, Payload
 from services.common.weights import chunks, decode_chunk, pb
 
 
@@ -14,7 +15,8 @@ def test_chunks_are_weight_chunks_and_decode_to_the_payload():
     parsed = [pb.WeightChunk.FromString(raw) for raw in wire]  # what any protobuf client would read
     assert (parsed[0].version, parsed[0].total_bytes, parsed[0].checksum) == (7, len(payload), "")
     assert all(p.version == 0 and p.total_bytes == 0 for p in parsed[1:])
-    assert (parsed[-1].checksum, parsed[-1].data) == (checksum(payload), b"")  # the checksum comes last
+    # the checksum comes last: XXH3-128 of the payload, as the xxhash library computes it
+    assert (parsed[-1].checksum, parsed[-1].data) == (xxhash.xxh3_128_hexdigest(payload), b"")
     assert b"".join(p.data for p in parsed) == payload
     decoded = [decode_chunk(raw) for raw in wire]
     assert decoded[0].version == 7 and isinstance(decoded[1].data, memoryview)
@@ -55,4 +57,4 @@ def test_concurrent_pushes_share_framed_chunks_and_the_cache_stays_bounded():
     assert len(payload._cache) == CACHED_CHUNKS
     late = list(second)  # the one left behind frames its own chunks, with the same bytes
     assert late == rest
-    assert pb.WeightChunk.FromString(rest[-1]).checksum == checksum(raw)  # hashed once, in order
+    assert pb.WeightChunk.FromString(rest[-1]).checksum == xxhash.xxh3_128_hexdigest(raw)  # hashed once, in order
