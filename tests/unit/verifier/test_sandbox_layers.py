@@ -5,7 +5,6 @@ all layers at once, where two or three overlap on most refusals.)"""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import select
@@ -19,51 +18,10 @@ import pytest
 
 from services.verifier import sandbox
 from services.verifier.sandbox import UNPRIVILEGED_UID, Limits
+from tests.helpers.forked import WAIT_S, in_child
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux confinement")
 ROOT = os.geteuid() == 0
-WAIT_S = 60  # a guard against a hang only
-
-
-def outcome(probe) -> str:
-    """What a probe did: "ok", "ok:<value>", or the exception's name and errno."""
-    try:
-        value = probe()
-    except BaseException as err:
-        code = getattr(err, "errno", None)
-        return f"{type(err).__name__}:{errno.errorcode.get(code, code)}" if code else type(err).__name__
-    return "ok" if value is None else f"ok:{value}"
-
-
-def in_child(layer, *probes) -> tuple[list[str], int]:
-    """Fork; the child applies ``layer(fd)`` (fd: the pipe it reports on), runs each probe and
-    writes their outcomes. Returns the outcomes and the child's wait status."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never back into pytest
-        code = 0
-        try:
-            os.close(read)
-            layer(write)
-            os.write(write, json.dumps([outcome(p) for p in probes]).encode())
-        except BaseException as err:
-            os.write(write, json.dumps([f"layer failed: {err!r}"]).encode())
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([read], [], [], WAIT_S)
-        assert ready, "the child hung"
-        chunk = os.read(read, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    text = b"".join(chunks).decode()
-    return (json.loads(text) if text else []), status
 
 
 def nothing(_fd: int) -> None:
