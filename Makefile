@@ -7,7 +7,7 @@ comma := ,
 # one stamp per set of extras: asking for more extras installs them
 STAMP := $(VENV)/.passk-installed-$(subst $(comma),-,$(PASSK_EXTRAS))
 
-.PHONY: run test setup bench curves redis test-deps maze-repro
+.PHONY: run test setup bench curves redis test-deps maze-repro mutation
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
@@ -41,6 +41,11 @@ test-deps: redis
 test: setup test-deps
 	$(VENV)/bin/ruff check services bench tests
 	$(VENV)/bin/python -m pytest
+
+# Mutation testing of the advantage estimators, the loss, the maze checker, the streams and the
+# sandbox: the share of changed lines the tests catch (docs/TESTING.md). About an hour on 2 cores.
+mutation: setup redis
+	$(VENV)/bin/python scripts/mutation.py $(MODULES)
 
 bench: setup
 	$(VENV)/bin/python bench/advantage.py

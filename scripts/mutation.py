@@ -20,6 +20,7 @@ inherit the active mutant). So the sandbox's functions are credited with the tes
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,9 @@ KILLED = {"killed", "timeout"}  # a mutant that makes a test hang is caught by i
 
 
 def mutmut(*args: str, capture: bool = False) -> str:
-    done = subprocess.run([*MUTMUT, *args], cwd=ROOT, text=True, capture_output=capture, check=False)
+    # one torch thread: OpenMP's thread pool does not survive the forks mutmut runs each mutant in
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([*MUTMUT, *args], cwd=ROOT, text=True, capture_output=capture, check=False, env=env)
     if done.returncode not in (0, 1):
         sys.exit(f"mutmut {' '.join(args)} failed with exit status {done.returncode}:\n{done.stderr or ''}")
     return done.stdout or ""

@@ -20,6 +20,10 @@ from tests.helpers.procs import service
 STEPS, PROMPTS = 2, 4
 OPTIONS = {
     **{f"estimator={e.value}": {"estimator": f"'{e.value}'"} for e in Estimator},
+    # Algorithm 1 splits the 8 samples into groups of k and scores each by its best: groups of 4 at
+    # noise 0.5 are nearly all right, so every group scores 1 and the advantage is 0; groups of 2
+    # at 0.3 differ
+    "estimator=passk_full": {"estimator": "'passk_full'", "k": 2, "noise_rewards": 0.3},
     "bootstrap n_group": {"estimator": "'passk_bootstrap'", "estimator_options": "{n_group = 6}"},
     "sequence-level loss": {"loss_aggregation": "'sequence'"},
     "entropy regularization": {"entropy_coef": 0.003},
