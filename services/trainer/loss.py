@@ -118,13 +118,17 @@ def response_logprobs(
     for length, members in by_length.items():
         prompt_ids = torch.tensor([prompts[g] for g in members], device=device)  # (P, Tp)
         counts = [len(responses[g]) for g in members]
+        resp_rows = [(g, r) for g in members for r in range(len(responses[g]))]
         prefill = model(input_ids=prompt_ids, use_cache=True)
         cache = prefill.past_key_values
         repeats = torch.tensor(counts, device=device)
-        cache_rows = torch.repeat_interleave(torch.arange(len(members), device=device), repeats)
+        # output_size: known here, so CUDA need not sync with the host to count it
+        cache_rows = torch.repeat_interleave(
+            torch.arange(len(members), device=device), repeats, output_size=len(resp_rows)
+        )
         cache.batch_select_indices(cache_rows)  # (sum(counts), ...) views of each prompt's cache
         first_logits = prefill.logits[:, -1].float()[cache_rows]  # predicts each response's first token
-        resp = [responses[g][r] for g in members for r in range(len(responses[g]))]
+        resp = [responses[g][r] for g, r in resp_rows]
         t = max(len(x) for x in resp)
         ids = torch.full((len(resp), t), pad_id)
         valid = torch.zeros((len(resp), t), dtype=torch.bool)
@@ -139,7 +143,7 @@ def response_logprobs(
         log_p = logits.log_softmax(-1)
         out_lp.append(log_p.gather(2, ids.unsqueeze(2)).squeeze(2))
         out_ent.append(-(log_p.exp() * log_p).sum(-1))
-        out_rows.append([rows.index((g, r)) for g in members for r in range(len(responses[g]))])
+        out_rows.append([rows.index(row) for row in resp_rows])
     for lp, ent, idx in zip(out_lp, out_ent, out_rows, strict=True):
         index = torch.tensor(idx, device=device)
         logprobs = logprobs.index_put((index,), torch.nn.functional.pad(lp, (0, logprobs.shape[1] - lp.shape[1])))

@@ -164,3 +164,37 @@ def test_an_unknown_aggregation_is_refused_by_name():
     with pytest.raises(ValueError) as raised:
         policy_loss(zeros, zeros, torch.ones(1), torch.ones(1, 1, dtype=torch.bool), aggregation="prompt")
     assert str(raised.value) == "aggregation must be 'token' or 'sequence', got 'prompt'"
+
+
+def test_a_single_token_batch_is_averaged_over_that_one_token():
+    lp = torch.log(torch.tensor([[1.5, 1.0]], dtype=torch.float64))
+    mask = torch.tensor([[True, False]])
+    adv = torch.tensor([1.0], dtype=torch.float64)
+    for aggregation in ("token", "sequence"):
+        loss, stats = policy_loss(lp, torch.zeros_like(lp), adv, mask, aggregation=aggregation)
+        assert loss.item() == pytest.approx(-1.28)  # clipped at 1 + 0.28, divided by one token
+        assert (stats.clip_fraction, stats.ratio_mean) == (pytest.approx(1.0), pytest.approx(1.5))
+
+
+def test_the_defaults_are_dapos_clip_and_no_entropy_or_kl_term():
+    """clip 0.2 below and 0.28 above; an entropy or reference tensor alone, or a coefficient alone,
+    adds nothing."""
+    lp = torch.log(torch.tensor([[0.5, 1.5]], dtype=torch.float64))
+    old, mask = torch.zeros_like(lp), torch.ones(1, 2, dtype=torch.bool)
+    negative, positive = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    # a negative advantage: 0.5 is clipped up to 0.8 (pessimistic), 1.5 stays
+    assert policy_loss(lp, old, negative, mask)[0].item() == pytest.approx((0.8 + 1.5) / 2)
+    # a positive one: 0.5 stays, 1.5 is clipped down to 1.28
+    base = policy_loss(lp, old, positive, mask)[0].item()
+    assert base == pytest.approx(-(0.5 + 1.28) / 2)
+    extras = torch.full_like(lp, 0.7)
+    for options in ({"entropy": extras}, {"ref_logprobs": extras}, {"entropy_coef": 0.5}, {"kl_coef": 0.5}):
+        loss, stats = policy_loss(lp, old, positive, mask, **options)
+        assert loss.item() == base and (stats.entropy, stats.kl) == (0.0, 0.0), options
+
+
+def test_response_logprobs_shapes_at_the_edges(model):
+    lp, ent, mask = response_logprobs(model, [[1, 5], [1, 7, 7]], [[[9], [10]], [[11]]], pad_id=0)
+    assert lp.shape == ent.shape == mask.shape == (3, 1) and mask.dtype == torch.bool and bool(mask.all())
+    lp, ent, mask = response_logprobs(model, [], [], pad_id=0)
+    assert lp.shape == ent.shape == mask.shape == (0, 1) and mask.dtype == torch.bool
