@@ -417,6 +417,7 @@ def eval_(
     items = []
     for path in data or [Path("data/maze-tiny/test.jsonl")]:
         items += _held_out(path)
+    import json
     from contextlib import nullcontext
 
     import torch
@@ -432,8 +433,6 @@ def eval_(
     out.mkdir(parents=True, exist_ok=True)
     # a verifier of our own, on loopback, without the queue, unless one is given
     own = service(["serve", "verifier", "--no-queue"], out / "verifier.log") if verifier_url is None else nullcontext()
-    import json
-
     sample_file = (out / "samples.jsonl").open("w") if samples else None
 
     def record(item, responses: list[str], rewards: list[float]) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from services.trainer.advantage import Estimator, compute_advantages, register
+from services.trainer.advantage import Estimator, compute_advantages, estimator_uses_k, register
 
 BINARY_ONLY = ("passk_analytic", "passk_combination", "passk_exceeding", "passk_adaptive", "pkpo")
 ANY_REWARD = ("grpo", "passk_full", "passk_bootstrap")
@@ -18,70 +18,99 @@ def options_for(name: str) -> dict:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: compute_advantages("passk_magic", R, k=2), r"unknown advantage estimator 'passk_magic'; known: grpo"),
-        (lambda: compute_advantages("passk_analytic", R, k=0), r"k must be >= 1, got k=0"),
-        (lambda: compute_advantages("passk_analytic", R, k=-3), r"k must be >= 1, got k=-3"),
-        (lambda: compute_advantages("passk_analytic", R, k=5), r"k=5 is larger than the group size N=4 \(group 0\)"),
-        (lambda: compute_advantages("passk_analytic", R, k=2.0), r"k must be an integer, got 2.0"),
-        (lambda: compute_advantages("passk_analytic", R, k=True), r"k must be an integer, got True"),
-        (lambda: compute_advantages("grpo", torch.ones(3, 1), k=1), r"N >= 2 responses to compare, got N=1"),
-        (lambda: compute_advantages("grpo", torch.ones(4), k=1), r"shape \[B, N\], got shape \(4,\)"),
-        (lambda: compute_advantages("grpo", torch.ones(2, 2, 2), k=1), r"shape \[B, N\], got shape \(2, 2, 2\)"),
-        (lambda: compute_advantages("grpo", [[1.0, 0.0]], k=1), r"rewards must be a torch.Tensor .* got list"),
+        (
+            lambda: compute_advantages("passk_magic", R, k=2),
+            "unknown advantage estimator 'passk_magic'; known: grpo, passk_full, passk_bootstrap, passk_analytic, "
+            "passk_combination, passk_exceeding, passk_adaptive, pkpo",
+        ),
+        (lambda: compute_advantages("passk_analytic", R, k=0), "k must be >= 1, got k=0"),
+        (lambda: compute_advantages("passk_analytic", R, k=-3), "k must be >= 1, got k=-3"),
+        (lambda: compute_advantages("passk_analytic", R, k=5), "k=5 is larger than the group size N=4 (group 0)"),
+        (lambda: compute_advantages("passk_analytic", R, k=2.0), "k must be an integer, got 2.0"),
+        (lambda: compute_advantages("passk_analytic", R, k=True), "k must be an integer, got True"),
+        (
+            lambda: compute_advantages("grpo", torch.ones(3, 1), k=1),
+            "each group needs N >= 2 responses to compare, got N=1",
+        ),
+        (lambda: compute_advantages("grpo", torch.ones(4), k=1), "rewards must have shape [B, N], got shape (4,)"),
+        (
+            lambda: compute_advantages("grpo", torch.ones(2, 2, 2), k=1),
+            "rewards must have shape [B, N], got shape (2, 2, 2)",
+        ),
+        (
+            lambda: compute_advantages("grpo", [[1.0, 0.0]], k=1),
+            "rewards must be a torch.Tensor of shape [B, N], got list",
+        ),
         (
             lambda: compute_advantages("grpo", R, k=1, mask=torch.ones(2, 3, dtype=torch.bool)),
-            r"mask shape \(2, 3\) does not match rewards shape \(2, 4\)",
+            "mask shape (2, 3) does not match rewards shape (2, 4)",
         ),
         (
             lambda: compute_advantages("grpo", R, k=1, mask=torch.full((2, 4), 2)),
-            r"mask must be boolean or contain only 0 and 1",
+            "mask must be boolean or contain only 0 and 1",
         ),
-        (lambda: compute_advantages("grpo", R, k=1, mask=[[1, 1, 1, 1]] * 2), r"mask must be a torch.Tensor"),
+        (lambda: compute_advantages("grpo", R, k=1, mask=[[1, 1, 1, 1]] * 2), "mask must be a torch.Tensor, got list"),
         (
             lambda: compute_advantages("grpo", R, k=1, mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 0]])),
-            r"N >= 2 valid responses, group 1 has N=1",
+            "each group needs N >= 2 valid responses, group 1 has N=1",
         ),
         (
             lambda: compute_advantages("passk_analytic", R, k=3, mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])),
-            r"k=3 is larger than the group size N=2 \(group 1\)",
+            "k=3 is larger than the group size N=2 (group 1)",
         ),
         (
             lambda: compute_advantages("grpo", R, k=1, unknown=3),
-            r"unknown option\(s\) \['unknown'\] for estimator 'grpo'",
+            "unknown option(s) ['unknown'] for estimator 'grpo'; accepted: std_normalize",
         ),
         (
             lambda: compute_advantages("passk_analytic", R, k=1, seed=3),
-            r"for estimator 'passk_analytic'; accepted: none",
+            "unknown option(s) ['seed'] for estimator 'passk_analytic'; accepted: none",
         ),
-        (lambda: compute_advantages("grpo", R, k=1, std_normalize="yes"), r"std_normalize must be a bool"),
-        (lambda: compute_advantages("passk_bootstrap", R, k=2, n_group=0), r"n_group must be an integer >= 1, got 0"),
-        (lambda: compute_advantages("passk_bootstrap", R, k=2, seed=1.5), r"seed must be an integer, got 1.5"),
-        (lambda: compute_advantages("passk_bootstrap", R, k=2, reduction="max"), r"reduction must be 'sum' or 'mean'"),
-        (lambda: compute_advantages("passk_adaptive", R, k=2), r"needs the entropy=\.\.\. option"),
+        (lambda: compute_advantages("grpo", R, k=1, std_normalize="yes"), "std_normalize must be a bool, got 'yes'"),
+        (lambda: compute_advantages("passk_bootstrap", R, k=2, n_group=0), "n_group must be an integer >= 1, got 0"),
+        (lambda: compute_advantages("passk_bootstrap", R, k=2, seed=1.5), "seed must be an integer, got 1.5"),
+        (
+            lambda: compute_advantages("passk_bootstrap", R, k=2, reduction="max"),
+            "reduction must be 'sum' or 'mean', got 'max'",
+        ),
+        (
+            lambda: compute_advantages("passk_adaptive", R, k=2),
+            "estimator 'passk_adaptive' needs the entropy=... option, shape [B] or [B, N]",
+        ),
         (
             lambda: compute_advantages("passk_adaptive", R, k=2, entropy=torch.ones(3)),
-            r"entropy must have shape \[B\]=\[2\] or \[B, N\]=\[2, 4\], got \[3\]",
+            "entropy must have shape [B]=[2] or [B, N]=[2, 4], got [3]",
         ),
         (
             lambda: compute_advantages("passk_adaptive", R, k=2, entropy=torch.tensor([0.1, float("nan")])),
-            r"entropy must be finite",
+            "entropy must be finite for every prompt",
         ),
-        (lambda: compute_advantages("passk_adaptive", R, k=2, entropy=[0.1, 0.2]), r"entropy must be a torch.Tensor"),
+        (
+            lambda: compute_advantages("passk_adaptive", R, k=2, entropy=[0.1, 0.2]),
+            "entropy must be a torch.Tensor, got list",
+        ),
         (
             lambda: compute_advantages("pkpo", R, k=2, baseline="mean"),
-            r"baseline must be 'none', 'loo' or 'loo_minus_one'",
+            "baseline must be 'none', 'loo' or 'loo_minus_one', got 'mean'",
         ),
-        (lambda: compute_advantages("pkpo", R, k=4, baseline="loo"), r"baseline 'loo' needs k < N, got k=4 and N=4"),
+        (
+            lambda: compute_advantages("pkpo", R, k=4, baseline="loo"),
+            "pkpo baseline 'loo' needs k < N, got k=4 and N=4",
+        ),
         (
             lambda: compute_advantages("pkpo", R, k=2, reward_type="ordinal"),
-            r"reward_type must be 'binary' or 'continuous'",
+            "reward_type must be 'binary' or 'continuous', got 'ordinal'",
         ),
-        (lambda: compute_advantages("grpo", torch.complex(R, R), k=1), r"rewards must be real numbers"),
+        (
+            lambda: compute_advantages("grpo", torch.complex(R, R), k=1),
+            "rewards must be real numbers, got a complex tensor",
+        ),
     ],
 )
 def test_bad_input_is_named(call, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as raised:
         call()
+    assert str(raised.value) == message  # the whole message: it is what the caller is told
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -89,7 +118,7 @@ def test_bad_input_is_named(call, message):
 def test_non_finite_rewards_are_rejected_by_every_estimator(name, bad):
     rewards = R.clone()
     rewards[1, 2] = bad
-    with pytest.raises(ValueError, match=r"rewards must be finite, got .* at \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"^rewards must be finite, got -?(nan|inf) \(NaN or inf\) at \[1, 2\]$"):
         compute_advantages(name, rewards, k=2, **options_for(name))
 
 
@@ -106,7 +135,7 @@ def test_binary_estimators_reject_other_rewards(name):
     rewards = R.clone()
     rewards[0, 1] = 0.5
     with pytest.raises(
-        ValueError, match=rf"estimator '{name}' needs binary rewards in \{{0, 1\}}, got 0.5 at \[0, 1\]"
+        ValueError, match=rf"^estimator '{name}' needs binary rewards in \{{0, 1\}}, got 0.5 at \[0, 1\]$"
     ):
         compute_advantages(name, rewards, k=2, **options_for(name))
 
@@ -120,7 +149,7 @@ def test_max_reward_estimators_accept_continuous_rewards(name):
 
 
 def test_registry_refuses_duplicates():
-    with pytest.raises(ValueError, match=r"advantage estimator 'grpo' is already registered"):
+    with pytest.raises(ValueError, match=r"^advantage estimator 'grpo' is already registered$"):
         register(Estimator.GRPO)(lambda groups, k: groups.rewards)
 
 
@@ -130,3 +159,32 @@ def test_estimator_names_are_a_str_enum():
     torch.testing.assert_close(
         compute_advantages(Estimator.PASSK_ANALYTIC, R, k=2), compute_advantages("passk_analytic", R, k=2)
     )
+
+
+def test_register_records_the_function_whether_it_uses_k_and_its_options():
+    """A new registration, in place of grpo's for the length of the test."""
+    from services.trainer import advantage
+
+    original = advantage._REGISTRY.pop(Estimator.GRPO)
+    try:
+
+        def scaled(groups, k, *, factor: float = 2.0):
+            return groups.values * factor + k
+
+        assert register(Estimator.GRPO, uses_k=False)(scaled) is scaled
+        assert estimator_uses_k("grpo") is False
+        torch.testing.assert_close(compute_advantages("grpo", R, k=1), R * 2 + 1)
+        torch.testing.assert_close(compute_advantages("grpo", R, k=2, factor=3.0), R * 3 + 2)
+        with pytest.raises(ValueError) as raised:
+            compute_advantages("grpo", R, k=1, std_normalize=True)
+        assert str(raised.value) == "unknown option(s) ['std_normalize'] for estimator 'grpo'; accepted: factor"
+    finally:
+        advantage._REGISTRY[Estimator.GRPO] = original
+
+
+def test_only_grpo_ignores_k():
+    assert {e.value for e in Estimator if not estimator_uses_k(e)} == {"grpo"}
+    assert estimator_uses_k("passk_analytic") and not estimator_uses_k(Estimator.GRPO)
+    with pytest.raises(ValueError) as raised:
+        estimator_uses_k("passk_magic")
+    assert str(raised.value).startswith("unknown advantage estimator 'passk_magic'; known: grpo, ")

@@ -97,7 +97,7 @@ def test_full_sampling_matches_algorithm_1(continuous):
                 assert bool((got[:, (n // k) * k :] == 0).all())
 
 
-@pytest.mark.parametrize("width", [10, 80])  # one 64-bit word per group, and a bool per response
+@pytest.mark.parametrize("width", [10, 64, 65, 80])  # one 64-bit word per group up to 64, then a bool per response
 @pytest.mark.parametrize("ragged", [False, True])
 def test_bootstrap_is_seeded_and_samples_distinct_valid_responses(width, ragged):
     gen = torch.Generator().manual_seed(3)
@@ -105,8 +105,9 @@ def test_bootstrap_is_seeded_and_samples_distinct_valid_responses(width, ragged)
     rewards = (torch.rand(8, width, generator=gen) < 3 / width).double()
     rewards[:, 0] = 1.0
     mask = torch.ones(8, width, dtype=torch.bool)
-    valid = width - 3 if ragged else width
-    mask[:, valid:] = False
+    if ragged:
+        mask[:, 1::4] = False  # holes between valid responses, not only padding at the end
+    valid = int(mask[0].sum())
     k = 3 if width == 10 else 20
     a = compute_advantages("passk_bootstrap", rewards, k=k, mask=mask, seed=11)
     b = compute_advantages("passk_bootstrap", rewards, k=k, mask=mask, seed=11)
@@ -115,13 +116,14 @@ def test_bootstrap_is_seeded_and_samples_distinct_valid_responses(width, ragged)
     draws = 2000  # about 4000 draws per response: 10 % is 6 standard deviations
     index = sample_bootstrap_groups(mask, k, draws, torch.Generator().manual_seed(0))
     assert index.shape == (8, draws, k)
-    assert bool((index < valid).all()), "padding must never be sampled"
+    assert bool(mask.gather(1, index.flatten(1)).all()), "padding must never be sampled"
     assert bool((index.sort(2).values.diff(dim=2) > 0).all()), "a group holds k distinct responses"
     # every valid response is drawn with probability k/N_valid
-    freq = torch.bincount(index.flatten(), minlength=width)[:valid].double() / (8 * draws * k)
+    freq = torch.bincount(index.flatten(), minlength=width)[mask[0]].double() / (8 * draws * k)
     assert torch.allclose(freq, torch.full((valid,), 1 / valid, dtype=torch.float64), rtol=0.1)
     # and pairs are as likely as under uniform k-subsets: P(i and j) = k(k-1) / (n(n-1))
-    both = ((index == 0).any(2) & (index == 1).any(2)).double().mean().item()
+    first, second = torch.nonzero(mask[0]).flatten()[:2].tolist()
+    both = ((index == first).any(2) & (index == second).any(2)).double().mean().item()
     assert both == pytest.approx(k * (k - 1) / (valid * (valid - 1)), rel=0.15)
 
 
