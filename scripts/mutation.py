@@ -101,7 +101,8 @@ def report(chosen: list[str]) -> bool:
         unexplained = [name for name in survivors if name not in explained]
         total = len(mine)
         rate = counts["killed"] / total if total else 0.0
-        print(f"{module:<28} {total:>8} {counts['killed']:>8} {len(equivalent):>11} {len(unexplained):>9} {rate:>10.1%}")
+        row = (module, total, counts["killed"], len(equivalent), len(unexplained), rate)
+        print("{:<28} {:>8} {:>8} {:>11} {:>9} {:>10.1%}".format(*row))
         if not total or rate < TARGET or unexplained:
             ok = False
         for name in unexplained:

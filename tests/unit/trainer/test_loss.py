@@ -130,7 +130,7 @@ def test_policy_loss_matches_the_objective_written_out(aggregation, normalizer, 
     loss, stats = policy_loss(lp, old, adv, mask, **options)
     want, want_stats = reference_loss(
         lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), ref=ref.tolist(),
-        **{key: (v.tolist() if isinstance(v, torch.Tensor) else v) for key, v in options.items() if key != "ref_logprobs"},
+        **{k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in options.items() if k != "ref_logprobs"},
     )  # fmt: skip
     assert loss.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
     for key, value in want_stats.items():
