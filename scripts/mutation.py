@@ -6,10 +6,10 @@
 
 mutmut (``[tool.mutmut]`` in pyproject.toml: the modules, the tests that guard them) changes one
 thing at a time in a copy of the code under ``mutants/`` and runs the tests that reach the changed
-function; a mutant is killed when a test fails (or times out). This prints, per module, the share
-of mutants killed and every survivor that ``docs/TESTING.md`` does not explain as equivalent (a
-change no behaviour can tell apart), and exits 1 when a module is under 90 % or a survivor is
-unexplained.
+function; a mutant is killed when a test fails (or times out). This prints, per module, the
+mutation score (killed / (mutants - equivalent)) and every survivor that ``docs/TESTING.md`` does
+not explain as equivalent (a change no behaviour can tell apart), and exits 1 when a module scores
+under 90 % or a survivor is unexplained.
 
 The sandbox runs in processes mutmut does not watch: it learns which tests reach a function from
 calls in the test process itself, and the layers run in children forked from the tests (which do
@@ -92,7 +92,7 @@ def equivalents() -> dict[str, str]:
 def report(chosen: list[str]) -> bool:
     statuses, explained = results(), equivalents()
     ok = True
-    print(f"{'module':<28} {'mutants':>8} {'killed':>8} {'equivalent':>11} {'survived':>9} {'kill rate':>10}")
+    print(f"{'module':<28} {'mutants':>8} {'killed':>8} {'equivalent':>11} {'survived':>9} {'score':>10}")
     for module in chosen:
         mine = {name: status for name, status in statuses.items() if module_of(name) == module}
         counts = Counter("killed" if s in KILLED else s for s in mine.values())
@@ -100,7 +100,8 @@ def report(chosen: list[str]) -> bool:
         equivalent = [name for name in survivors if name in explained]
         unexplained = [name for name in survivors if name not in explained]
         total = len(mine)
-        rate = counts["killed"] / total if total else 0.0
+        # the mutation score: killed among the mutants a test could kill (the equivalent ones cannot)
+        rate = counts["killed"] / (total - len(equivalent)) if total > len(equivalent) else 0.0
         row = (module, total, counts["killed"], len(equivalent), len(unexplained), rate)
         print("{:<28} {:>8} {:>8} {:>11} {:>9} {:>10.1%}".format(*row))
         if not total or rate < TARGET or unexplained:

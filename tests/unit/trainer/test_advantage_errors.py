@@ -90,6 +90,12 @@ def options_for(name: str) -> dict:
             "entropy must be a torch.Tensor, got list",
         ),
         (
+            lambda: compute_advantages(
+                "passk_adaptive", R, k=2, entropy=torch.tensor([[0.1] * 4, [0.2, float("nan"), 0.1, 0.1]])
+            ),
+            "entropy must be finite at every valid response",
+        ),
+        (
             lambda: compute_advantages("pkpo", R, k=2, baseline="mean"),
             "baseline must be 'none', 'loo' or 'loo_minus_one', got 'mean'",
         ),

@@ -127,16 +127,25 @@ def test_bootstrap_is_seeded_and_samples_distinct_valid_responses(width, ragged)
     assert both == pytest.approx(k * (k - 1) / (valid * (valid - 1)), rel=0.15)
 
 
-def test_bootstrap_sum_is_eq_6_on_the_sampled_groups():
+@pytest.mark.parametrize(("reduction", "n_group"), [("sum", 20), ("mean", 20), ("mean", 3)])
+def test_bootstrap_is_eq_6_on_the_sampled_groups(reduction, n_group):
+    """The sum over the sampled groups a response is in (Eq. 6), or their mean; 0 for a response
+    no group drew (3 groups of 3 of 9 leave some out and draw some once)."""
     gen = torch.Generator().manual_seed(4)
     rewards = (torch.rand(6, 9, generator=gen) < 0.4).double()
-    got = compute_advantages("passk_bootstrap", rewards, k=3, n_group=20, seed=5)
-    index = sample_bootstrap_groups(torch.ones(6, 9, dtype=torch.bool), 3, 20, torch.Generator().manual_seed(5))
+    got = compute_advantages("passk_bootstrap", rewards, k=3, n_group=n_group, seed=5, reduction=reduction)
+    index = sample_bootstrap_groups(torch.ones(6, 9, dtype=torch.bool), 3, n_group, torch.Generator().manual_seed(5))
+    counts = []
     for b in range(6):
         groups = index[b].tolist()
         group_adv = ref.grpo([max(rewards[b, i].item() for i in g) for g in groups])
-        want = [sum(adv for g, adv in zip(groups, group_adv, strict=True) if i in g) for i in range(9)]
+        sums = [sum(adv for g, adv in zip(groups, group_adv, strict=True) if i in g) for i in range(9)]
+        count = [sum(i in g for g in groups) for i in range(9)]
+        counts += count
+        want = sums if reduction == "sum" else [t / c if c else 0.0 for t, c in zip(sums, count, strict=True)]
         np.testing.assert_allclose(got[b].numpy(), want, atol=1e-12)
+    if n_group == 3:
+        assert 0 in counts and 1 in counts and max(counts) > 1
 
 
 def test_bootstrap_converges_to_analytic_like_one_over_sqrt_n_group():
@@ -212,14 +221,22 @@ def test_adaptive_gives_pass1_to_the_high_entropy_half(shape):
         torch.testing.assert_close(got[b], grpo[b] if b in high else passk[b])
 
 
-def test_adaptive_entropy_per_response_is_averaged_over_valid_responses_only():
+@pytest.mark.parametrize(
+    ("valid", "entropy", "high"),
+    [
+        ([3, 4], [[1.0, 1.0, 1.0, 100.0], [2.0, 2.0, 2.0, 2.0]], 1),  # the padded 100 is ignored
+        ([2, 4], [[3.0, 3.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]], 0),  # a mean, not a sum (2 x 3 < 4 x 2)
+        ([2, 4], [[1.0, 1.0, 0.0, 0.0], [1.5, 1.5, 1.5, 1.5]], 1),  # over the valid responses: 1.0 < 1.5
+    ],
+)
+def test_adaptive_entropy_per_response_is_averaged_over_valid_responses_only(valid, entropy, high):
     rewards = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
-    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    entropy = torch.tensor([[1.0, 1.0, 1.0, 100.0], [2.0, 2.0, 2.0, 2.0]])
-    got = compute_advantages("passk_adaptive", rewards, k=2, mask=mask, entropy=entropy)
-    # row 0 averages 1.0 (the padded 100 is ignored), so row 1 is the high-entropy one
-    torch.testing.assert_close(got[1], compute_advantages("grpo", rewards, k=2, mask=mask)[1])
-    torch.testing.assert_close(got[0], compute_advantages("passk_analytic", rewards, k=2, mask=mask)[0])
+    mask = torch.arange(4).unsqueeze(0) < torch.tensor(valid).unsqueeze(1)
+    got = compute_advantages("passk_adaptive", rewards, k=2, mask=mask, entropy=torch.tensor(entropy))
+    # two prompts: floor(2/2) = 1 gets Pass@1, the one with the higher mean entropy
+    torch.testing.assert_close(got[high], compute_advantages("grpo", rewards, k=2, mask=mask)[high])
+    low = 1 - high
+    torch.testing.assert_close(got[low], compute_advantages("passk_analytic", rewards, k=2, mask=mask)[low])
 
 
 def test_every_estimator_on_padded_groups_equals_the_unpadded_group():

@@ -54,6 +54,8 @@ def test_maze_checker_semantics(response, correct):
         ("S\n.\nE", "U", False),  # off the top; wrapping would land on E
         ("S\n.\nE", "DDD", False),  # one past the last row
         ("E\n.\nS", "D", False),
+        ("S*E", "RR", False),  # through a wall to E
+        ("S.E\n***", "RR", True),
     ],
 )
 def test_a_path_that_leaves_the_grid_is_wrong(maze, response, correct):
