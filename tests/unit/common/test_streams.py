@@ -198,3 +198,51 @@ def test_seeds_fit_a_signed_64_bit_generator():
     assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
     with pytest.raises(ValueError):
         SamplingParams(seed=2**64)
+
+
+def test_a_dedupe_key_lasts_a_week_under_its_own_name(redis_client):
+    assert claim_once(redis_client, "job-9:3:1")
+    assert 7 * 24 * 3600 - 5 <= redis_client.ttl("passk:dedupe:job-9:3:1") <= 7 * 24 * 3600
+    assert claim_once(redis_client, "job-9:3:2", ttl_s=60) and redis_client.ttl("passk:dedupe:job-9:3:2") <= 60
+
+
+def test_a_dead_letter_keeps_the_entry_the_consumer_and_a_bounded_reason(redis_client):
+    deaths = []
+    consumer = StreamConsumer(redis_client, "s", "g", "worker-7", block_ms=10, on_dead_letter=lambda: deaths.append(1))
+    eid = publish(redis_client, "s", job(1))
+    [delivery] = consumer.read()
+    consumer.dead_letter(delivery, "x" * 5000)
+    [dead] = dead_letters(redis_client, "s")
+    assert (dead["entry_id"], dead["consumer"], dead["reason"]) == (eid, "worker-7", "x" * 2000)
+    assert dead["data"] == job(1).model_dump_json() and deaths == [1]
+    assert consumer.pending() == 0  # dead-lettered means acked
+    redis_client.xadd("s", {"other": "x"})
+    [bare] = consumer.read()
+    assert consumer.decode(bare, PromptJob) is None
+    assert dead_letters(redis_client, "s")[1]["reason"] == "entry has no 'data' field"
+    assert dead_letters(redis_client, "s")[1]["data"] == ""
+
+
+def test_the_default_limit_is_five_deliveries(redis_client):
+    claims, deaths = [], []
+    consumer = StreamConsumer(redis_client, "s", "g", "c", claim_idle_ms=0, block_ms=10,
+                              on_claim=lambda: claims.append(1), on_dead_letter=lambda: deaths.append(1))  # fmt: skip
+    publish(redis_client, "s", job(2))
+    seen = [d.deliveries for _ in range(5) for d in consumer.read()]  # delivered, never acked
+    assert seen == [1, 2, 3, 4, 5] and len(claims) == 4 and deaths == []
+    assert consumer.read() == [] and deaths == [1]  # the sixth delivery is the dead letters'
+    assert "delivered 6 times (max 5)" in dead_letters(redis_client, "s")[0]["reason"]
+
+
+def test_trimming_stops_right_after_the_last_delivered_entry_of_the_same_millisecond(redis_client):
+    for seq in range(3):
+        redis_client.xadd("s", {"data": job(seq).model_dump_json()}, id=f"5-{seq}")
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=10)
+    for delivery in consumer.read(2):
+        consumer.ack(delivery)
+    assert consumer.backlog() == (1, 0)
+    assert safe_min_id(redis_client, "s") == "5-2"
+    assert trim_consumed(redis_client, "s") == 2
+    [left] = consumer.read(5)
+    assert left.entry_id == "5-2"  # never trimmed: it had not been delivered
+    assert consumer.backlog() == (0, 1)
