@@ -5,6 +5,7 @@ all layers at once, where two or three overlap on most refusals.)"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -22,6 +23,7 @@ from tests.helpers.forked import WAIT_S, in_child
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux confinement")
 ROOT = os.geteuid() == 0
+HIGH_FD = 250  # a descriptor number above any the test process holds
 
 
 def nothing(_fd: int) -> None:
@@ -103,6 +105,66 @@ def test_landlock_alone_confines_reads_writes_and_tcp(tmp_path, server):
     assert not (tmp_path / "escape").exists() and not (tmp_path / "moved").exists()
 
 
+def test_landlock_lets_a_grader_read_its_installation_and_use_its_workdir(tmp_path):
+    import sympy
+
+    import tests.helpers.graders
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    roots = sandbox.read_roots("tests.helpers.graders")
+    readable = [os.__file__, sympy.__file__, tests.helpers.graders.__file__, sandbox.__file__]
+    readable += [p for p in ("/usr/share/zoneinfo/UTC", "/usr/lib/os-release") if os.path.exists(p)]
+    held = {}
+
+    def layer(_fd: int) -> None:
+        ruleset, _ = sandbox.landlock_ruleset(workdir, roots)
+        held["fd"] = ruleset
+        sandbox.enforce_landlock(ruleset)
+
+    probes = (
+        *(lambda path=path: len(Path(path).read_bytes()) > 0 for path in readable),
+        (workdir / "d").mkdir,
+        lambda: (workdir / "d" / "f").write_text("x"),
+        lambda: (workdir / "d" / "f").rename(workdir / "g"),
+        (workdir / "g").unlink,
+        (workdir / "d").rmdir,
+        lambda: Path("/dev/null").write_text("x"),
+        lambda: Path("pyproject.toml").resolve().read_text(),  # the current directory is no root
+        lambda: os.fstat(held["fd"]),  # the ruleset's descriptor is closed once enforced
+    )
+    confined, _ = in_child(layer, *probes)
+    assert confined[: len(readable)] == ["ok:True"] * len(readable), list(zip(readable, confined, strict=False))
+    assert confined[len(readable) : len(readable) + 6] == ["ok", "ok:1", f"ok:{workdir / 'g'}", "ok", "ok", "ok:1"]
+    assert confined[-2].startswith("PermissionError") and confined[-1] == "OSError:EBADF", confined
+
+
+def test_read_roots_are_the_installation_and_never_the_current_directory(monkeypatch, tmp_path):
+    import sysconfig
+
+    monkeypatch.chdir(tmp_path)
+    roots = sandbox.read_roots("tests.helpers.graders:table")
+    assert str(tmp_path) not in roots and os.getcwd() not in roots and "/" not in roots
+    for wanted in (sys.prefix, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], "/usr/lib"):
+        assert os.path.realpath(wanted) in roots, wanted
+    assert str(Path(sandbox.__file__).resolve().parents[1]) in roots  # the services package
+    assert str(Path(__file__).resolve().parents[2]) in roots  # the graders' package: tests
+    assert roots == sorted(set(roots)) and all(os.path.isdir(r) for r in roots)
+
+
+def test_unreadable_to_others_names_roots_another_uid_cannot_reach(open_dir):
+    tmp_path = open_dir
+    open_path, closed_parent, closed_root, unlisted = (tmp_path / n for n in ("open", "closed", "noread", "nolist"))
+    for path in (open_path, closed_parent / "inside", closed_root, unlisted):
+        path.mkdir(parents=True)
+    closed_parent.chmod(0o700)  # no o+x on the way
+    closed_root.chmod(0o711)  # reachable, not readable
+    unlisted.chmod(0o704)  # readable, not searchable
+    roots = [str(open_path), str(closed_parent / "inside"), str(closed_root), str(unlisted), str(tmp_path / "gone")]
+    bad = sandbox.unreadable_to_others(roots)
+    assert bad == roots[1:], bad
+
+
 def test_landlock_alone_stops_signals_to_processes_outside(tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -148,14 +210,33 @@ def test_seccomp_alone_refuses_what_is_not_on_the_list(tmp_path, bpf):
     assert victim.stat().st_mode & 0o777 == 0o644 and not (tmp_path / "node").exists()
 
 
-def test_seccomp_allows_the_ioctls_python_asks_and_reading_a_limit(bpf):
+def run_a_thread() -> str:
+    import threading
+
+    done = []
+    thread = threading.Thread(target=lambda: done.append(threading.get_native_id() != os.getpid()))
+    thread.start()
+    thread.join()
+    return str(done)
+
+
+def test_seccomp_allows_what_python_needs_threads_included(bpf):
+    import fcntl
+    import termios
+
     probes = (
         lambda: os.isatty(0),  # TCGETS
+        lambda: fcntl.ioctl(os.open(__file__, os.O_RDONLY), termios.FIONREAD, b"\0\0\0\0") != b"\0\0\0\0",
         lambda: __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[0] > 0,  # prlimit, read
         lambda: os.set_blocking(os.open("/dev/null", os.O_RDONLY), False),  # fcntl
+        run_a_thread,  # clone with CLONE_THREAD, after clone3 answers ENOSYS
+        lambda: next(
+            x.split()[1] for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("NoNewPrivs")
+        ),
     )
     filtered, _ = in_child(lambda fd: sandbox.load_filter(bpf), *probes)
-    assert filtered[0] in ("ok:True", "ok:False") and filtered[1:] == ["ok:True", "ok"], filtered
+    assert filtered[0] in ("ok:True", "ok:False")
+    assert filtered[1:] == ["ok:True", "ok:True", "ok", "ok:[True]", "ok:1"], filtered
 
 
 # --- privileges -------------------------------------------------------------------------------
@@ -175,14 +256,20 @@ def test_dropping_privileges_alone_takes_root_and_every_capability(open_dir):
         line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
         if line.startswith(("CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:"))
     )  # fmt: skip
-    probes = (secret.read_text, theirs.read_text, lambda: os.chown(secret, 1234, 1234), os.getuid, status)
+    ids = lambda: (os.getresuid(), os.getresgid(), os.getgroups())  # noqa: E731
+    report = {}  # filled in the child by the layer, read there by the last probe
+    probes = (secret.read_text, theirs.read_text, lambda: os.chown(secret, 1234, 1234), os.getuid, status, ids,
+              lambda: report.get("said"))  # fmt: skip
     control, _ = in_child(nothing, *probes)
     assert control[:3] == ["ok:root only", "ok:x", "ok"] and control[3] == "ok:0"
     os.chown(secret, 0, 0)
-    dropped, _ = in_child(lambda fd: sandbox.drop_privileges(UNPRIVILEGED_UID), *probes)
+    dropped, _ = in_child(lambda fd: report.update(said=sandbox.drop_privileges(UNPRIVILEGED_UID)), *probes)
     assert dropped[:3] == ["PermissionError:EACCES", "PermissionError:EACCES", "PermissionError:EPERM"]
     assert dropped[3] == f"ok:{UNPRIVILEGED_UID}"
     assert dropped[4] == "ok:0000000000000000/0000000000000000/0000000000000000/1", dropped[4]
+    nobody = UNPRIVILEGED_UID
+    assert dropped[5] == f"ok:(({nobody}, {nobody}, {nobody}), ({nobody}, {nobody}, {nobody}), [])", dropped[5]
+    assert dropped[6] == f"ok:uid {nobody}, gid {nobody}, no groups, no capabilities, no_new_privs"
     # without a uid to change to (the service not run as root): still uid 0, and no capability left
     kept, _ = in_child(lambda fd: sandbox.drop_privileges(None), *probes)
     assert kept[1:4] == ["PermissionError:EACCES", "PermissionError:EPERM", "ok:0"]
@@ -206,6 +293,17 @@ def test_limits_alone_bound_memory_file_size_and_cpu(tmp_path):
     limited, _ = in_child(lambda fd: sandbox.set_limits(limits, cpu_s=5), *probes)
     assert limited[0] == "MemoryError" and limited[1] == "OSError:EFBIG" and limited[2] == "OSError:EMFILE"
     assert limited[3] == "ok:(0, 0)"
+    import resource
+
+    names = ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_FSIZE")
+    values = lambda: [resource.getrlimit(getattr(resource, n)) for n in names]  # noqa: E731
+    [got], _ = in_child(lambda fd: sandbox.set_limits(Limits(), cpu_s=None), values)
+    mb = 1 << 20
+    # soft CPU below hard, so SIGXCPU comes before SIGKILL; no processes; the defaults of Limits
+    assert got == f"ok:{[(4096 * mb, 4096 * mb), (600, 605), (64, 64), (0, 0), (16 * mb, 16 * mb)]}"
+    said = {}
+    [text], _ = in_child(lambda fd: said.update(text=sandbox.set_limits(limits, cpu_s=7)), lambda: said["text"])
+    assert text == "ok:address space 512 MiB, cpu 7 s, 16 files, 0 processes, file size 1 MiB"
     # the CPU limit: a busy loop ends by SIGXCPU, whatever the wall clock says
     _, status = in_child(lambda fd: sandbox.set_limits(limits, cpu_s=1), lambda: [None for _ in iter(int, 1)])
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU
@@ -226,26 +324,35 @@ def test_a_new_session_alone_leaves_nothing_inherited(tmp_path):
     os.environ["PASSK_SECRET_FOR_THE_TEST"] = "leak"
     try:
         probes = (
-            lambda: os.fstat(inherited).st_size,
+            lambda: os.fstat(inherited).st_size,  # below the reporting pipe's descriptor
+            lambda: os.fstat(HIGH_FD).st_size,  # above it
             lambda: os.environ.get("PASSK_SECRET_FOR_THE_TEST"),
-            lambda: os.readlink("/proc/self/fd/1"),
+            lambda: ",".join(os.readlink(f"/proc/self/fd/{fd}") for fd in (0, 1, 2)),
             lambda: os.getsid(0) == os.getpid(),
         )
-        control, _ = in_child(nothing, *probes)
-        assert control[:2] == ["ok:0", "ok:leak"] and control[3] == "ok:False"
-        fresh, _ = in_child(sandbox.new_session, *probes)
+
+        def high_then(layer):
+            def apply(fd: int) -> None:
+                os.dup2(inherited, HIGH_FD)
+                layer(fd)
+
+            return apply
+
+        control, _ = in_child(high_then(nothing), *probes)
+        assert control[:3] == ["ok:0", "ok:0", "ok:leak"] and control[4] == "ok:False"
+        fresh, _ = in_child(high_then(sandbox.new_session), *probes)
     finally:
         os.close(inherited)
         del os.environ["PASSK_SECRET_FOR_THE_TEST"]
-    assert fresh == ["OSError:EBADF", "ok", "ok:/dev/null", "ok:True"], fresh
+    assert fresh == ["OSError:EBADF", "OSError:EBADF", "ok", "ok:/dev/null,/dev/null,/dev/null", "ok:True"], fresh
 
 
 # --- dying with the template ------------------------------------------------------------------
 
 
 def test_a_grader_dies_with_its_template():
-    """A middle process (the template) forks a grader that sets die_with_parent and waits; when the
-    template exits, the grader is killed, which closes the pipe it holds."""
+    """A middle process (the template) forks a grader that sets die_with_parent and reports ready;
+    the test then kills the template, and the grader dies too, which closes the pipe it holds."""
     read, write = os.pipe()
     middle = os.fork()
     if middle == 0:
@@ -257,11 +364,14 @@ def test_a_grader_dies_with_its_template():
                 while True:
                     signal.pause()
             os.close(write)
+            while True:  # the template lives until the test kills it
+                signal.pause()
         finally:
             os._exit(0)
     os.close(write)
     ready, _, _ = select.select([read], [], [], WAIT_S)
     assert ready and os.read(read, 5) == b"ready"
+    os.kill(middle, signal.SIGKILL)
     os.waitpid(middle, 0)  # the template is gone
     ready, _, _ = select.select([read], [], [], WAIT_S)
     assert ready and os.read(read, 1) == b"", "the grader outlived its template"
@@ -290,13 +400,38 @@ def test_confine_applies_every_layer_and_says_so(open_dir, bpf, server):
     def layer(fd: int) -> None:
         report.update(sandbox.confine(fd, workdir, Limits(), roots, bpf, cpu_s=3))
 
+    import tempfile
+
+    probes += (lambda: (os.environ.get("TMPDIR"), os.environ.get("HOME"), tempfile.gettempdir()),)
     result, _ = in_child(layer, *probes)
     got = json.loads(result[0][3:])
-    assert got["session"].startswith("new session") and got["filesystem"].startswith("landlock ABI")
-    assert got["syscalls"].startswith("seccomp") and "cpu 3 s" in got["limits"]
-    assert got["privileges"].startswith(f"uid {UNPRIVILEGED_UID if ROOT else os.getuid()}")
+    uid = UNPRIVILEGED_UID if ROOT else os.getuid()
+    abi = sandbox._syscall(sandbox.SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    extra = (", no TCP" if abi >= 4 else "") + (", no signals out" if abi >= 6 else "")
+    assert got == {
+        "session": "new session, no terminal, streams on /dev/null, no inherited descriptors, empty environment",
+        "filesystem": f"landlock ABI {abi}: read-only {len(roots)} installation directories, read-write workdir{extra}",
+        "limits": "address space 4096 MiB, cpu 3 s, 64 files, 0 processes, file size 16 MiB",
+        "privileges": f"uid {uid}, gid {uid}, no groups, no capabilities, no_new_privs",
+        "syscalls": "seccomp allow-list: no exec, fork, sockets, tty ioctls, metadata changes, devices",
+    }
     assert result[1] == f"ok:{workdir}" and result[2] == "ok:1"
     assert all(r.startswith("PermissionError") for r in result[3:6]), result
-    assert result[6] == f"ok:{UNPRIVILEGED_UID if ROOT else os.getuid()}"
+    assert result[6] == f"ok:{uid}"
+    assert result[7] == f"ok:{(str(workdir), str(workdir), str(workdir))}"
     assert not (tmp_path / "escape").exists()
-    assert oct(workdir.stat().st_mode & 0o777) == "0o700"
+    assert oct(workdir.stat().st_mode & 0o777) == "0o700" and workdir.stat().st_uid == uid
+
+
+def test_confine_reports_a_layer_it_could_not_apply(open_dir):
+    report: dict = {}
+
+    def layer(fd: int) -> None:
+        # no seccomp program (the template could not build one), and a root Landlock cannot open
+        report.update(sandbox.confine(fd, open_dir / "work", Limits(), ["/nonexistent"], RuntimeError("no libseccomp")))
+
+    [result], _ = in_child(layer, lambda: json.dumps(report))
+    got = json.loads(result[3:])
+    assert got["syscalls"] == "not filtered: no libseccomp"
+    assert got["filesystem"] == "not restricted (landlock: No such file or directory)"
+    assert got["session"].startswith("new session") and got["limits"].startswith("address space")
