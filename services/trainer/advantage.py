@@ -130,12 +130,13 @@ def compute_advantages(
     groups = _prepare(rewards, mask)
     k = _check_k(k, groups)
     _check_options(name, spec, options)
-    if rewards.shape[0] == 0:
-        return torch.zeros(rewards.shape, dtype=groups.values.dtype, device=rewards.device)
+    dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    if rewards.shape[0] == 0:  # the same dtype as a batch with groups (an empty bfloat16 batch gave float32)
+        return torch.zeros(rewards.shape, dtype=dtype, device=rewards.device)
     advantages = spec.fn(groups, k, **options)
     if not groups.full:
         advantages = advantages.masked_fill(~groups.mask, 0.0)
-    return advantages.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+    return advantages.to(dtype)
 
 
 # ----------------------------------------------------------------------------

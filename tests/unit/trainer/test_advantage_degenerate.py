@@ -1,11 +1,12 @@
-"""Degenerate groups give 0, never NaN or inf, for N up to 4096 and every k <= N."""
+"""Degenerate groups give 0, never NaN or inf, for N up to 4096 and every k <= N; edge cases of
+the input: empty batches, integer rewards, equal rewards with rounding noise."""
 
 import math
 
 import pytest
 import torch
 
-from services.trainer.advantage import compute_advantages
+from services.trainer.advantage import analytic_response_advantages, compute_advantages, group_normalize
 
 PASSK_FAMILY = ("passk_analytic", "passk_combination", "passk_exceeding", "passk_full")
 # Whose group reward has no spread when N_neg < k. Full sampling only sees its
@@ -98,3 +99,34 @@ def test_grpo_is_zero_without_spread_even_for_awkward_floats():
     for row in ([0.1] * 3, [1e-300] * 4, [7.3] * 5, [1 / 3] * 6):
         adv = compute_advantages("grpo", torch.tensor([row], dtype=torch.float64), k=1)
         assert bool((adv == 0).all()), row
+
+
+@pytest.mark.parametrize(("value", "n"), [(99.9, 3), (123.4, 7), (1000.3, 3)])
+def test_equal_rewards_with_rounding_noise_get_no_advantage(value, n):
+    """The mean of equal rewards like these rounds, leaving a std of about 1e-14: an advantage of
+    +-1 would be invented from it unless the spread is measured against eps * |mean|."""
+    rewards = torch.full((1, n), value, dtype=torch.float64)
+    centered = rewards - rewards.mean(1, keepdim=True)
+    assert centered.abs().max() > 0  # the noise is there
+    assert torch.equal(group_normalize(rewards), torch.zeros_like(rewards))
+    assert torch.equal(compute_advantages("grpo", rewards, k=1), torch.zeros_like(rewards))
+
+
+def test_the_analytic_table_is_zero_where_no_sample_or_every_sample_is_right():
+    n = torch.tensor([8, 8, 8])
+    a_pos, a_neg = analytic_response_advantages(n, torch.tensor([0.0, 7.0, 8.0], dtype=torch.float64), 2)
+    assert a_pos.tolist() == [0.0, 0.0, 0.0] and a_neg.tolist() == [0.0, 0.0, 0.0]  # q is 1, 0 and 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_an_empty_batch_keeps_the_rewards_dtype(dtype):
+    got = compute_advantages("passk_analytic", torch.zeros(0, 6, dtype=dtype), k=2)
+    assert got.shape == (0, 6) and got.dtype == dtype
+
+
+def test_integer_rewards_give_float32_advantages_equal_to_float_rewards():
+    rewards = torch.tensor([[1, 0, 0, 1], [0, 0, 1, 0]])
+    for name in ("grpo", "passk_analytic", "passk_full"):
+        got = compute_advantages(name, rewards, k=2)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, compute_advantages(name, rewards.double(), k=2).float())

@@ -55,6 +55,12 @@ def options_for(name: str) -> dict:
             "each group needs N >= 2 valid responses, group 1 has N=1",
         ),
         (
+            lambda: compute_advantages(
+                "grpo", torch.ones(3, 4), k=1, mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]])
+            ),
+            "each group needs N >= 2 valid responses, group 2 has N=1",
+        ),
+        (
             lambda: compute_advantages("passk_analytic", R, k=3, mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])),
             "k=3 is larger than the group size N=2 (group 1)",
         ),
@@ -139,9 +145,9 @@ def test_non_finite_values_in_padding_are_ignored():
 @pytest.mark.parametrize("name", BINARY_ONLY)
 def test_binary_estimators_reject_other_rewards(name):
     rewards = R.clone()
-    rewards[0, 1] = 0.5
+    rewards[0, 2] = 0.5  # after a 1 and a 0, which are binary
     with pytest.raises(
-        ValueError, match=rf"^estimator '{name}' needs binary rewards in \{{0, 1\}}, got 0.5 at \[0, 1\]$"
+        ValueError, match=rf"^estimator '{name}' needs binary rewards in \{{0, 1\}}, got 0.5 at \[0, 2\]$"
     ):
         compute_advantages(name, rewards, k=2, **options_for(name))
 
