@@ -236,6 +236,8 @@ def enter_workdir(workdir: Path, uid: int | None) -> None:
 
 
 def set_limits(limits: Limits, cpu_s: int | None = None) -> str:
+    """Lower every limit to the grader's; a limit the service already has below that stays (raising
+    a hard limit needs CAP_SYS_RESOURCE, which a container's root often lacks)."""
     mb = 1 << 20
     cpu = cpu_s if cpu_s is not None else limits.cpu_s
     for name, value in (
@@ -246,9 +248,14 @@ def set_limits(limits: Limits, cpu_s: int | None = None) -> str:
         ("RLIMIT_FSIZE", limits.file_size_mb * mb),
         ("RLIMIT_CORE", 0),
     ):
+        which = getattr(resource, name)
+        current = resource.getrlimit(which)[1]
         # soft below hard for CPU, so SIGXCPU ends the process before SIGKILL would
-        hard = value + 5 if name == "RLIMIT_CPU" else value
-        resource.setrlimit(getattr(resource, name), (value, hard))
+        margin = 5 if name == "RLIMIT_CPU" else 0
+        hard = value + margin
+        if current != resource.RLIM_INFINITY:
+            hard = min(hard, current)
+        resource.setrlimit(which, (max(min(value, hard - margin), 0), hard))
     return (
         f"address space {limits.address_space_mb} MiB, cpu {cpu} s, {limits.open_files} files, "
         f"{limits.processes} processes, file size {limits.file_size_mb} MiB"

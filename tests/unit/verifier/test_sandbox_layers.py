@@ -304,14 +304,36 @@ def test_limits_alone_bound_memory_file_size_and_cpu(tmp_path):
     values = lambda: [resource.getrlimit(getattr(resource, n)) for n in names]  # noqa: E731
     [got], _ = in_child(lambda fd: sandbox.set_limits(Limits(), cpu_s=None), values)
     mb = 1 << 20
-    # soft CPU below hard, so SIGXCPU comes before SIGKILL; no processes; the defaults of Limits
-    assert got == f"ok:{[(4096 * mb, 4096 * mb), (600, 605), (64, 64), (0, 0), (16 * mb, 16 * mb)]}"
+    # soft CPU below hard, so SIGXCPU comes before SIGKILL; no processes; the defaults of Limits;
+    # never above a hard limit the test process already has (a limit can only be lowered)
+    wanted = [(4096 * mb, 4096 * mb), (600, 605), (64, 64), (0, 0), (16 * mb, 16 * mb)]
+    held = [resource.getrlimit(getattr(resource, n))[1] for n in names]
+    capped = [h if cap == resource.RLIM_INFINITY else min(h, cap) for (_, h), cap in zip(wanted, held, strict=True)]
+    margins = [0, 5, 0, 0, 0]
+    expected = [(min(soft, h - m), h) for (soft, _), h, m in zip(wanted, capped, margins, strict=True)]
+    assert got == f"ok:{expected}"
     said = {}
     [text], _ = in_child(lambda fd: said.update(text=sandbox.set_limits(limits, cpu_s=7)), lambda: said["text"])
     assert text == "ok:address space 512 MiB, cpu 7 s, 16 files, 0 processes, file size 1 MiB"
     # the CPU limit: a busy loop ends by SIGXCPU, whatever the wall clock says
     _, status = in_child(lambda fd: sandbox.set_limits(limits, cpu_s=1), spin)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU
+
+
+def test_limits_never_try_to_raise_a_hard_limit_the_process_has():
+    """Raising a hard limit needs CAP_SYS_RESOURCE, which a container's root often lacks: a grader of
+    a service that runs under a lower limit keeps that limit, and still starts."""
+    import resource
+
+    def layer(_fd: int) -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (20, 21))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+        sandbox.drop_privileges(None)  # no CAP_SYS_RESOURCE from here on
+        sandbox.set_limits(Limits(open_files=64), cpu_s=600)
+
+    limits_now = lambda: (resource.getrlimit(resource.RLIMIT_CPU), resource.getrlimit(resource.RLIMIT_NOFILE))  # noqa: E731
+    [got], _ = in_child(layer, limits_now)
+    assert got == "ok:((16, 21), (32, 32))", got  # the CPU's soft limit 5 s below the hard one
 
 
 def test_a_limit_cannot_be_raised_again():
