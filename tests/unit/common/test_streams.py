@@ -1,6 +1,9 @@
+import logging
+import threading
 import time
 
 import pytest
+import redis
 
 from services.common import streams
 from services.common.schemas import PromptJob, RolloutGroup, Sample, SamplingParams
@@ -13,6 +16,7 @@ from services.common.streams import (
     safe_min_id,
     trim_consumed,
 )
+from tests.helpers.procs import wait_for
 
 
 def job(i: int = 0, **overrides) -> PromptJob:
@@ -246,3 +250,134 @@ def test_trimming_stops_right_after_the_last_delivered_entry_of_the_same_millise
     [left] = consumer.read(5)
     assert left.entry_id == "5-2"  # never trimmed: it had not been delivered
     assert consumer.backlog() == (0, 1)
+
+
+def test_a_vanished_group_is_made_again_and_other_errors_are_raised(redis_client, caplog):
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=10)
+    redis_client.delete("s")  # the stream and its group are gone (Redis restarted without its data)
+    with caplog.at_level(logging.WARNING, logger="services.common.streams"):
+        assert consumer.read() == []
+    assert any(m.startswith("s: group g is gone (NOGROUP") and m.endswith("creating it again") for m in caplog.messages)
+    publish(redis_client, "s", job(1))
+    [delivery] = consumer.read()
+    assert consumer.decode(delivery, PromptJob) == job(1)
+    redis_client.delete("s")
+    redis_client.set("s", "not a stream")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        consumer.read()
+
+
+def test_a_read_blocks_until_an_entry_comes(redis_client):
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=60_000)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(consumer.read()))
+    reader.start()
+    wait_for(lambda: int(redis_client.info("clients")["blocked_clients"]) >= 1, 30)  # it waits in XREADGROUP
+    publish(redis_client, "s", job(3))
+    reader.join(30)
+    assert [consumer.decode(d, PromptJob) for d in got] == [job(3)]
+
+
+def test_claims_take_at_most_count_and_skip_entries_deleted_while_pending(redis_client, caplog):
+    dead = StreamConsumer(redis_client, "s", "g", "dead", block_ms=10)
+    alive = StreamConsumer(redis_client, "s", "g", "alive", claim_idle_ms=0, block_ms=10)
+    ids = [publish(redis_client, "s", job(i)) for i in range(4)]
+    taken = dead.read(4)  # never acked
+    redis_client.xdel("s", ids[0])  # gone while pending
+    with caplog.at_level(logging.WARNING, logger="services.common.streams"):
+        assert alive.read(1) == []  # the deleted entry: acked and skipped
+        first = alive.read(1)
+    assert [d.entry_id for d in first] == [ids[1]]  # one claimed, as asked
+    assert first[0].payload == taken[1].payload and first[0].deliveries == 2
+    assert f"claimed {ids[1]} from a dead consumer (delivery 2)" in caplog.messages
+    assert [d.entry_id for d in alive.read(5)] == ids[1:]  # the rest, and ids[1] again (not acked yet)
+    pending = redis_client.xpending_range("s", "g", min="-", max="+", count=10)
+    assert ids[0].encode() not in {p["message_id"] for p in pending}  # the deleted entry was acked
+
+
+def test_entries_over_the_limit_all_go_to_the_dead_letters(redis_client):
+    consumer = StreamConsumer(redis_client, "s", "g", "c", claim_idle_ms=0, max_deliveries=1, block_ms=10)
+    ids = [publish(redis_client, "s", job(i)) for i in range(3)]
+    consumer.read(3)  # delivery 1 of each, never acked
+    assert consumer.read(3) == []  # each of the three is over the limit
+    assert [d["entry_id"] for d in dead_letters(redis_client, "s")] == ids
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"[]", "invalid PromptJob: <root>: Input should be an object"),
+        (
+            job(4).model_dump_json().replace('"temperature":1.0', '"temperature":"hot"').encode(),
+            "invalid PromptJob: sampling.temperature: Input should be a valid number, "
+            "unable to parse string as a number",
+        ),
+        (
+            b"{}",  # seven fields missing: the first five are named
+            "invalid PromptJob: job_id: Field required; prompt_id: Field required; task: Field required; "
+            "policy_version: Field required; prompt: Field required",
+        ),
+    ],
+)
+def test_a_dead_letter_reason_names_each_field(redis_client, payload, reason):
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=10)
+    redis_client.xadd("s", {"data": payload})
+    [delivery] = consumer.read()
+    assert consumer.decode(delivery, PromptJob) is None
+    assert dead_letters(redis_client, "s")[0]["reason"] == reason
+
+
+def test_dead_letters_are_read_back_with_their_ids_and_bad_bytes_replaced(redis_client, caplog):
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=10)
+    redis_client.xadd("s", {"data": b"\xff\xfe not utf-8"})
+    [delivery] = consumer.read()
+    with caplog.at_level(logging.ERROR, logger="services.common.streams"):
+        consumer.dead_letter(delivery, "why")
+    assert caplog.messages == [f"dead-lettered {delivery.entry_id} from s: why"]
+    [dead] = dead_letters(redis_client, "s")
+    [(dead_id, _)] = redis_client.xrange(dead_letter_stream("s"))
+    assert dead["dead_id"] == dead_id.decode() and dead["data"] == "\ufffd\ufffd not utf-8"
+
+
+def test_the_defaults_are_the_documented_ones(redis_client):
+    """Claimed after 30 s idle, reads block up to 1 s, dead letters after 5 deliveries."""
+    consumer = StreamConsumer(redis_client, "s", "g", "c")
+    assert (consumer.claim_idle_ms, consumer.block_ms, consumer.max_deliveries) == (30_000, 1000, 5)
+
+
+def test_the_backlog_of_a_group_that_is_gone_is_empty(redis_client):
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=10)
+    publish(redis_client, "s", job(1))
+    consumer.read()
+    assert consumer.backlog() == (0, 1)
+    redis_client.xgroup_destroy("s", "g")
+    assert consumer.backlog() == (0, 0)
+
+
+def test_trimming_compares_ids_as_numbers(redis_client):
+    for ms in (9, 10, 11):
+        redis_client.xadd("s", {"data": job(ms).model_dump_json()}, id=f"{ms}-0")
+    slow = StreamConsumer(redis_client, "s", "slow", "c", block_ms=10)
+    fast = StreamConsumer(redis_client, "s", "fast", "c", block_ms=10)
+    slow.ack(*slow.read(1))  # 9-0
+    for delivery in fast.read(3):
+        fast.ack(delivery)
+    assert safe_min_id(redis_client, "s") == "9-1"  # "11-1" < "9-1" as text
+    assert trim_consumed(redis_client, "s") == 1 and [e.decode() for e, _ in redis_client.xrange("s")] == [
+        "10-0",
+        "11-0",
+    ]
+
+
+def test_trimming_a_stream_nobody_reads_drops_nothing(redis_client):
+    publish(redis_client, "s", job(1))
+    assert trim_consumed(redis_client, "s") == 0 and redis_client.xlen("s") == 1
+
+
+def test_trimming_keeps_exactly_the_newest_few(redis_client):
+    ids = [publish(redis_client, "s", job(i)) for i in range(6)]
+    consumer = StreamConsumer(redis_client, "s", "g", "c", block_ms=10)
+    for delivery in consumer.read(6):
+        consumer.ack(delivery)
+    assert trim_consumed(redis_client, "s", keep=3) == 3
+    assert [e.decode() for e, _ in redis_client.xrange("s")] == ids[3:]
