@@ -43,7 +43,7 @@ test: setup test-deps
 	$(VENV)/bin/python -m pytest
 
 # Mutation testing of the advantage estimators, the loss, the maze checker, the streams and the
-# sandbox: the share of changed lines the tests catch (docs/TESTING.md). About an hour on 2 cores.
+# sandbox: the share of mutants the tests kill (docs/TESTING.md). About an hour on 2 cores.
 mutation: setup redis
 	$(VENV)/bin/python scripts/mutation.py $(MODULES)
 
