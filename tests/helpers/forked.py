@@ -3,12 +3,21 @@ returns into pytest): for confinement layers and namespaces a test must not appl
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import select
 
 WAIT_S = 60  # a guard against a hang only
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWNET = 0x00020000, 0x04000000, 0x40000000
+
+
+def unshare(flags: int) -> None:
+    """Namespaces of the calling (child) process's own; OSError when the kernel refuses."""
+    if ctypes.CDLL(None, use_errno=True).unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")
 
 
 def outcome(probe) -> str:

@@ -13,9 +13,8 @@ import subprocess
 import pytest
 
 from services.rollout.main import advertised_host
-from tests.helpers.forked import in_child
+from tests.helpers.forked import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS, in_child, unshare
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWNET = 0x00020000, 0x04000000, 0x40000000
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 NAME, ADDRESS = "passk-advertise-test", "10.77.0.5"
 
@@ -32,9 +31,8 @@ def a_host_of_its_own(hosts_file):
     """In the forked child: new namespaces, ADDRESS on its loopback, NAME resolving to it."""
 
     def layer(_fd: int) -> None:
+        unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWNET)
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "unshare")
         if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # our mounts stay ours
             raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
         if libc.mount(str(hosts_file).encode(), b"/etc/hosts", None, MS_BIND, None) != 0:
