@@ -7,6 +7,7 @@ Each failed attempt is reported to ``on_error`` (the services count them in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import redis
@@ -36,10 +37,18 @@ class CountedRetry(Retry):
         return super().call_with_retry(do, counted)
 
 
-def connect(url: str, on_error: Callable[[], None] | None = None) -> redis.Redis:
+def connection_name(name: str) -> str:
+    """A name Redis accepts for ``CLIENT SETNAME`` (no spaces or control characters)."""
+    return re.sub(r"[^!-~]", "_", name)[:200]
+
+
+def connect(url: str, on_error: Callable[[], None] | None = None, name: str | None = None) -> redis.Redis:
+    """``name`` labels every connection in ``CLIENT LIST`` (an operator sees which replica or verifier
+    holds a blocked read or a slow command)."""
     return redis.Redis.from_url(
         url,
         retry=CountedRetry(on_error or (lambda: None)),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,
+        client_name=connection_name(name) if name else None,
     )

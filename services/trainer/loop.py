@@ -100,7 +100,9 @@ class Trainer:
         if absent:
             raise ValueError(f"eval_every_sizes {absent}: {settings.test_data} has no mazes of that size")
         self.prometheus = TrainerMetrics()
-        self.client = redis_client.connect(settings.redis_url, on_error=self.prometheus.redis_errors.inc)
+        self.client = redis_client.connect(
+            settings.redis_url, on_error=self.prometheus.redis_errors.inc, name="passk-trainer"
+        )
         self.consumer = StreamConsumer(self.client, self.streams.scored, "trainer", "trainer", claim_idle_ms=600_000)
         self.epoch = registry.new_epoch(self.client)
         self.published: int | None = None  # the last version pushed

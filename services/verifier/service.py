@@ -120,8 +120,10 @@ class Verifier:
 
     def run_queue(self) -> None:
         """Consume rollout groups until ``stop`` is set; ack each only after its scores are published."""
-        client = redis_client.connect(self.settings.redis_url, on_error=self._redis_failed)
         name = self.settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        client = redis_client.connect(
+            self.settings.redis_url, on_error=self._redis_failed, name=f"passk-verifier:{name}"
+        )
         consumer = StreamConsumer(
             client,
             self.streams.rollouts,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import time
@@ -26,8 +25,9 @@ from services.common.redis_server import RedisServer, free_port
 from services.common.schemas import PromptJob
 from services.common.streams import publish
 from tests.helpers.cluster import maze_data, trainer_args
+from tests.helpers.holding import LONG_BLOCK_MS, blocked_read, stop_holding
 from tests.helpers.monitoring import scrape
-from tests.helpers.procs import service, stop
+from tests.helpers.procs import service, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,9 @@ class Cluster:
 
 
 @contextmanager
-def cluster(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2):
+def cluster(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2, stoppable: str = ""):
+    """``stoppable`` names the service (``v0``, ``r0``, ...) the test stops in a read (it reads with a
+    long block; see tests/helpers/holding.py)."""
     logs = maze_data(tmp_path, test_per_size=2, seed=5)
     redis_server = RedisServer(tmp_path / "redis")
     run = Cluster(tmp_path, redis_server)
@@ -90,12 +92,15 @@ def cluster(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2):
     try:
         with ExitStack() as stack:
             for i in range(verifiers):
-                run.verifiers.append(
-                    stack.enter_context(service(["serve", "verifier", *common], logs / f"v{i}.log", env=env))
-                )
+                own = {**env, "PASSK_VERIFIER_CONSUMER": f"v{i}"}
+                if stoppable == f"v{i}":
+                    own["PASSK_VERIFIER_BLOCK_MS"] = LONG_BLOCK_MS
+                args = ["serve", "verifier", *common]
+                run.verifiers.append(stack.enter_context(service(args, logs / f"v{i}.log", env=own)))
             for i in range(replicas):
+                own = {**env, "PASSK_ROLLOUT_BLOCK_MS": LONG_BLOCK_MS} if stoppable == f"r{i}" else env
                 args = ["serve", "rollout", "--model-dir", str(tiny_model), "--replica", f"r{i}", "--max-jobs", "2"]
-                run.replicas.append(stack.enter_context(service([*args, *common], logs / f"r{i}.log", env=env)))
+                run.replicas.append(stack.enter_context(service([*args, *common], logs / f"r{i}.log", env=own)))
             port = free_port()
             command = trainer_args(
                 # the last verifier grades evaluations (a Service would route around a dead one)
@@ -123,19 +128,6 @@ def assert_every_job_trained_once(rows: list[dict]) -> None:
         assert all(f"-s{row['step']}-" in job for job in row["trained_jobs"])
 
 
-def freeze_while_holding(process: subprocess.Popen, client, stream: str, group: str, consumer: str) -> int:
-    """SIGSTOP the process at a moment it holds pending entries; return how many it holds."""
-    deadline = time.monotonic() + 120
-    while True:
-        os.kill(process.pid, signal.SIGSTOP)
-        held = {c["name"].decode(): int(c["pending"]) for c in client.xpending(stream, group)["consumers"]}
-        if held.get(consumer, 0):
-            return held[consumer]
-        os.kill(process.pid, signal.SIGCONT)
-        assert time.monotonic() < deadline, f"{consumer} never held an entry of {stream}"
-        time.sleep(0.02)
-
-
 def report(fault: str, recovery: tuple[float, float, float], extra: str) -> None:
     after, hit, median = recovery
     print(f"\nRELIABILITY | {fault} | next step done {after:.1f} s after the fault; it took {hit:.1f} s"
@@ -143,11 +135,11 @@ def report(fault: str, recovery: tuple[float, float, float], extra: str) -> None
 
 
 def test_a_verifier_killed_holding_groups(tmp_path, tiny_model):
-    with cluster(tmp_path, tiny_model, verifiers=2) as run:
+    with cluster(tmp_path, tiny_model, verifiers=2, stoppable="v0") as run:
         run.watch(lambda: 2 in run.seen)
         victim, _ = run.verifiers[0]
-        consumer = f"{socket.gethostname()}-{victim.pid}"
-        held = freeze_while_holding(victim, run.redis.client, "passk:rollouts", "verifier", consumer)
+        where = {"stream": "passk:rollouts", "group": "verifier", "consumer": "v0"}
+        held = stop_holding(victim.pid, run.redis.client, connection="passk-verifier:v0", **where)
         run.note()  # what finished so far finished before the fault
         os.killpg(victim.pid, signal.SIGKILL)  # with its grader processes
         fault_at = time.monotonic()
@@ -159,10 +151,11 @@ def test_a_verifier_killed_holding_groups(tmp_path, tiny_model):
 
 
 def test_a_frozen_replica_is_presumed_dead_and_its_late_work_not_trained_twice(tmp_path, tiny_model):
-    with cluster(tmp_path, tiny_model) as run:
+    with cluster(tmp_path, tiny_model, stoppable="r0") as run:
         run.watch(lambda: 2 in run.seen)
         frozen, _ = run.replicas[0]
-        held = freeze_while_holding(frozen, run.redis.client, "passk:prompts", "rollout", "r0")
+        where = {"stream": "passk:prompts", "group": "rollout", "consumer": "r0"}
+        held = stop_holding(frozen.pid, run.redis.client, connection="passk-rollout:r0", **where)
         run.note()
         fault_at = time.monotonic()
         frozen_step = max(run.seen)
@@ -219,8 +212,9 @@ def test_poison_messages_go_to_the_dead_letters_and_training_goes_on(tmp_path, t
                 os.kill(process.pid, signal.SIGCONT)
             time.sleep(0.02)
         # a read a replica started before it stopped still waits in Redis and would take the new
-        # entry: let those reads time out first (block_ms, 1 s)
-        time.sleep(1.5)
+        # entry: wait until Redis has ended those reads (block_ms, 1 s)
+        stopped_reads = lambda: [blocked_read(client, f"passk-rollout:r{i}") for i in range(len(replicas))]  # noqa: E731
+        wait_for(lambda: not any(stopped_reads()), 60, 0.05)
         killer = publish(client, "passk:prompts", job.model_copy(update={"job_id": "poison-killer", "prompt": "S.E"}))
         ((_, [(taken, _)]),) = client.xreadgroup("rollout", "doomed", {"passk:prompts": ">"}, count=1)
         assert taken.decode() == killer

@@ -15,6 +15,7 @@ from services.common.config import StreamNames
 from services.common.schemas import PromptJob, ScoredGroup
 from services.common.streams import dead_letters
 from tests.helpers.cluster import maze_data
+from tests.helpers.holding import LONG_BLOCK_MS, stop_holding
 from tests.helpers.monitoring import scrape
 from tests.helpers.procs import service, stop, wait_for
 
@@ -117,16 +118,19 @@ def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
 
 def test_replicas_join_and_leave_while_training(redis_server, tiny_model, tmp_path):
     """One replica, a second added mid-run (it serves only once it holds the current version), the
-    first killed mid-step: every job is scored and trained on exactly once."""
+    first killed mid-step while it holds a job: every job is scored and trained on exactly once, the
+    dead replica's job by the newcomer."""
     client = redis_server.client
     client.flushdb()
     steps, prompts = 40, 4  # enough steps for a replica to start and join mid-run
     logs = maze_data(tmp_path, test_per_size=2, seed=5)
     common = ["--redis-url", redis_server.url]
     replica_args = ["serve", "rollout", "--model-dir", str(tiny_model), "--claim-idle-ms", "1500", "--max-jobs", "1"]
+    long_block = {"PASSK_ROLLOUT_BLOCK_MS": LONG_BLOCK_MS}
     with (
         service(["serve", "verifier", *common], logs / "verifier.log") as (_, verifier_url),
-        service([*replica_args, *common, "--replica", "r0"], logs / "r0.log") as (r0, _),
+        # r0 reads with a long block: the test stops it in a read, to kill it holding a job
+        service([*replica_args, *common, "--replica", "r0"], logs / "r0.log", env=long_block) as (r0, _),
     ):
         overrides = {
             "model_dir": f"'{tiny_model}'", "run_dir": f"'{tmp_path / 'run'}'",
@@ -135,6 +139,7 @@ def test_replicas_join_and_leave_while_training(redis_server, tiny_model, tmp_pa
             "prompts_per_step": prompts, "n_rollout": 8, "k": 4, "max_tokens": 16, "eval_mazes": 2, "eval_n": 2,
             "eval_k": "[1]", "eval_every": 0, "min_replicas": 1, "group_timeout_s": 180,
             "stream_keep": 1000,  # the checks below read every job and group back from the streams
+            "push_timeout_s": 5,  # a push to the replica stopped below fails, and the other takes the version
         }  # fmt: skip
         args = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
         with (logs / "trainer.log").open("ab") as out:
@@ -148,9 +153,11 @@ def test_replicas_join_and_leave_while_training(redis_server, tiny_model, tmp_pa
             with service([*replica_args, *common, "--replica", "r1"], logs / "r1.log") as (_, r1_url):
                 # the newcomer is brought to the current version, then takes jobs
                 wait_for(lambda: any(b'"replica":"r1"' in f[b"data"] for _, f in client.xrange(STREAMS.rollouts)), 300)
-                r0_busy = lambda: client.xpending_range(STREAMS.prompts, "rollout", "-", "+", 10, consumername="r0")  # noqa: E731
-                wait_for(r0_busy, 120, 0.01)
-                os.kill(r0.pid, signal.SIGKILL)
+                where = {"stream": STREAMS.prompts, "group": "rollout", "consumer": "r0"}
+                stop_holding(r0.pid, client, connection="passk-rollout:r0", **where)
+                pending = client.xpending_range(STREAMS.prompts, "rollout", "-", "+", 10, consumername="r0")
+                dead_jobs = {entry["message_id"] for entry in pending}
+                os.kill(r0.pid, signal.SIGKILL)  # while it holds a job
                 assert trainer.wait(600) == 0, (logs / "trainer.log").read_text()[-3000:]
                 assert httpx.get(f"{r1_url}/healthz").json()["version"] == steps
         finally:
@@ -164,4 +171,8 @@ def test_replicas_join_and_leave_while_training(redis_server, tiny_model, tmp_pa
     assert {g.job.job_id for g in scored} == jobs and len(jobs) == steps * prompts  # nothing lost with r0
     from_r1 = [g for g in scored if g.replica == "r1"]
     assert from_r1 and all(g.policy_version == g.job.policy_version >= joined_at for g in from_r1)
+    prompts_by_id = dict(client.xrange(STREAMS.prompts))
+    held_by_r0 = {PromptJob.model_validate_json(prompts_by_id[i][b"data"]).job_id for i in dead_jobs}
+    # what r0 died holding (unless r1 had claimed it already), r1 generated
+    assert held_by_r0 <= {g.job.job_id for g in from_r1}
     assert client.xpending(STREAMS.prompts, "rollout")["pending"] == 0
