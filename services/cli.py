@@ -6,6 +6,7 @@ that does the work, so ``passk --help`` never pays for importing torch.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -185,6 +186,58 @@ def data_math(
     from services.tasks.math_problems import build_splits
 
     _write_splits(build_splits(train_per_kind, test_per_kind, seed), out, "problems")
+
+
+def _gold_accepted(task: str, answer: str, reference: str) -> None:
+    """The verifier's own grader must score the gold answer as correct (see services/tasks/importer.py)."""
+    from services.tasks.importer import Refused
+    from services.verifier.errors import InvalidReference
+    from services.verifier.graders import GRADERS
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # a warning a call with its timeouts off
+    try:
+        reward = GRADERS[task](f"<answer>{answer}</answer>", reference)
+    except InvalidReference as err:
+        raise Refused(f"the {task} grader cannot use the gold answer: {err}") from None
+    except Exception as err:  # e.g. a reasoning-gym scorer that reads metadata the record does not have
+        raise Refused(f"the {task} grader failed on the gold answer: {type(err).__name__}: {err}") from None
+    if reward != 1.0:
+        raise Refused(f"the {task} grader does not accept the gold answer {answer[:80]!r} as correct")
+
+
+@data_app.command("import")
+def data_import(
+    source: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file (e.g. a Hugging Face dataset's split).")],
+    out: Annotated[Path, typer.Option("--out", help="The task records to write (JSONL).")],
+    task: Annotated[str | None, typer.Option(help="The task of every record: math or puzzle.")] = None,
+    task_field: Annotated[str | None, typer.Option(help="Or the field naming each record's task.")] = None,
+    prompt_field: Annotated[
+        str | None, typer.Option(help="The prompt's field (default: prompt, else question).")
+    ] = None,
+    answer_field: Annotated[str, typer.Option(help="The gold answer's field.")] = "answer",
+    category_field: Annotated[
+        str | None, typer.Option(help="The category's field, for per-category pass@k (default: the task).")
+    ] = None,
+    id_field: Annotated[str | None, typer.Option(help="The id's field (default: file name and record number).")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Puzzles: the reasoning-gym dataset whose scorer grades them.")
+    ] = None,
+) -> None:
+    """Write your own math or puzzle data as task records; every record is checked first (fields,
+    task, and that the grader accepts its gold answer), and a bad file is refused with each bad
+    record's line or row and the reason. Nothing is written then."""
+    from services.tasks.importer import Fields, Refused, import_records
+    from services.tasks.records import write_jsonl
+
+    fields = Fields(prompt=prompt_field, answer=answer_field, category=category_field, id=id_field, task=task_field)
+    try:
+        items = import_records(source, fields, _gold_accepted, task=task, dataset=dataset)
+    except Refused as err:
+        typer.echo(f"refused:\n{err}", err=True)
+        raise typer.Exit(2) from None
+    count = write_jsonl(items, out)
+    categories = sorted({item.category for item in items})
+    typer.echo(f"wrote {count} records to {out} ({', '.join(categories)})")
 
 
 def _settings(cls, given: dict):

@@ -174,7 +174,8 @@ def test_a_frozen_replica_is_presumed_dead_and_its_late_work_not_trained_twice(t
 def test_redis_killed_and_restarted_from_its_append_only_file(tmp_path, tiny_model):
     with cluster(tmp_path, tiny_model) as run:
         run.watch(lambda: 2 in run.seen)
-        time.sleep(0.3)  # into the next step: its jobs are out, groups in flight
+        # into step 3: its jobs are out (groups in flight)
+        wait_for(lambda: any(b"-s3-" in f[b"data"] for _, f in run.redis.client.xrange("passk:prompts")), 120, 0.01)
         port, workdir = run.redis.port, tmp_path / "redis"
         run.note()
         run.redis.process.kill()
