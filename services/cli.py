@@ -188,6 +188,21 @@ def data_math(
     _write_splits(build_splits(train_per_kind, test_per_kind, seed), out, "problems")
 
 
+def _checked_settings(preset: Path, overrides: list[str] | None):
+    """The trainer's settings, and a mixture's data read once, before anything starts: a bad
+    preset or a task without data is a usage error naming the field."""
+    from services.trainer.config import load_settings
+    from services.trainer.mixture import Mixture
+
+    try:
+        settings = load_settings(preset, overrides, os.environ)
+        if settings.mixture:
+            Mixture(settings.mixture, settings.prompts_per_step)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
+    return settings
+
+
 def _gold_accepted(task: str, answer: str, reference: str) -> None:
     """The verifier's own grader must score the gold answer as correct (see services/tasks/importer.py)."""
     from services.tasks.importer import Refused
@@ -427,12 +442,8 @@ def train(
     Under torchrun (`torchrun --nproc-per-node 2 -m services.cli train ...`) it trains on every rank.
     Every field can also come from a PASSK_TRAINER_<FIELD> variable (between the preset and --set)."""
     from services.common.logs import setup_logging
-    from services.trainer.config import load_settings
 
-    try:
-        settings = load_settings(preset, set_, os.environ)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
+    settings = _checked_settings(preset, set_)
     from services.trainer import checkpoint
     from services.trainer.loop import Trainer
 
@@ -549,12 +560,8 @@ def up(
     ] = False,
 ) -> None:
     """The main job: Redis, a verifier, rollout replicas and the trainer as separate processes, then a report."""
-    from services.trainer.config import load_settings
 
-    try:
-        load_settings(preset, set_, os.environ)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
+    _checked_settings(preset, set_)
     from services.launcher import up as run_up
 
     raise typer.Exit(run_up(preset, set_ or [], rollout_replicas, resume, prometheus))

@@ -286,8 +286,8 @@ def follow(trainer: subprocess.Popen, run_dir: Path, steps: int) -> None:
             for line in entries[seen_evals:]:
                 e = json.loads(line)
                 cells = ", ".join(
-                    f"{size}x{size} " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("pass@"))
-                    for size, row in e["table"].items()
+                    f"{row_label(key)} " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("pass@"))
+                    for key, row in e["table"].items()
                 )
                 progress.console.print(f"eval at version {e['version']}: {cells}")
             seen_evals = len(entries)
@@ -296,21 +296,25 @@ def follow(trainer: subprocess.Popen, run_dir: Path, steps: int) -> None:
             time.sleep(1.0)
 
 
+def row_label(key: str) -> str:
+    """An evaluation row's name: a maze size ("7" -> "7x7"), or a mixture's row as it is ("math/arith")."""
+    return f"{key}x{key}" if key.isdigit() else key
+
+
 def report(run_dir: Path) -> None:
-    """Print pass@k per maze size before and after training; draw the curves."""
+    """Print pass@k per maze size (or per row of a mixture) before and after training; draw the curves."""
     entries = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     first, last = entries[0], entries[-1]
     table = Table(title=f"Held-out pass@k, version {first['version']} -> {last['version']}")
-    table.add_column("maze")
+    table.add_column("maze" if all(key.isdigit() for key in first["table"]) else "task / row")
     metrics = [k for k in next(iter(first["table"].values())) if k.startswith("pass@")]
     for name in metrics:
         table.add_column(f"{name} before", justify="right")
         table.add_column(f"{name} after", justify="right")
-    for size, row in first["table"].items():
-        after = last["table"][size]
-        table.add_row(
-            f"{size}x{size} ({row['mazes']})", *[f"{100 * v:.1f}" for m in metrics for v in (row[m], after[m])]
-        )
+    for key, row in first["table"].items():
+        after = last["table"][key]
+        count = row.get("mazes", row.get("items"))
+        table.add_row(f"{row_label(key)} ({count})", *[f"{100 * v:.1f}" for m in metrics for v in (row[m], after[m])])
     console.print(table)
     draw_curves(entries, run_dir / "eval_curves.png")
     console.print(f"curves: {run_dir / 'eval_curves.png'}; metrics: {run_dir / 'metrics.jsonl'}")
@@ -324,11 +328,10 @@ def draw_curves(entries: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     versions = [e["version"] for e in entries]
-    for size in entries[0]["table"]:
-        for name in (k for k in entries[0]["table"][size] if k.startswith("pass@")):
-            ax.plot(
-                versions, [100 * e["table"][size][name] for e in entries], marker="o", label=f"{size}x{size} {name}"
-            )
+    for key in entries[0]["table"]:
+        for name in (k for k in entries[0]["table"][key] if k.startswith("pass@")):
+            values = [100 * e["table"][key][name] for e in entries]
+            ax.plot(versions, values, marker="o", label=f"{row_label(key)} {name}")
     ax.set_xlabel("policy version (training step)")
     ax.set_ylabel("held-out %")
     ax.grid(alpha=0.3)

@@ -127,3 +127,23 @@ def test_healthcheck_names_each_unhealthy_endpoint():
 def test_healthcheck_passes_on_a_live_redis(redis_server):
     result = run("healthcheck", redis_server.url)
     assert result.returncode == 0 and "PONG" in result.stdout, result
+
+
+@pytest.mark.parametrize(
+    ("mixture", "message"),
+    [
+        ('{task = "math", train = "NONE", test = "NONE", weight = 0}', "mixture.0.weight"),
+        ('{task = "math", train = "NONE", test = "NONE"}', "mixture[0].train:"),
+        ('{task = "math", train = "DATA", test = "DATA", template = "{question}"}', "unknown fields ['question']"),
+    ],
+)
+def test_train_and_up_refuse_a_bad_mixture_before_starting_anything(tmp_path, mixture, message):
+    (tmp_path / "data.jsonl").write_text('{"id": "a", "task": "math", "category": "c", "prompt": "1+1", '
+                                         '"reference": "2", "answer": "2"}\n')  # fmt: skip
+    mixture = mixture.replace("NONE", str(tmp_path / "none.jsonl")).replace("DATA", str(tmp_path / "data.jsonl"))
+    preset = tmp_path / "bad.toml"
+    preset.write_text(f"[trainer]\nrun_dir = '{tmp_path / 'run'}'\nmixture = [{mixture}]\n")
+    for command in ("train", "up"):
+        result = run(command, "--preset", str(preset))
+        assert result.returncode == 2 and message in " ".join(result.stderr.split()), result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from services.trainer.advantage import Estimator
+from services.trainer.mixture import MixtureTask
 
 
 class Stage(BaseModel):
@@ -40,6 +41,9 @@ class TrainerSettings(BaseModel):
     """Maze test split."""
     prompt_template: Literal["compact", "paper"] = "compact"
     """How a maze becomes a prompt."""
+    mixture: list[MixtureTask] = []
+    """Tasks to train on, each with its splits, weight and template (services/trainer/mixture.py);
+    empty: the mazes of train_data and test_data."""
     estimator: Estimator = Estimator.PASSK_ANALYTIC
     """Advantage estimator (any registry name)."""
     k: int = Field(8, ge=1)

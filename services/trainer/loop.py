@@ -32,10 +32,11 @@ from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
 from services.common.streams import StreamConsumer, claim_once, publish, trim_consumed
 from services.common.weights import push
 from services.tasks.maze import read_jsonl
-from services.trainer import checkpoint, distributed
+from services.trainer import checkpoint, distributed, task_figures
 from services.trainer.batch import from_groups
 from services.trainer.config import TrainerSettings, stage_at
-from services.trainer.evaluate import evaluate
+from services.trainer.evaluate import EvalItem, evaluate, evaluate_items
+from services.trainer.mixture import Mixture, Prompt
 from services.trainer.prometheus import TrainerMetrics
 from services.trainer.step import Optimization, train_on
 
@@ -90,14 +91,17 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         settings = self.s
-        self.train_items = read_jsonl(Path(settings.train_data))
-        self.test_items = read_jsonl(Path(settings.test_data))
+        self.mixture = Mixture(settings.mixture, settings.prompts_per_step) if settings.mixture else None
+        self.train_items = read_jsonl(Path(settings.train_data)) if self.mixture is None else []
+        self.test_items = read_jsonl(Path(settings.test_data)) if self.mixture is None else []
+        # a mixture's held-out set: the first eval_mazes prompts of each row (maze size, task/category)
+        self.eval_prompts = self.mixture.held_out(settings.eval_mazes) if self.mixture else []
         by_size: dict[int, list] = {}
         for item in self.test_items:
             by_size.setdefault(item.size, []).append(item)
         self.eval_items = [it for items in by_size.values() for it in items[: settings.eval_mazes]]
         absent = sorted(set(settings.eval_every_sizes) - set(by_size))
-        if absent:
+        if absent and self.mixture is None:
             raise ValueError(f"eval_every_sizes {absent}: {settings.test_data} has no mazes of that size")
         self.prometheus = TrainerMetrics()
         self.client = redis_client.connect(
@@ -124,6 +128,7 @@ class Trainer:
         if settings.metrics_port:
             self.prometheus.serve(settings.metrics_host, settings.metrics_port)
         self.evaluations: list[dict] = []
+        self.rows: dict[str, str] = {}  # job id -> the row its prompt counts in (task/category, maze size)
 
     @property
     def policy(self) -> Policy:
@@ -191,8 +196,10 @@ class Trainer:
             next_jobs = self.schedule(step + 1)
         batch = from_groups(groups, self.s.n_rollout)
         distributed.broadcast((step, self.version, batch), self.ranks)
-        metrics = train_on(batch, self.opt, self.s, stage_at(self.s, step), self.version, self.ranks)
+        stage = stage_at(self.s, step)
+        metrics = train_on(batch, self.opt, self.s, stage, self.version, self.ranks)
         t2 = time.monotonic()
+        metrics["tasks"] = task_figures.by_task(groups, [self.rows.pop(job.job_id) for job in jobs], stage.k)
         staleness = [self.version - v for v in batch.policy_versions]
         self.version += 1
         state = self.gather()
@@ -247,22 +254,32 @@ class Trainer:
     def schedule(self, step: int) -> list[PromptJob]:
         sampling = SamplingParams(temperature=self.s.temperature, top_p=self.s.top_p, max_tokens=self.s.max_tokens)
         jobs = []
-        for i, item in enumerate(self.rng.sample(self.train_items, self.s.prompts_per_step)):
+        for i, prompt in enumerate(self.draw_prompts()):
             job = PromptJob(
                 # the epoch in the id: a resumed run's jobs never meet the crashed run's groups
                 job_id=f"e{self.epoch}-v{self.version}-s{step}-{i}",
-                prompt_id=item.id,
-                task="maze",
+                prompt_id=prompt.id,
+                task=prompt.task,
                 policy_version=self.version,
                 policy_epoch=self.epoch,
-                prompt=item.prompt(self.s.prompt_template),
-                reference=item.maze,
+                prompt=prompt.text,
+                reference=prompt.reference,
                 n=self.s.n_rollout,
                 sampling=sampling.model_copy(update={"seed": self.rng.randrange(2**31)}),
             )
             publish(self.client, self.streams.prompts, job)
             jobs.append(job)
+            self.rows[job.job_id] = prompt.row
         return jobs
+
+    def draw_prompts(self) -> list[Prompt]:
+        """A step's prompts from the seeded sampler: the mixture's draw, or (no mixture) mazes drawn as
+        they always were, so that a maze preset's seed gives the same run as before mixtures."""
+        if self.mixture is not None:
+            return self.mixture.draw(self.rng, self.s.prompts_per_step)
+        mazes = self.rng.sample(self.train_items, self.s.prompts_per_step)
+        template = self.s.prompt_template
+        return [Prompt(m.id, "maze", f"maze/{m.size}x{m.size}", m.prompt(template), m.maze) for m in mazes]
 
     def collect(self, jobs: list[PromptJob]) -> tuple[list[ScoredGroup], float, int]:
         """The scored group of every job, in job order, the seconds spent waiting on the stream, and
@@ -397,31 +414,32 @@ class Trainer:
         return self.unsharded
 
     def record_eval(self, sizes: list[int] | None = None) -> dict:
-        """Evaluate the current policy on the held-out mazes (of ``sizes`` only, when given)."""
+        """Evaluate the current policy on the held-out mazes (of ``sizes`` only, when given), or on
+        every row of a mixture's held-out prompts (maze size, task/category)."""
         start = time.monotonic()
-        items = [it for it in self.eval_items if it.size in sizes] if sizes else self.eval_items
-        table = evaluate(
-            self.eval_model(),
-            self.tokenizer,
-            items,
-            n=self.s.eval_n,
-            ks=self.s.eval_k,
-            max_tokens=self.s.eval_max_tokens or self.s.max_tokens,
-            template=self.s.prompt_template,
-            verifier_url=self.s.verifier_url,
-            verifier_token=self.s.verifier_token.get_secret_value(),
-            seed=self.s.eval_seed,
-        )
-        entry = {"version": self.version, "table": {str(size): row for size, row in table.items()}}
+        common = {
+            "n": self.s.eval_n, "ks": self.s.eval_k, "max_tokens": self.s.eval_max_tokens or self.s.max_tokens,
+            "verifier_url": self.s.verifier_url, "verifier_token": self.s.verifier_token.get_secret_value(),
+            "seed": self.s.eval_seed,
+        }  # fmt: skip
+        if self.mixture is None:
+            items = [it for it in self.eval_items if it.size in sizes] if sizes else self.eval_items
+            by_size = evaluate(self.eval_model(), self.tokenizer, items, template=self.s.prompt_template, **common)
+            table = {str(size): row for size, row in by_size.items()}
+            labels = {f"{size}x{size}": row for size, row in by_size.items()}
+        else:
+            prompts = [EvalItem(p.row, p.task, p.text, p.reference) for p in self.eval_prompts]
+            table = labels = evaluate_items(self.eval_model(), self.tokenizer, prompts, **common)
+        entry = {"version": self.version, "table": table}
         entry["eval_s"] = time.monotonic() - start
         self.evaluations.append(entry)
         with (self.run_dir / "eval.jsonl").open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        for size, row in table.items():
+        for label, row in labels.items():
             for name, value in row.items():
                 if name.startswith("pass@"):
-                    self.writer.add_scalar(f"eval/{size}x{size}/{name}", value, self.version)
-        self.prometheus.record_eval({f"{size}x{size}": row for size, row in table.items()})
+                    self.writer.add_scalar(f"eval/{label}/{name}", value, self.version)
+        self.prometheus.record_eval(labels)
         return entry
 
     def log_metrics(self, metrics: dict, step: int) -> None:
@@ -431,3 +449,6 @@ class Trainer:
         for name, value in metrics.items():
             if isinstance(value, int | float):
                 self.writer.add_scalar(f"train/{name}", value, step)
+        for task, figures in metrics.get("tasks", {}).items():
+            for name, value in figures.items():
+                self.writer.add_scalar(f"task/{task}/{name}", value, step)

@@ -29,6 +29,18 @@ GAUGES = {
 PHASES = {"waiting_s": "waiting", "rollout_s": "rollout", "train_s": "train", "weight_sync_s": "weight_sync"}
 
 
+# per task (and task/category, maze size) of the latest step: services/trainer/task_figures.py
+TASK_FIGURES = {
+    "groups": ("groups", "Groups of the task in the latest step"),
+    "reward": ("reward", "Mean reward of the task's samples in the latest step"),
+    "pass@k": ("batch_pass_at_k", "Pass@k (the stage's k) of the task's groups in the latest step"),
+    "positive": ("positive_fraction", "Share of the task's samples that are correct"),
+    "all_wrong": ("all_wrong_fraction", "Share of the task's groups with no correct sample"),
+    "all_right": ("all_right_fraction", "Share of the task's groups with only correct samples"),
+    "length": ("response_tokens", "Mean response length of the task's samples, in tokens"),
+}
+
+
 class TrainerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -48,6 +60,10 @@ class TrainerMetrics:
                                    ["stream"], registry=self.registry)  # fmt: skip
         self.eval_pass = Gauge("passk_trainer_eval_pass_at_k", "Held-out pass@k of the latest evaluation",
                                ["row", "k"], registry=self.registry)  # fmt: skip
+        self.task_figures = {
+            figure: Gauge(f"passk_trainer_task_{name}", text, ["task"], registry=self.registry)
+            for figure, (name, text) in TASK_FIGURES.items()
+        }
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -64,6 +80,9 @@ class TrainerMetrics:
                 self.phase.labels(phase=phase).observe(metrics[key])
         for stream, length in metrics.get("stream_lengths", {}).items():
             self.stream_length.labels(stream=stream).set(length)
+        for task, figures in metrics.get("tasks", {}).items():
+            for figure, gauge in self.task_figures.items():
+                gauge.labels(task=task).set(figures[figure])
         self.steps.inc()
         self.dropped.inc(metrics.get("dropped_stale", 0))
         self.failed.inc(metrics.get("failed_verdicts", 0))
