@@ -168,11 +168,22 @@ def data_puzzles(
     train_per_task: Annotated[int, typer.Option(min=0, max=100_000, help="Train puzzles per task.")] = 500,
     test_per_task: Annotated[int, typer.Option(min=0, max=100_000, help="Test puzzles per task.")] = 50,
     seed: Annotated[int, typer.Option(min=0, max=2**40, help="Seed of the generators.")] = 0,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A reasoning-gym dataset, as NAME or NAME=CATEGORY (repeatable); default: the Enigmata seven."
+        ),
+    ] = None,
 ) -> None:
-    """Write reasoning-gym puzzles, two tasks per Enigmata category, graded by reasoning-gym's scorers."""
-    from services.tasks.puzzles import build_splits
+    """Write reasoning-gym puzzles (two tasks per Enigmata category, or the datasets named),
+    graded by reasoning-gym's scorers."""
+    from services.tasks.puzzles import build_splits, catalog_of
 
-    _write_splits(build_splits(train_per_task, test_per_task, seed), out, "puzzles")
+    try:
+        splits = build_splits(train_per_task, test_per_task, seed, catalog_of(dataset) if dataset else None)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--dataset") from None
+    _write_splits(splits, out, "puzzles")
 
 
 @data_app.command("math")

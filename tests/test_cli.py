@@ -147,3 +147,22 @@ def test_train_and_up_refuse_a_bad_mixture_before_starting_anything(tmp_path, mi
         result = run(command, "--preset", str(preset))
         assert result.returncode == 2 and message in " ".join(result.stderr.split()), result.stderr
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_data_puzzles_of_named_reasoning_gym_datasets(tmp_path):
+    from services.tasks.records import read_jsonl
+    from services.verifier.graders import GRADERS
+
+    out = tmp_path / "p"
+    args = ["--dataset", "basic_arithmetic=sums", "--dataset", "chain_sum=sums", "--dataset", "word_sorting"]
+    result = run("data", "puzzles", "--out", str(out), "--train-per-task", "3", "--test-per-task", "2", *args)
+    assert result.returncode == 0, result.stderr
+    test = read_jsonl(out / "test.jsonl")
+    assert [(i.category, i.id.split("-")[0]) for i in test] == [
+        ("sums", "basic_arithmetic"), ("sums", "basic_arithmetic"), ("sums", "chain_sum"), ("sums", "chain_sum"),
+        ("word_sorting", "word_sorting"), ("word_sorting", "word_sorting"),
+    ]  # fmt: skip
+    assert len(read_jsonl(out / "train.jsonl")) == 9
+    assert all(GRADERS["puzzle"](f"<answer>{i.answer}</answer>", i.reference) == 1.0 for i in test)
+    refused = run("data", "puzzles", "--out", str(out), "--dataset", "no_such_puzzle")
+    assert refused.returncode == 2 and "unknown reasoning-gym dataset 'no_such_puzzle'" in refused.stderr

@@ -40,12 +40,30 @@ def generate(dataset: str, count: int, seed: int) -> Iterator[tuple[dict, dict]]
         yield config, {"question": entry["question"], "answer": entry["answer"], "metadata": entry["metadata"]}
 
 
-def build_splits(train_per_task: int, test_per_task: int, seed: int) -> dict[str, list[TaskItem]]:
-    """Train and test splits; test questions never appear in train."""
+def catalog_of(names: list[str]) -> dict[str, tuple[str, ...]]:
+    """A catalog of the reasoning-gym datasets named ``dataset`` or ``dataset=category`` (the
+    category defaults to the dataset's name); ValueError naming an unknown dataset."""
+    from reasoning_gym.factory import DATASETS
+
+    catalog: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        dataset, _, category = name.partition("=")
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown reasoning-gym dataset {dataset!r} (reasoning-gym has {len(DATASETS)}, e.g. "
+                             f"{', '.join(sorted(DATASETS)[:5])})")  # fmt: skip
+        catalog[category or dataset] = (*catalog.get(category or dataset, ()), dataset)
+    return catalog
+
+
+def build_splits(
+    train_per_task: int, test_per_task: int, seed: int, catalog: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, list[TaskItem]]:
+    """Train and test splits of ``catalog`` (category -> datasets; the Enigmata-like CATALOG by
+    default); test questions never appear in train."""
     if not (0 <= train_per_task < MAX_PER_TASK and 0 <= test_per_task < MAX_PER_TASK) or seed < 0:
         raise ValueError(f"items per task must be in [0, {MAX_PER_TASK}) and the seed >= 0")
     splits: dict[str, list[TaskItem]] = {"test": [], "train": []}
-    for category, datasets in CATALOG.items():
+    for category, datasets in (catalog or CATALOG).items():
         for dataset in datasets:
             seen: set[str] = set()
             # reasoning-gym draws item i from Random(seed + i): splits start 2**20 apart so their items never coincide
