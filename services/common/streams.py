@@ -107,14 +107,13 @@ class StreamConsumer:
         ]
 
     def _claim(self, count: int) -> list[Delivery]:
+        # Redis >= 7.0 drops entries deleted while pending from the PEL itself and lists them in the
+        # third element of the reply: every entry returned here has its fields
         _next, entries, *_ = self.client.xautoclaim(
             self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=count
         )
         out = []
         for eid, fields in entries:
-            if fields is None:  # deleted while pending
-                self.client.xack(self.stream, self.group, eid)
-                continue
             entry_id = eid.decode()
             pending = self.client.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
             deliveries = int(pending[0]["times_delivered"]) if pending else 1
