@@ -371,19 +371,31 @@ def model_build_tiny(
         list[int] | None, typer.Option("--size", help="Maze sizes of the warm-up, taken in turn (repeatable) [7].")
     ] = None,
     max_positions: Annotated[int, typer.Option(min=64, max=65536, help="Context length of the model.")] = 512,
+    task: Annotated[
+        str,
+        typer.Option(help="maze: the maze model; mixture: mazes, puzzles and math (services/trainer/tiny_mixture.py)."),
+    ] = "maze",
 ) -> None:
-    """Build the tiny maze model and warm-start it on shortest paths (seeded, reproducible)."""
+    """Build a tiny model and warm-start it by supervised learning (seeded, reproducible): on shortest
+    paths (``--task maze``), or on mazes, short puzzles and math (``--task mixture``)."""
     import logging
 
     import torch
 
-    from services.trainer.tiny_model import build_tiny
-
+    if task not in ("maze", "mixture"):
+        raise typer.BadParameter(f"{task!r}: a tiny model is built for maze or mixture", param_hint="--task")
     torch.set_num_threads(threads)
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        build_tiny(out, sizes=tuple(sizes or [7]), steps=steps, horizon=horizon, seed=seed, max_positions=max_positions)
+        if task == "maze":
+            from services.trainer.tiny_model import build_tiny
+
+            sized = tuple(sizes or [7])
+            build_tiny(out, sizes=sized, steps=steps, horizon=horizon, seed=seed, max_positions=max_positions)
+        else:
+            from services.trainer.tiny_mixture import build_tiny_mixture
+
+            build_tiny_mixture(out, steps=steps, horizon=horizon, seed=seed, max_positions=max_positions)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(f"wrote {out}")

@@ -1,0 +1,158 @@
+"""The tiny mixture model: the tiny Llama of ``tiny_model`` with a character tokenizer that covers
+printable ASCII, warm-started by supervised learning on mazes, puzzles and math at once.
+
+The puzzles are reasoning-gym datasets a model this small can learn: short questions (under 100
+characters before the instruction) and short answers (a few characters), one per category:
+``chain_sum`` (arithmetic), ``number_sequence`` (sequential), ``spell_backward`` (strings) and
+``simple_equations`` (equations). Math is the built-in generator's linear equations and
+quadratics (integer answers). The supervised targets are what the graders read: the maze's moves,
+``<answer>X</answer>`` for a puzzle, ``\\boxed{X}`` for math. Like the maze model, it is
+under-trained on purpose (a cosine schedule longer than the steps run), so that RL starts from
+partial competence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import string
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from services.tasks import math_problems, puzzles
+from services.tasks.maze import generate_maze, render_prompt, shortest_path
+from services.trainer.tiny_model import SPECIALS, _save, build_model
+
+log = logging.getLogger(__name__)
+# every printable ASCII character but the vertical tab and form feed, then the newline
+CHARS = [c for c in string.printable if c not in "\x0b\x0c\r"]
+PUZZLES = {
+    "arithmetic": "chain_sum",
+    "sequential": "number_sequence",
+    "strings": "spell_backward",
+    "equations": "simple_equations",
+}
+MATH_KINDS = ("linear", "quadratic")
+# the seeds of the warm-up's puzzles: far from those of `passk data puzzles` (seed << 21, and | 1 << 20
+# for the test split), so that no held-out question is learned by heart
+WARMUP_PUZZLE_SEED = 1 << 40
+
+# an example: (prompt, the answer to learn, the grader's reference)
+Example = Callable[[random.Random], tuple[str, str, str]]
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def maze_example(size: int) -> Example:
+    def make(rng: random.Random) -> tuple[str, str, str]:
+        grid = generate_maze(size, rng)
+        return render_prompt(grid, "compact"), shortest_path(grid), grid
+
+    return make
+
+
+def puzzle_examples(dataset: str, count: int) -> Example:
+    """Examples drawn from ``count`` questions of a reasoning-gym dataset, prompted as `passk data puzzles` does."""
+    pool = [
+        (
+            entry["question"] + puzzles.INSTRUCTION,
+            f"<answer>{entry['answer']}</answer>",
+            json.dumps({"dataset": dataset, "config": config, "entry": entry}, default=list),
+        )
+        for config, entry in puzzles.generate(dataset, count, WARMUP_PUZZLE_SEED)
+    ]
+    return lambda rng: rng.choice(pool)
+
+
+def math_example(kind: str) -> Example:
+    make = math_problems.GENERATORS[kind]
+
+    def example(rng: random.Random) -> tuple[str, str, str]:
+        question, answer = make(rng)
+        return question + math_problems.INSTRUCTION, f"\\boxed{{{answer}}}", answer
+
+    return example
+
+
+def curriculum(maze_size: int = 7, puzzle_pool: int = 20_000) -> dict[str, Example]:
+    """Every row the model learns: ``maze/7x7``, ``puzzle/<category>``, ``math/<kind>``."""
+    rows = {f"maze/{maze_size}x{maze_size}": maze_example(maze_size)}
+    rows |= {f"puzzle/{category}": puzzle_examples(dataset, puzzle_pool) for category, dataset in PUZZLES.items()}
+    rows |= {f"math/{kind}": math_example(kind) for kind in MATH_KINDS}
+    return rows
+
+
+def supervised_batch(tokenizer, example: Example, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of ``batch`` examples of one row; the loss is on the answer and eos only."""
+    rows_ids, rows_labels = [], []
+    for _ in range(batch):
+        prompt_text, answer_text, _ = example(rng)
+        prompt = [tokenizer.bos_token_id, *tokenizer(prompt_text, add_special_tokens=False)["input_ids"]]
+        answer = [*tokenizer(answer_text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        rows_ids.append(prompt + answer)
+        rows_labels.append([-100] * len(prompt) + answer)
+    width = max(len(r) for r in rows_ids)
+    ids = torch.full((batch, width), tokenizer.pad_token_id)
+    labels = torch.full((batch, width), -100)
+    for i, (r, lab) in enumerate(zip(rows_ids, rows_labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return ids, labels
+
+
+def build_tiny_mixture(
+    out: Path,
+    *,
+    steps: int = 3000,
+    horizon: int = 6000,
+    batch: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    max_positions: int = 512,
+    puzzle_pool: int = 20_000,
+) -> Path:
+    """Build, warm-start and save the tiny mixture model to ``out`` (HF format). Batches take the
+    rows of the curriculum in turn (one row a batch: similar lengths pad little)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = build_tokenizer()
+    rows = list(curriculum(puzzle_pool=puzzle_pool).items())
+    model = build_model(tokenizer, seed, max_positions=max_positions)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / horizon, 1.0)))
+    )
+    model.train()
+    start = time.monotonic()
+    for step in range(steps):
+        row, example = rows[step % len(rows)]
+        ids, labels = supervised_batch(tokenizer, example, batch, rng)
+        if ids.shape[1] > max_positions:
+            raise ValueError(f"a {row} example is {ids.shape[1]} tokens, over max_positions={max_positions}")
+        loss = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("warm-up step %d/%d %s loss %.4f (%.0f s)", step + 1, steps, row, loss.item(),
+                     time.monotonic() - start)  # fmt: skip
+    _save(model, tokenizer, out)
+    return out
