@@ -34,6 +34,12 @@ ESTIMATORS = (
     "passk_exceeding",
     "passk_adaptive",
     "pkpo",
+    "tang_passn",
+    "maxrl",
+    "rs_grpo",
+    "w_reinforce",
+    "nsr",
+    "psr",
 )
 CURVE_DEFAULTS = ["passk_analytic", "passk_combination", "passk_exceeding"]
 

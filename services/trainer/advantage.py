@@ -20,9 +20,16 @@ vectorized function over the whole batch: no Python loop over groups.
 | ``passk_exceeding`` | Eq. 17: f(N_pos) times the analytic advantage               |
 | ``passk_adaptive``  | Sec. 4.2.3: high-entropy half Pass@1, the rest Pass@k       |
 | ``pkpo``            | Walder & Karkhanis 2025: unbiased pass@k gradient weights   |
+| ``tang_passn``      | Tang et al. 2025: leave-one-out pass@N (verl's grpo_passk)   |
+| ``maxrl``           | Tajwar et al. 2026: (r - mean) / mean (maximum likelihood)  |
+| ``rs_grpo``         | Jiang et al. 2025: risk-seeking, (e^{br}/mean e^{br} - 1)/b  |
+| ``w_reinforce``     | Zhu et al. 2025: lambda for correct, -1 for wrong           |
+| ``nsr``, ``psr``    | Zhu et al. 2025: its negative-only and positive-only parts  |
 
 Degenerate groups (all correct, all wrong, fewer than k wrong answers) have no
-spread in their group rewards and get advantage 0, never NaN or inf.
+spread in their group rewards and get advantage 0, never NaN or inf; only the
+REINFORCE-like ``w_reinforce``, ``nsr`` and ``psr``, which have no baseline,
+move them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -52,6 +60,12 @@ class Estimator(enum.StrEnum):
     PASSK_EXCEEDING = "passk_exceeding"
     PASSK_ADAPTIVE = "passk_adaptive"
     PKPO = "pkpo"
+    TANG_PASSN = "tang_passn"
+    MAXRL = "maxrl"
+    RS_GRPO = "rs_grpo"
+    W_REINFORCE = "w_reinforce"
+    NSR = "nsr"
+    PSR = "psr"
 
 
 @dataclass(frozen=True)
@@ -573,3 +587,103 @@ def pkpo(
     if reward_type == "binary":
         _require_binary(groups, Estimator.PKPO)
     return pkpo_weights(groups.values.to(torch.float64), groups.mask, k, baseline=baseline)
+
+
+def _finite_number(name: str, value: object, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+@register(Estimator.TANG_PASSN, uses_k=False)
+def tang_passn(groups: Groups, k: int, *, std_normalize: bool = True) -> Tensor:
+    """Tang et al. 2025 ("Optimizing Language Models for Inference Time Objectives using RL"),
+    pass@N with the leave-one-out baseline, as verl's ``grpo_passk``: the objective is the group's
+    best reward, and response i's advantage is max(r) - max_{j != i} r_j, which is r_(1) - r_(2)
+    for the best response (the first, under ties: then the gap is 0) and 0 for every other. k is
+    N, the whole group; the ``k`` argument is ignored. Continuous rewards are fine.
+
+    Options:
+        std_normalize: divide by the group's sample std (N - 1) + 1e-6, as verl does by default
+            (``norm_adv_by_std_in_grpo``); False gives the plain leave-one-out gap.
+    """
+    if not isinstance(std_normalize, bool):
+        raise ValueError(f"std_normalize must be a bool, got {std_normalize!r}")
+    values = groups.values.masked_fill(~groups.mask, -math.inf)
+    top, index = values.topk(2, dim=1)
+    gap = top[:, 0] - top[:, 1]
+    if std_normalize:
+        n = groups.n.to(groups.values.dtype)
+        mean = groups.n_pos.to(groups.values.dtype) / n
+        centred = (groups.values - mean.unsqueeze(1)).masked_fill(~groups.mask, 0.0)
+        std = (centred.square().sum(1) / (n - 1)).sqrt()
+        gap = gap / (std + 1e-6)
+    return torch.zeros_like(groups.values).scatter(1, index[:, :1], gap.unsqueeze(1))
+
+
+@register(Estimator.MAXRL, uses_k=False)
+def maxrl(groups: Groups, k: int) -> Tensor:
+    """MaxRL (Tajwar et al. 2026, "maximum likelihood RL"), Algorithm 1: A_i = (r_i - mean) / mean,
+    and 0 for a group with mean 0 (no correct answer), as prime-rl computes it (no epsilon). The
+    paper's estimator (1/K) sum_i r_i grad log pi_i is unbiased for sum_{k=1}^{N} (1/k) grad pass@k,
+    the maximum-likelihood objective log p truncated at N; these advantages add its baseline
+    -(1/N) sum_i grad log pi_i and drop both at K = 0, which makes (1/N) sum_i A_i grad log pi_i
+    unbiased for the truncation at N - 1 (both shown by enumeration in the tests). The paper
+    defines it for binary rewards only. k is ignored.
+    """
+    _require_binary(groups, Estimator.MAXRL)
+    mean = groups.n_pos.to(groups.values.dtype) / groups.n.to(groups.values.dtype)
+    safe = torch.where(mean > 0, mean, torch.ones_like(mean)).unsqueeze(1)
+    return torch.where(mean.unsqueeze(1) > 0, (groups.values - mean.unsqueeze(1)) / safe, 0.0)
+
+
+@register(Estimator.RS_GRPO, uses_k=False)
+def rs_grpo(groups: Groups, k: int, *, beta: float = 2.0) -> Tensor:
+    """Risk-seeking GRPO (Jiang et al. 2025, arXiv 2509.24261): the gradient of the entropic risk
+    (1/beta) log E[e^{beta r}], A_i = (1/beta) (e^{beta r_i} / mean_j e^{beta r_j} - 1), computed
+    through logsumexp. No std normalization. beta -> 0 gives r_i - mean (mean-centred GRPO, used at
+    beta = 0); a large beta approaches the best reward of the group. Continuous rewards are fine.
+    k is ignored.
+
+    Options:
+        beta: the risk-seeking strength, >= 0 (2, the paper's recommendation).
+    """
+    beta = _finite_number("beta", beta)
+    n = groups.n.to(groups.values.dtype)
+    if beta == 0.0:
+        mean = groups.n_pos.to(groups.values.dtype) / n
+        return groups.values - mean.unsqueeze(1)
+    scaled = (beta * groups.values).masked_fill(~groups.mask, -math.inf)
+    soft = torch.logsumexp(scaled, dim=1) - n.log()  # log of the mean of e^{beta r}
+    return torch.expm1(beta * groups.values - soft.unsqueeze(1)) / beta
+
+
+@register(Estimator.W_REINFORCE, uses_k=False)
+def w_reinforce(groups: Groups, k: int, *, positive_weight: float = 0.1) -> Tensor:
+    """Weighted REINFORCE (Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement
+    in LLM Reasoning"): lambda * PSR + NSR, so a correct response gets lambda and a wrong one -1.
+    No baseline: all-correct and all-wrong groups move too. Binary rewards. k is ignored.
+
+    Options:
+        positive_weight: lambda >= 0 (0.1, the paper's recommendation; 0 is NSR).
+    """
+    weight = _finite_number("positive_weight", positive_weight)
+    _require_binary(groups, Estimator.W_REINFORCE)
+    return groups.values * weight - (1 - groups.values)
+
+
+@register(Estimator.NSR, uses_k=False)
+def nsr(groups: Groups, k: int) -> Tensor:
+    """Negative sample reinforcement (Zhu et al. 2025): -1 for a wrong response, 0 for a correct one
+    (the paper's code drops correct responses from the batch, which under token-mean aggregation
+    changes only the loss's normalizer). Binary rewards. k is ignored."""
+    _require_binary(groups, Estimator.NSR)
+    return groups.values - 1
+
+
+@register(Estimator.PSR, uses_k=False)
+def psr(groups: Groups, k: int) -> Tensor:
+    """Positive sample reinforcement (Zhu et al. 2025): +1 for a correct response, 0 for a wrong one
+    (the paper's code drops the wrong ones; see ``nsr``). Binary rewards. k is ignored."""
+    _require_binary(groups, Estimator.PSR)
+    return groups.values.clone()

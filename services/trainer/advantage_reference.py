@@ -141,3 +141,29 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def per_group(fn: Callable[..., list[float]], rewards: Sequence[Sequence[float]], *args: object) -> list[list[float]]:
     """Apply a per-group reference to every row of a batch."""
     return [fn(list(row), *args) for row in rewards]
+
+
+def tang_passn(rewards: Sequence[float], std_normalize: bool = True) -> list[float]:
+    """Leave-one-out pass@N: max(r) - max of the others, over (sample std + 1e-6) when normalized."""
+    n = len(rewards)
+    out = [max(rewards) - max(rewards[:i] + rewards[i + 1 :]) for i in range(n)]
+    if std_normalize:
+        mean = sum(rewards) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
+        out = [a / (std + 1e-6) for a in out]
+    return out
+
+
+def maxrl(rewards: Sequence[float]) -> list[float]:
+    mean = sum(rewards) / len(rewards)
+    return [(r - mean) / mean if mean > 0 else 0.0 for r in rewards]
+
+
+def rs_grpo(rewards: Sequence[float], beta: float) -> list[float]:
+    """(1/beta) (e^{beta r_i} / mean_j e^{beta r_j} - 1), straight from the formula."""
+    mean = sum(math.exp(beta * r) for r in rewards) / len(rewards)
+    return [(math.exp(beta * r) / mean - 1) / beta for r in rewards]
+
+
+def w_reinforce(rewards: Sequence[float], positive_weight: float) -> list[float]:
+    return [positive_weight if r == 1 else -1.0 for r in rewards]

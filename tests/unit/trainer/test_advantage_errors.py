@@ -21,7 +21,8 @@ def options_for(name: str) -> dict:
         (
             lambda: compute_advantages("passk_magic", R, k=2),
             "unknown advantage estimator 'passk_magic'; known: grpo, passk_full, passk_bootstrap, passk_analytic, "
-            "passk_combination, passk_exceeding, passk_adaptive, pkpo",
+            "passk_combination, passk_exceeding, passk_adaptive, pkpo, tang_passn, maxrl, rs_grpo, w_reinforce, nsr, "
+            "psr",
         ),
         (lambda: compute_advantages("passk_analytic", R, k=0), "k must be >= 1, got k=0"),
         (lambda: compute_advantages("passk_analytic", R, k=-3), "k must be >= 1, got k=-3"),
@@ -194,8 +195,9 @@ def test_register_records_the_function_whether_it_uses_k_and_its_options():
         advantage._REGISTRY[Estimator.GRPO] = original
 
 
-def test_only_grpo_ignores_k():
-    assert {e.value for e in Estimator if not estimator_uses_k(e)} == {"grpo"}
+def test_only_grpo_and_the_k_free_family_ignore_k():
+    family = {"tang_passn", "maxrl", "rs_grpo", "w_reinforce", "nsr", "psr"}  # Tang's k is the group size
+    assert {e.value for e in Estimator if not estimator_uses_k(e)} == {"grpo", *family}
     assert estimator_uses_k("passk_analytic") and not estimator_uses_k(Estimator.GRPO)
     with pytest.raises(ValueError) as raised:
         estimator_uses_k("passk_magic")
