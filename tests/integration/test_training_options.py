@@ -24,6 +24,9 @@ OPTIONS = {
     # noise 0.5 are nearly all right, so every group scores 1 and the advantage is 0; groups of 2
     # at 0.3 differ
     "estimator=passk_full": {"estimator": "'passk_full'", "k": 2, "noise_rewards": 0.3},
+    # Tang's pass@N moves only groups with exactly one correct answer: at noise 0.15 a group of 8 has
+    # one with probability 0.38; 12 prompts make a step without any (0.6 %) unlikely
+    "estimator=tang_passn": {"estimator": "'tang_passn'", "noise_rewards": 0.15, "prompts_per_step": 12},
     "bootstrap n_group": {"estimator": "'passk_bootstrap'", "estimator_options": "{n_group = 6}"},
     "sequence-level loss": {"loss_aggregation": "'sequence'"},
     "entropy regularization": {"entropy_coef": 0.003},
@@ -65,7 +68,7 @@ def test_a_short_training_with(overrides, cluster, redis_server, tiny_model, tmp
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = int(settings["steps"])
     assert [m["version"] for m in rows] == list(range(1, steps + 1))
-    assert all(m["groups"] == PROMPTS for m in rows)
+    assert all(m["groups"] == int(settings["prompts_per_step"]) for m in rows)
     # trained: every step had a gradient, and the weights it saved are not the ones it started from
     assert all(m["grad_norm"] > 0 and m["adv_abs_mean"] > 0 for m in rows), [m["grad_norm"] for m in rows]
     start = load_file(tiny_model / "model.safetensors")
