@@ -167,6 +167,10 @@ RANGES = {
     "passk_rollout_groups_total": (1, math.inf), "passk_verifier_groups_total": (1, math.inf),
     "passk_rollout_weight_sync_seconds_count": (1, math.inf), "passk_trainer_step_phase_seconds_count": (1, math.inf),
     "passk_verifier_grading_seconds_count": (1, math.inf), "passk_verifier_verdicts_total": (0, math.inf),
+    "passk_trainer_task_reward": UNIT_RANGE, "passk_trainer_task_batch_pass_at_k": UNIT_RANGE,
+    "passk_trainer_task_positive_fraction": UNIT_RANGE, "passk_trainer_task_all_wrong_fraction": UNIT_RANGE,
+    "passk_trainer_task_all_right_fraction": UNIT_RANGE, "passk_trainer_task_response_tokens": (1, 16),
+    "passk_trainer_task_groups": (1, math.inf),
 }  # fmt: skip
 
 
