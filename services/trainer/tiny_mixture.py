@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import string
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 
 from services.tasks import math_problems, puzzles
 from services.tasks.maze import generate_maze, render_prompt, shortest_path
-from services.trainer.tiny_model import SPECIALS, _save, build_model
+from services.trainer import tiny_model
 
 log = logging.getLogger(__name__)
 # every printable ASCII character but the vertical tab and form feed, then the newline
@@ -47,16 +45,7 @@ Example = Callable[[random.Random], tuple[str, str, str]]
 
 
 def build_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return tiny_model.build_tokenizer(CHARS)
 
 
 def maze_example(size: int) -> Example:
@@ -100,20 +89,7 @@ def curriculum(maze_size: int = 7, puzzle_pool: int = 20_000) -> dict[str, Examp
 
 def supervised_batch(tokenizer, example: Example, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) of ``batch`` examples of one row; the loss is on the answer and eos only."""
-    rows_ids, rows_labels = [], []
-    for _ in range(batch):
-        prompt_text, answer_text, _ = example(rng)
-        prompt = [tokenizer.bos_token_id, *tokenizer(prompt_text, add_special_tokens=False)["input_ids"]]
-        answer = [*tokenizer(answer_text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-        rows_ids.append(prompt + answer)
-        rows_labels.append([-100] * len(prompt) + answer)
-    width = max(len(r) for r in rows_ids)
-    ids = torch.full((batch, width), tokenizer.pad_token_id)
-    labels = torch.full((batch, width), -100)
-    for i, (r, lab) in enumerate(zip(rows_ids, rows_labels, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return ids, labels
+    return tiny_model.pad_batch(tokenizer, [example(rng)[:2] for _ in range(batch)])
 
 
 def build_tiny_mixture(
@@ -133,26 +109,15 @@ def build_tiny_mixture(
     rng = random.Random(seed)
     tokenizer = build_tokenizer()
     rows = list(curriculum(puzzle_pool=puzzle_pool).items())
-    model = build_model(tokenizer, seed, max_positions=max_positions)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / horizon, 1.0)))
-    )
-    model.train()
-    start = time.monotonic()
-    for step in range(steps):
+    model = tiny_model.build_model(tokenizer, seed, max_positions=max_positions)
+
+    def next_batch(step: int) -> tuple[str, tuple[torch.Tensor, torch.Tensor]]:
         row, example = rows[step % len(rows)]
         ids, labels = supervised_batch(tokenizer, example, batch, rng)
         if ids.shape[1] > max_positions:
             raise ValueError(f"a {row} example is {ids.shape[1]} tokens, over max_positions={max_positions}")
-        loss = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("warm-up step %d/%d %s loss %.4f (%.0f s)", step + 1, steps, row, loss.item(),
-                     time.monotonic() - start)  # fmt: skip
-    _save(model, tokenizer, out)
+        return row, (ids, labels)
+
+    tiny_model.warm_up(model, tokenizer, next_batch, steps=steps, horizon=horizon, lr=lr)
+    tiny_model.save_model(model, tokenizer, out)
     return out

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,11 +24,12 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = ["\n", "S", "E", "*", ".", "U", "D", "L", "R", " ", "<", ">"]
 
 
-def build_tokenizer():
+def build_tokenizer(chars: list[str] = CHARS):
+    """One token per character of ``chars`` (the maze model's 12 by default), others ``<unk>``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
     core.decoder = decoders.Fuse()
@@ -57,22 +59,61 @@ def build_model(tokenizer, seed: int, hidden: int = 128, layers: int = 4, heads:
     return LlamaForCausalLM(config)
 
 
-def supervised_batch(tokenizer, size: int, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels): maze prompt then its shortest path and eos; the loss is on the answer only."""
+def pad_batch(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of (prompt, answer) texts: bos, prompt, answer, eos, right-padded; the
+    loss is on the answer and eos only."""
     rows_ids, rows_labels = [], []
-    for _ in range(batch):
-        maze = generate_maze(size, rng)
-        prompt = [tokenizer.bos_token_id, *tokenizer(maze + "\n", add_special_tokens=False)["input_ids"]]
-        answer = [*tokenizer(shortest_path(maze), add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    for prompt_text, answer_text in pairs:
+        prompt = [tokenizer.bos_token_id, *tokenizer(prompt_text, add_special_tokens=False)["input_ids"]]
+        answer = [*tokenizer(answer_text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
         rows_ids.append(prompt + answer)
         rows_labels.append([-100] * len(prompt) + answer)
     width = max(len(r) for r in rows_ids)
-    ids = torch.full((batch, width), tokenizer.pad_token_id)
-    labels = torch.full((batch, width), -100)
+    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+    labels = torch.full((len(pairs), width), -100)
     for i, (r, lab) in enumerate(zip(rows_ids, rows_labels, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
         labels[i, : len(lab)] = torch.tensor(lab)
     return ids, labels
+
+
+def supervised_batch(tokenizer, size: int, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels): maze prompt then its shortest path and eos; the loss is on the answer only."""
+    mazes = [generate_maze(size, rng) for _ in range(batch)]
+    return pad_batch(tokenizer, [(maze + "\n", shortest_path(maze)) for maze in mazes])
+
+
+def warm_up(
+    model,
+    tokenizer,
+    next_batch: Callable[[int], tuple[str, tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    steps: int,
+    horizon: int,
+    lr: float,
+    snapshots: dict[int, Path] | None = None,
+) -> None:
+    """Supervised steps with AdamW along a cosine schedule of ``horizon`` steps; ``next_batch(step)``
+    gives (what the batch holds, for the log; (input_ids, labels))."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / horizon, 1.0)))
+    )
+    model.train()
+    start = time.monotonic()
+    for step in range(steps):
+        what, (ids, labels) = next_batch(step)
+        loss = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.info("warm-up step %d/%d %s loss %.4f (%.0f s)", step + 1, steps, what, loss.item(),
+                     time.monotonic() - start)  # fmt: skip
+        if step + 1 in (snapshots or {}):
+            save_model(model, tokenizer, snapshots[step + 1])
 
 
 def build_tiny(
@@ -109,29 +150,17 @@ def build_tiny(
     rng = random.Random(seed)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed, max_positions=max_positions)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / horizon, 1.0)))
-    )
-    model.train()
-    start = time.monotonic()
-    for step in range(steps):
-        ids, labels = supervised_batch(tokenizer, sizes[step % len(sizes)], batch, rng)
-        loss = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps - 1:
-            log.info("warm-up step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss.item(), time.monotonic() - start)
-        if step + 1 in (snapshots or {}):
-            _save(model, tokenizer, snapshots[step + 1])
-    _save(model, tokenizer, out)
+
+    def next_batch(step: int) -> tuple[str, tuple[torch.Tensor, torch.Tensor]]:
+        size = sizes[step % len(sizes)]
+        return f"{size}x{size}", supervised_batch(tokenizer, size, batch, rng)
+
+    warm_up(model, tokenizer, next_batch, steps=steps, horizon=horizon, lr=lr, snapshots=snapshots)
+    save_model(model, tokenizer, out)
     return out
 
 
-def _save(model, tokenizer, out: Path) -> None:
+def save_model(model, tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
