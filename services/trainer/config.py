@@ -28,6 +28,20 @@ class Stage(BaseModel):
     """Extra options for this stage's estimator."""
 
 
+class KAnneal(BaseModel):
+    """PKPO's annealing of k (Walder & Karkhanis 2025): from the run's ``k`` to ``k_end`` over
+    ``steps`` training steps (``services.trainer.pkpo.anneal_k``), then ``k_end``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    k_end: int = Field(ge=1)
+    """The k at the end of the schedule."""
+    steps: int = Field(ge=0)
+    """Steps the schedule takes."""
+    schedule: Literal["linear", "cosine", "step"] = "linear"
+    """How k moves: linear or cosine interpolation (rounded), or one switch at ``steps``."""
+
+
 class TrainerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -48,6 +62,8 @@ class TrainerSettings(BaseModel):
     """Advantage estimator (any registry name)."""
     k: int = Field(8, ge=1)
     """The k of Pass@k training."""
+    k_anneal: KAnneal | None = None
+    """Anneal k from ``k`` to ``k_anneal.k_end`` (PKPO); none: k stays. Not with ``stages``."""
     estimator_options: dict[str, float | int | str] = {}
     """Extra options for the estimator (e.g. n_group for passk_bootstrap)."""
     n_rollout: int = Field(32, ge=2, le=4096)
@@ -162,6 +178,11 @@ class TrainerSettings(BaseModel):
         for stage in self.stages:
             if stage.k > self.n_rollout:
                 raise ValueError(f"stage {stage.estimator}: k={stage.k} is larger than n_rollout={self.n_rollout}")
+        if self.k_anneal is not None:
+            if self.k_anneal.k_end > self.n_rollout:
+                raise ValueError(f"k_anneal.k_end={self.k_anneal.k_end} is larger than n_rollout={self.n_rollout}")
+            if self.stages:
+                raise ValueError("k_anneal anneals the run's k; with stages, give each stage its k")
         if self.stages and sum(s.steps for s in self.stages) * self.stage_repeats != self.steps:
             total = sum(s.steps for s in self.stages) * self.stage_repeats
             raise ValueError(f"the stages add up to {total} steps, but steps={self.steps}")
@@ -216,7 +237,13 @@ def load_settings(
 def stage_at(settings: TrainerSettings, step: int) -> Stage:
     """The stage that trains step ``step`` (1-based)."""
     if not settings.stages:
-        return Stage(estimator=settings.estimator, steps=max(settings.steps, 1), k=settings.k,
+        k = settings.k
+        if settings.k_anneal is not None:
+            from services.trainer.pkpo import anneal_k
+
+            schedule = settings.k_anneal
+            k = anneal_k(step - 1, k_start=k, k_end=schedule.k_end, steps=schedule.steps, schedule=schedule.schedule)
+        return Stage(estimator=settings.estimator, steps=max(settings.steps, 1), k=k,
                      estimator_options=settings.estimator_options)  # fmt: skip
     position = (step - 1) % sum(s.steps for s in settings.stages)
     for stage in settings.stages:

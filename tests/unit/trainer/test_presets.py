@@ -39,6 +39,10 @@ def test_the_gpu_presets_carry_the_papers_settings():
         ("stages=[{estimator = 'grpo', steps = 10}]", "the stages add up to 10 steps, but steps=150"),
         ("mode='later'", "mode"),
         ("stages=[{estimator = 'passk_analytic', k = 64, steps = 150}]", "k=64 is larger than n_rollout=32"),
+        ("k_anneal={k_end = 33, steps = 10}", "k_anneal.k_end=33 is larger than n_rollout=32"),
+        ("k_anneal={k_end = 0, steps = 10}", "k_anneal.k_end"),
+        ("k_anneal={k_end = 1, steps = 10, schedule = 'wavy'}", "k_anneal.schedule"),
+        ("k_anneal={k_end = 1}", "k_anneal.steps"),
     ],
 )
 def test_bad_settings_are_refused_by_name(override, message):
@@ -76,3 +80,16 @@ def test_tokens_never_print():
     settings = load_settings(Path("configs/maze-tiny.toml"), [], environ)
     shown = f"{settings!r} {settings} {settings.model_dump()} {settings.model_dump_json()}"
     assert "s3cret" not in shown and "**********" in shown
+
+
+def test_k_anneals_from_the_runs_k_along_the_schedule():
+    """PKPO's k schedule from one preset line: step 1 trains with the run's k, the last scheduled
+    step and every later one with k_end."""
+    linear = load_settings(CONFIGS / "maze-tiny.toml", ["estimator='pkpo'", "k_anneal={k_end = 1, steps = 14}"])
+    assert [stage_at(linear, step).k for step in (1, 2, 8, 15, 16, 150)] == [8, 8, 4, 1, 1, 1]  # 4.5 rounds to 4
+    switch = load_settings(CONFIGS / "maze-tiny.toml", ["k_anneal={k_end = 2, steps = 5, schedule = 'step'}"])
+    assert [stage_at(switch, step).k for step in range(1, 9)] == [8, 8, 8, 8, 8, 2, 2, 2]
+    assert stage_at(load_settings(CONFIGS / "maze-tiny.toml"), 100).k == 8  # none: k stays
+    with pytest.raises(ValueError, match="k_anneal anneals the run's k; with stages"):
+        load_settings(CONFIGS / "maze-tiny.toml", ["k_anneal={k_end = 1, steps = 5}", "steps=2",
+                      "stages=[{estimator = 'grpo', steps = 2}]"])  # fmt: skip
