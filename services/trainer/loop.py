@@ -452,3 +452,5 @@ class Trainer:
         for task, figures in metrics.get("tasks", {}).items():
             for name, value in figures.items():
                 self.writer.add_scalar(f"task/{task}/{name}", value, step)
+        for bucket, eta in metrics.get("eta_by_accuracy", {}).items():
+            self.writer.add_scalar(f"eta_by_accuracy/{bucket.replace('/', '_of_')}", eta, step)

@@ -25,6 +25,23 @@ GAUGES = {
     "kl": ("passk_trainer_kl", "KL estimate to the reference policy (0 without one)"),
     "lr": ("passk_trainer_learning_rate", "Learning rate after the latest update"),
     "staleness_mean": ("passk_trainer_staleness_mean", "Mean versions between sampling and training"),
+    "all_wrong_fraction": (
+        "passk_trainer_all_wrong_fraction",
+        "Share of the latest step's groups with no correct answer",
+    ),
+    "all_right_fraction": (
+        "passk_trainer_all_right_fraction",
+        "Share of the latest step's groups with only correct answers",
+    ),
+    "alpha_k_mean": (
+        "passk_trainer_alpha_k_mean",
+        "Mean weight k(1 - p)^(k-1) of the pass@k gradient on the step's groups",
+    ),
+    "adv_abs_mean_correct": (
+        "passk_trainer_advantage_abs_mean_correct",
+        "Mean |advantage| of the step's correct answers",
+    ),
+    "adv_abs_mean_wrong": ("passk_trainer_advantage_abs_mean_wrong", "Mean |advantage| of the step's wrong answers"),
 }
 PHASES = {"waiting_s": "waiting", "rollout_s": "rollout", "train_s": "train", "weight_sync_s": "weight_sync"}
 
@@ -60,6 +77,8 @@ class TrainerMetrics:
                                    ["stream"], registry=self.registry)  # fmt: skip
         self.eval_pass = Gauge("passk_trainer_eval_pass_at_k", "Held-out pass@k of the latest evaluation",
                                ["row", "k"], registry=self.registry)  # fmt: skip
+        self.eta_by_accuracy = Gauge("passk_trainer_eta_by_accuracy", "Mean eta of the latest step's groups by "
+                                     "accuracy N_pos/N in eighths", ["bucket"], registry=self.registry)  # fmt: skip
         self.task_figures = {
             figure: Gauge(f"passk_trainer_task_{name}", text, ["task"], registry=self.registry)
             for figure, (name, text) in TASK_FIGURES.items()
@@ -80,6 +99,9 @@ class TrainerMetrics:
                 self.phase.labels(phase=phase).observe(metrics[key])
         for stream, length in metrics.get("stream_lengths", {}).items():
             self.stream_length.labels(stream=stream).set(length)
+        self.eta_by_accuracy.clear()  # a bucket without groups this step has no value
+        for bucket, eta in metrics.get("eta_by_accuracy", {}).items():
+            self.eta_by_accuracy.labels(bucket=bucket).set(eta)
         for task, figures in metrics.get("tasks", {}).items():
             for figure, gauge in self.task_figures.items():
                 gauge.labels(task=task).set(figures[figure])

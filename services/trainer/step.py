@@ -25,6 +25,7 @@ from services.trainer.advantage import compute_advantages
 from services.trainer.batch import Batch, flip_negatives, mini_batches, negative_diversity, normalizer, shard
 from services.trainer.binomial import pass_at_k
 from services.trainer.config import Stage, TrainerSettings
+from services.trainer.diagnostics import advantage_diagnostics
 from services.trainer.distributed import Ranks
 from services.trainer.loss import policy_loss, response_logprobs
 
@@ -206,4 +207,5 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
         "lr": opt.scheduler.get_last_lr()[0],
         "failed_verdicts": int((~valid).sum()),
         "groups": batch.groups,
+        **advantage_diagnostics(advantages, rewards, valid, k),
     }

@@ -170,7 +170,8 @@ RANGES = {
     "passk_trainer_task_reward": UNIT_RANGE, "passk_trainer_task_batch_pass_at_k": UNIT_RANGE,
     "passk_trainer_task_positive_fraction": UNIT_RANGE, "passk_trainer_task_all_wrong_fraction": UNIT_RANGE,
     "passk_trainer_task_all_right_fraction": UNIT_RANGE, "passk_trainer_task_response_tokens": (1, 16),
-    "passk_trainer_task_groups": (1, math.inf),
+    "passk_trainer_task_groups": (1, math.inf), "passk_trainer_all_wrong_fraction": UNIT_RANGE,
+    "passk_trainer_all_right_fraction": UNIT_RANGE,
 }  # fmt: skip
 
 
