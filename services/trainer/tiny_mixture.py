@@ -102,9 +102,11 @@ def build_tiny_mixture(
     seed: int = 0,
     max_positions: int = 512,
     puzzle_pool: int = 20_000,
+    snapshots: dict[int, Path] | None = None,
 ) -> Path:
     """Build, warm-start and save the tiny mixture model to ``out`` (HF format). Batches take the
-    rows of the curriculum in turn (one row a batch: similar lengths pad little)."""
+    rows of the curriculum in turn (one row a batch: similar lengths pad little). ``snapshots``
+    {step: directory} also saves the model after those steps (for choosing the recipe)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = build_tokenizer()
@@ -118,6 +120,6 @@ def build_tiny_mixture(
             raise ValueError(f"a {row} example is {ids.shape[1]} tokens, over max_positions={max_positions}")
         return row, (ids, labels)
 
-    tiny_model.warm_up(model, tokenizer, next_batch, steps=steps, horizon=horizon, lr=lr)
+    tiny_model.warm_up(model, tokenizer, next_batch, steps=steps, horizon=horizon, lr=lr, snapshots=snapshots)
     tiny_model.save_model(model, tokenizer, out)
     return out

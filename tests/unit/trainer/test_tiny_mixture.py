@@ -30,7 +30,10 @@ def test_the_learned_answers_are_graded_correct_and_every_character_has_a_token(
 
 
 def test_a_short_build_loads_and_generates(tmp_path):
-    out = build_tiny_mixture(tmp_path / "m", steps=7, horizon=50, batch=4, puzzle_pool=20)
+    out = build_tiny_mixture(
+        tmp_path / "m", steps=7, horizon=50, batch=4, puzzle_pool=20, snapshots={3: tmp_path / "s3"}
+    )
+    assert (tmp_path / "s3" / "model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     prompt = tokenizer("Compute 2 + 2.", return_tensors="pt")
