@@ -164,5 +164,10 @@ def test_data_puzzles_of_named_reasoning_gym_datasets(tmp_path):
     ]  # fmt: skip
     assert len(read_jsonl(out / "train.jsonl")) == 9
     assert all(GRADERS["puzzle"](f"<answer>{i.answer}</answer>", i.reference) == 1.0 for i in test)
+    test_only = run(
+        "data", "puzzles", "--out", str(tmp_path / "t"), "--train-per-task", "0", "--test-per-task", "1", *args
+    )
+    assert test_only.returncode == 0, test_only.stderr  # an empty split is written empty
+    assert [len(read_jsonl(tmp_path / "t" / f"{s}.jsonl")) for s in ("train", "test")] == [0, 3]
     refused = run("data", "puzzles", "--out", str(out), "--dataset", "no_such_puzzle")
     assert refused.returncode == 2 and "unknown reasoning-gym dataset 'no_such_puzzle'" in refused.stderr

@@ -33,6 +33,8 @@ def generate(dataset: str, count: int, seed: int) -> Iterator[tuple[dict, dict]]
     """(config, entry) pairs of one reasoning-gym dataset."""
     import reasoning_gym
 
+    if count <= 0:  # reasoning-gym refuses an empty dataset
+        return
     config = {"seed": seed, "size": count}
     data = reasoning_gym.create_dataset(dataset, **config)
     for i in range(count):
