@@ -206,18 +206,17 @@ def data_math(
 
 
 def _checked_settings(preset: Path, overrides: list[str] | None):
-    """The trainer's settings, and a mixture's data read once, before anything starts: a bad
-    preset or a task without data is a usage error naming the field."""
+    """The trainer's settings and a mixture's data (None without one), read before anything
+    starts: a bad preset or a task without data is a usage error naming the field."""
     from services.trainer.config import load_settings
     from services.trainer.mixture import Mixture
 
     try:
         settings = load_settings(preset, overrides, os.environ)
-        if settings.mixture:
-            Mixture(settings.mixture, settings.prompts_per_step)
+        mixture = Mixture(settings.mixture, settings.prompts_per_step) if settings.mixture else None
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
-    return settings
+    return settings, mixture
 
 
 def _gold_accepted(task: str, answer: str, reference: str) -> None:
@@ -472,13 +471,13 @@ def train(
     Every field can also come from a PASSK_TRAINER_<FIELD> variable (between the preset and --set)."""
     from services.common.logs import setup_logging
 
-    settings = _checked_settings(preset, set_)
+    settings, mixture = _checked_settings(preset, set_)
     from services.trainer import checkpoint
     from services.trainer.loop import Trainer
 
     setup_logging("trainer")
     resume = resume or (resume_if_present and checkpoint.latest(Path(settings.run_dir)) is not None)
-    Trainer(settings, resume=resume).run()
+    Trainer(settings, resume=resume, mixture=mixture).run()  # the mixture's data, read once
 
 
 @app.command("eval")

@@ -649,10 +649,9 @@ def rs_grpo(groups: Groups, k: int, *, beta: float = 2.0) -> Tensor:
         beta: the risk-seeking strength, >= 0 (2, the paper's recommendation).
     """
     beta = _finite_number("beta", beta)
-    n = groups.n.to(groups.values.dtype)
     if beta == 0.0:
-        mean = groups.n_pos.to(groups.values.dtype) / n
-        return groups.values - mean.unsqueeze(1)
+        return _grpo(groups, std_normalize=False)
+    n = groups.n.to(groups.values.dtype)
     scaled = (beta * groups.values).masked_fill(~groups.mask, -math.inf)
     soft = torch.logsumexp(scaled, dim=1) - n.log()  # log of the mean of e^{beta r}
     return torch.expm1(beta * groups.values - soft.unsqueeze(1)) / beta

@@ -44,7 +44,15 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, settings: TrainerSettings, streams: StreamNames | None = None, *, resume: bool = False) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        streams: StreamNames | None = None,
+        *,
+        resume: bool = False,
+        mixture: Mixture | None = None,
+    ) -> None:
+        """``mixture``: the settings' mixture already read (by the CLI's check); else it is read here."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.s, self.streams = settings, streams or StreamNames()
@@ -85,13 +93,15 @@ class Trainer:
             log.info("resumed from %s: step %d, policy version %d", restored, state.step, state.version)
         self.resumed = restored is not None
         if self.ranks.main:
-            self._init_main()
+            self._init_main(mixture)
 
-    def _init_main(self) -> None:
+    def _init_main(self, mixture: Mixture | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         settings = self.s
-        self.mixture = Mixture(settings.mixture, settings.prompts_per_step) if settings.mixture else None
+        if mixture is None and settings.mixture:
+            mixture = Mixture(settings.mixture, settings.prompts_per_step)
+        self.mixture = mixture
         self.train_items = read_jsonl(Path(settings.train_data)) if self.mixture is None else []
         self.test_items = read_jsonl(Path(settings.test_data)) if self.mixture is None else []
         # a mixture's held-out set: the first eval_mazes prompts of each row (maze size, task/category)
