@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.tasks import puzzles
 from services.tasks.records import TaskItem
 
 # tasks a record can be imported for (mazes come from `passk data maze`: their reference is a grid)
@@ -86,9 +87,7 @@ def reference_for(task: str, answer: str, prompt: str, dataset: str | None) -> s
         return answer
     if not dataset:
         raise Refused("puzzles need --dataset: the reasoning-gym dataset whose scorer grades them")
-    return json.dumps(
-        {"dataset": dataset, "config": {}, "entry": {"question": prompt, "answer": answer, "metadata": {}}}
-    )
+    return puzzles.reference(dataset, {}, {"question": prompt, "answer": answer, "metadata": {}})
 
 
 def import_records(

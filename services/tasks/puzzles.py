@@ -42,6 +42,12 @@ def generate(dataset: str, count: int, seed: int) -> Iterator[tuple[dict, dict]]
         yield config, {"question": entry["question"], "answer": entry["answer"], "metadata": entry["metadata"]}
 
 
+def reference(dataset: str, config: dict, entry: dict) -> str:
+    """The grader's reference for a puzzle (services/verifier/puzzles.py): the reasoning-gym
+    dataset, its configuration and the entry (sets in metadata become lists)."""
+    return json.dumps({"dataset": dataset, "config": config, "entry": entry}, default=list)
+
+
 def catalog_of(names: list[str]) -> dict[str, tuple[str, ...]]:
     """A catalog of the reasoning-gym datasets named ``dataset`` or ``dataset=category`` (the
     category defaults to the dataset's name); ValueError naming an unknown dataset."""
@@ -75,8 +81,10 @@ def build_splits(
                     if entry["question"] in seen:
                         continue
                     seen.add(entry["question"])
-                    reference = json.dumps({"dataset": dataset, "config": config, "entry": entry}, default=list)
                     prompt = entry["question"] + INSTRUCTION
                     item_id = f"{dataset}-{split}-{len(splits[split])}"
-                    splits[split].append(TaskItem(item_id, "puzzle", category, prompt, reference, str(entry["answer"])))
+                    gold = str(entry["answer"])
+                    splits[split].append(
+                        TaskItem(item_id, "puzzle", category, prompt, reference(dataset, config, entry), gold)
+                    )
     return splits

@@ -13,7 +13,6 @@ partial competence.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import string
@@ -62,7 +61,7 @@ def puzzle_examples(dataset: str, count: int) -> Example:
         (
             entry["question"] + puzzles.INSTRUCTION,
             f"<answer>{entry['answer']}</answer>",
-            json.dumps({"dataset": dataset, "config": config, "entry": entry}, default=list),
+            puzzles.reference(dataset, config, entry),
         )
         for config, entry in puzzles.generate(dataset, count, WARMUP_PUZZLE_SEED)
     ]
