@@ -50,9 +50,18 @@ SECCOMP_MODE_FILTER = 2
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 SYS_CAPSET, SYS_CAPGET = 126, 125
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_HEADER = struct.pack("=Ii", LINUX_CAPABILITY_VERSION_3, 0)  # version 3, the calling thread
+CAP_DATA_SIZE = 24  # two struct __user_cap_data_struct: capabilities 0-31, then 32-63
+CAP_SETPCAP = 8
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 LANDLOCK_RULE_PATH_BENEATH = 1
 UNPRIVILEGED_UID = 65534  # "nobody"
+MAX_FD = 0x7FFFFFFF  # above any descriptor number the kernel hands out
+
+# What a grader may read besides the interpreter and its packages: the system libraries its
+# extension modules load, and time zones (on a merged-/usr system /lib is /usr/lib).
+SYSTEM_ROOTS = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo")
+INSTALL_PATHS = ("stdlib", "platstdlib", "purelib", "platlib")  # of sysconfig.get_paths()
 
 # Landlock filesystem rights, by the ABI version that introduced them.
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
@@ -113,11 +122,15 @@ def _syscall(number: int, *args) -> int:
     return result
 
 
-def _prctl(option: int, arg: int = 0) -> None:
-    zero = ctypes.c_ulong(0)  # prctl is variadic: every argument a full register
-    if _libc.prctl(option, ctypes.c_ulong(arg), zero, zero, zero) != 0:
+def _prctl(option: int, arg: int, *more: int) -> int:
+    """prctl(2), or OSError naming the option. prctl is variadic: every argument goes as a full
+    register, and the unused ones as zeros (several options refuse anything else with EINVAL)."""
+    values = (arg, *more, 0, 0, 0)[:4]
+    result = _libc.prctl(option, *(ctypes.c_ulong(v) for v in values))
+    if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return result
 
 
 # --- in the template: once, before any grader is forked ---------------------------------------
@@ -137,9 +150,8 @@ def read_roots(graders_module: str) -> list[str]:
     """Directories a grader may read: the interpreter and its packages, the system libraries and the
     package holding the graders. Never the current directory, nor whatever ``sys.path`` picked up
     from it (``python -m`` puts it first): started from ``/``, that would be everything."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo"}
-    paths.update(v for k, v in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib"))
-    paths.update(("/lib", "/lib64"))
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *SYSTEM_ROOTS}
+    paths.update(v for k, v in sysconfig.get_paths().items() if k in INSTALL_PATHS)
     for name in {graders_module.partition(":")[0].split(".")[0], __name__.split(".")[0]}:
         module = sys.modules.get(name)
         for location in getattr(getattr(module, "__spec__", None), "submodule_search_locations", None) or ():
@@ -186,10 +198,7 @@ def build_filter(sc) -> bytes:
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)
         out.seek(0)
-        program = out.read()
-    if not program or len(program) % 8:
-        raise RuntimeError(f"libseccomp exported {len(program)} bytes, not a BPF program")
-    return program
+        return out.read()  # checked where it is loaded
 
 
 class _SockFprog(ctypes.Structure):
@@ -198,13 +207,12 @@ class _SockFprog(ctypes.Structure):
 
 def load_filter(program: bytes) -> None:
     """Install a BPF program as this process's seccomp filter (after no_new_privs)."""
-    buffer = ctypes.create_string_buffer(program, len(program))
+    if not program or len(program) % 8:
+        raise ValueError(f"a seccomp program is whole 8-byte instructions, not {len(program)} bytes")
+    buffer = ctypes.create_string_buffer(program)  # the kernel reads the length from fprog
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    zero = ctypes.c_ulong(0)
-    if _libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), zero, zero) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")
+    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
 
 
 # --- in each grader, after the fork -----------------------------------------------------------
@@ -216,10 +224,10 @@ def new_session(keep: int) -> str:
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-    os.closerange(3, keep)
-    os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.closerange(3, keep)  # ``null`` too, when it is not one of 0-2
+    # to the largest number, not the soft limit: a descriptor opened before that limit was lowered
+    # sits above it (close_range makes the span free)
+    os.closerange(keep + 1, MAX_FD)
     os.environ.clear()  # the template was started with a scrubbed environment already
     return "new session, no terminal, streams on /dev/null, no inherited descriptors, empty environment"
 
@@ -264,9 +272,8 @@ def set_limits(limits: Limits, cpu_s: int | None = None) -> str:
 
 def _capabilities() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) capability masks of this thread."""
-    header = struct.pack("=Ii", LINUX_CAPABILITY_VERSION_3, 0)
-    data = ctypes.create_string_buffer(24)
-    _syscall(SYS_CAPGET, header, data)
+    data = ctypes.create_string_buffer(CAP_DATA_SIZE)
+    _syscall(SYS_CAPGET, CAP_HEADER, data)
     e0, p0, i0, e1, p1, i1 = struct.unpack("=6I", data.raw)
     return e0 | e1 << 32, p0 | p1 << 32, i0 | i1 << 32
 
@@ -274,26 +281,28 @@ def _capabilities() -> tuple[int, int, int]:
 def drop_privileges(uid: int | None) -> str:
     """As root: no supplementary groups, ``uid`` as every user and group id. Always: the bounding
     and ambient capability sets emptied, no capabilities left, ``no_new_privs``."""
-    for cap in range(64):  # CAP_SETPCAP is needed and last to go; past the last capability: EINVAL
-        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
-            break
-    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    # Emptying the bounding set needs CAP_SETPCAP (dropped last, with the others below); a process
+    # without it cannot use the set anyway: it would need an exec, and no_new_privs stops that.
+    if _capabilities()[0] & 1 << CAP_SETPCAP:
+        for cap in range(int(Path("/proc/sys/kernel/cap_last_cap").read_text()) + 1):
+            _prctl(PR_CAPBSET_DROP, cap)
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     if uid is not None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)  # from root to another uid: the kernel clears every capability
-    header = struct.pack("=Ii", LINUX_CAPABILITY_VERSION_3, 0)
-    _syscall(SYS_CAPSET, header, bytes(24))  # also inside a user namespace, where the uid is not root
+    _syscall(SYS_CAPSET, CAP_HEADER, bytes(CAP_DATA_SIZE))  # also inside a user namespace, where the uid is not root
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    if any(_capabilities()):
-        raise OSError(errno.EPERM, "capabilities remain after dropping them")
-    return f"uid {os.getuid()}, gid {os.getgid()}, no groups, no capabilities, no_new_privs"
+    # the groups are named: a service not run as root keeps its own (only root may drop them)
+    groups = "groups " + ",".join(map(str, os.getgroups())) if os.getgroups() else "no groups"
+    return f"uid {os.getuid()}, gid {os.getgid()}, {groups}, no capabilities, no_new_privs"
 
 
-def die_with_parent() -> None:
-    """SIGKILL when the template goes (set after the uid change, which clears it)."""
+def die_with_parent(parent: int) -> None:
+    """SIGKILL when the template (pid ``parent``) goes; set after the uid change, which clears it.
+    A template gone before this leaves an orphan, adopted by init or a subreaper: it ends at once."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:
+    if os.getppid() != parent:
         os._exit(1)
 
 
@@ -306,17 +315,27 @@ def _add_path_rule(ruleset: int, path: str, rights: int) -> None:
         os.close(fd)
 
 
+def landlock_attr(abi: int) -> tuple[int, bytes, str]:
+    """What a ruleset handles under Landlock ``abi``: every filesystem right that ABI knows (so none
+    is allowed unless a rule grants it), TCP from ABI 4 (never granted), signals and abstract UNIX
+    sockets scoped to the sandbox from ABI 6. Returns the filesystem rights, the packed struct
+    landlock_ruleset_attr (one u64 per field the ABI has) and the words for the report."""
+    handled = FS_BY_ABI.get(abi, FS_ALL_FROM_5 if abi >= 5 else FS_BY_ABI[3])
+    fields, extra = [handled], ""
+    if abi >= 4:
+        fields.append(NET_BIND_TCP | NET_CONNECT_TCP)
+        extra = ", no TCP"
+    if abi >= 6:
+        fields.append(SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL)
+        extra += ", no signals out"
+    return handled, struct.pack(f"={len(fields)}Q", *fields), extra
+
+
 def landlock_ruleset(workdir: Path, roots: list[str]) -> tuple[int, str]:
     """A Landlock ruleset: read-only beneath ``roots``, read-write beneath ``workdir``, nothing else.
     Built while the process may still open every root; enforced by ``enforce_landlock``."""
     abi = _syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    handled = FS_BY_ABI.get(abi, FS_ALL_FROM_5 if abi >= 5 else FS_BY_ABI[3])
-    fields = [handled]
-    if abi >= 4:
-        fields.append(NET_BIND_TCP | NET_CONNECT_TCP)  # handled and never granted: no TCP at all
-    if abi >= 6:
-        fields.append(SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL)  # no signals to processes outside the sandbox
-    attr = struct.pack(f"={len(fields)}Q", *fields)
+    handled, attr, extra = landlock_attr(abi)
     ruleset = _syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     try:
         read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
@@ -327,7 +346,6 @@ def landlock_ruleset(workdir: Path, roots: list[str]) -> tuple[int, str]:
     except OSError:
         os.close(ruleset)
         raise
-    extra = (", no TCP" if abi >= 4 else "") + (", no signals out" if abi >= 6 else "")
     return ruleset, f"landlock ABI {abi}: read-only {len(roots)} installation directories, read-write workdir{extra}"
 
 
@@ -340,9 +358,17 @@ def enforce_landlock(ruleset: int) -> None:
 
 
 def confine(
-    sock_fd: int, workdir: Path, limits: Limits, roots: list[str], syscall_filter, *, cpu_s: int | None = None
+    sock_fd: int,
+    workdir: Path,
+    limits: Limits,
+    roots: list[str],
+    syscall_filter,
+    *,
+    parent: int,
+    cpu_s: int | None = None,
 ) -> dict[str, str]:
-    """Apply every layer, in order; returns what each one did or why it was refused."""
+    """Apply every layer, in order; returns what each one did or why it was refused. ``parent`` is
+    the template's pid (the grader dies with it)."""
     report = {"session": new_session(sock_fd)}
     uid = UNPRIVILEGED_UID if os.geteuid() == 0 else None
     enter_workdir(workdir, uid)
@@ -355,7 +381,7 @@ def confine(
         report["privileges"] = drop_privileges(uid)
     except OSError as err:
         report["privileges"] = f"not dropped: {err}"
-    die_with_parent()
+    die_with_parent(parent)
     if ruleset is not None:
         try:
             enforce_landlock(ruleset)

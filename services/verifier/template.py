@@ -91,13 +91,13 @@ def probe_effects() -> dict[str, str]:
     return effects
 
 
-def serve_grader(sock: socket.socket, kind: str, table: dict, spec: dict, syscall_filter) -> None:
+def serve_grader(sock: socket.socket, kind: str, table: dict, spec: dict, syscall_filter, template: int) -> None:
     """The forked grader's whole life; it never returns."""
     try:
         limits = Limits(**spec["limits"])
         cpu_s = int(spec["timeout_s"]) + 1 if kind == "once" else None
         workdir = Path(spec["workbase"]) / str(os.getpid())
-        report = confine(sock.fileno(), workdir, limits, spec["roots"], syscall_filter, cpu_s=cpu_s)
+        report = confine(sock.fileno(), workdir, limits, spec["roots"], syscall_filter, parent=template, cpu_s=cpu_s)
         if kind == "probe":
             report["effects"] = json.dumps(probe_effects(), sort_keys=True)
             frames.send_blocking(sock, {"report": {**spec["template_report"], **report}})
@@ -153,6 +153,7 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # the graders' objects stay shared with every fork instead of being copied by the GC
     control.sendall(json.dumps({"ready": spec["template_report"]}).encode())
+    template = os.getpid()  # the graders' parent: one that finds another parent knows it is gone
     while True:
         request = control.recv(64)
         if not request:
@@ -165,7 +166,7 @@ def main() -> None:
         if pid == 0:
             control.close()
             ours.close()
-            serve_grader(theirs, kind, table, spec, syscall_filter)
+            serve_grader(theirs, kind, table, spec, syscall_filter, template)
         theirs.close()
         fds = [ours.detach()]
         try:

@@ -112,6 +112,17 @@ def test_equal_rewards_with_rounding_noise_get_no_advantage(value, n):
     assert torch.equal(compute_advantages("grpo", rewards, k=1), torch.zeros_like(rewards))
 
 
+@pytest.mark.parametrize(("ulps", "kept"), [(95, False), (97, True)])
+def test_the_noise_window_is_64_eps_times_the_mean(ulps, kept):
+    """Rewards 1.5 +- d with d a whole number of ulps (2**-52 between 1 and 2): the mean, the
+    centred values and the std d are exact, so the window 64 eps * 1.5 = 96 ulps decides alone."""
+    d = ulps * 2.0**-52
+    rewards = torch.tensor([[1.5 + d, 1.5 - d]], dtype=torch.float64)
+    assert (rewards - 1.5).tolist() == [[d, -d]]
+    expected = [[1.0, -1.0]] if kept else [[0.0, 0.0]]
+    assert group_normalize(rewards).tolist() == expected
+
+
 def test_the_analytic_table_is_zero_where_no_sample_or_every_sample_is_right():
     n = torch.tensor([8, 8, 8])
     a_pos, a_neg = analytic_response_advantages(n, torch.tensor([0.0, 7.0, 8.0], dtype=torch.float64), 2)

@@ -70,6 +70,10 @@ def options_for(name: str) -> dict:
             "unknown option(s) ['unknown'] for estimator 'grpo'; accepted: std_normalize",
         ),
         (
+            lambda: compute_advantages("passk_bootstrap", R, k=2, seeds=3),
+            "unknown option(s) ['seeds'] for estimator 'passk_bootstrap'; accepted: n_group, reduction, seed",
+        ),
+        (
             lambda: compute_advantages("passk_analytic", R, k=1, seed=3),
             "unknown option(s) ['seed'] for estimator 'passk_analytic'; accepted: none",
         ),
