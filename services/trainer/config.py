@@ -28,6 +28,44 @@ class Stage(BaseModel):
     """Extra options for this stage's estimator."""
 
 
+class EntropyAdvantage(BaseModel):
+    """Cheng et al. 2025's entropy-based advantage (arXiv 2506.14758, Eq. 4-6): every token's
+    advantage A becomes A + min(alpha * H_t, |A| / kappa), H_t its entropy (detached)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    alpha: float = Field(0.4, gt=0)
+    """Weight of the entropy (0.4 with GRPO in the paper, 0.1 with PPO)."""
+    kappa: float = Field(2.0, gt=1)
+    """The bonus is at most |A| / kappa, so it never flips the advantage's sign."""
+
+
+class CovarianceControl(BaseModel):
+    """Clip-Cov or KL-Cov (Cui et al. 2025, arXiv 2505.22617): the tokens whose log-probability
+    moves most with their advantage are held back (services/trainer/token_shaping.py)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    kind: Literal["clip_cov", "kl_cov"]
+    """clip_cov: a random few inside (lower, upper) lose their gradient; kl_cov: the top fraction
+    gets a KL penalty, and no ratio is clipped."""
+    ratio: float = Field(0.0002, gt=0, le=1)
+    """Fraction of a loss call's tokens chosen (verl: 0.0002; the original's k_percent 0.2 for a
+    7B model is 0.002)."""
+    lower: float = 1.0
+    """clip_cov: only tokens whose covariance is above this ..."""
+    upper: float = 5.0
+    """... and below this."""
+    kl_coef: float = Field(1.0, ge=0)
+    """kl_cov: c in c |log pi - log pi_old|."""
+
+    @model_validator(mode="after")
+    def _window(self) -> CovarianceControl:
+        if self.lower >= self.upper:
+            raise ValueError(f"covariance: lower ({self.lower}) must be below upper ({self.upper})")
+        return self
+
+
 class KAnneal(BaseModel):
     """PKPO's annealing of k (Walder & Karkhanis 2025): from the run's ``k`` to ``k_end`` over
     ``steps`` training steps (``services.trainer.pkpo.anneal_k``), then ``k_end``."""
@@ -91,6 +129,12 @@ class TrainerSettings(BaseModel):
     """Entropy regularization coefficient (Sec. 3.1 tries 0.001, 0.003, 0.005)."""
     kl_coef: float = Field(0.0, ge=0)
     """KL penalty to the starting policy (k3 estimate); 0 keeps no reference model, as the paper."""
+    entropy_advantage: EntropyAdvantage | None = None
+    """Token advantages shaped by entropy (Cheng et al. 2025), e.g. {alpha = 0.4, kappa = 2}."""
+    top_entropy: float | None = Field(None, gt=0, le=1)
+    """The policy gradient only on this top fraction of tokens by entropy (Wang et al. 2025: 0.2)."""
+    covariance: CovarianceControl | None = None
+    """Clip-Cov or KL-Cov, e.g. {kind = "kl_cov", ratio = 0.002}."""
     noise_rewards: float = Field(0.0, ge=0, le=1)
     """Noise rewards (Sec. 3.1): the fraction of negative responses whose reward is flipped to 1."""
     clip_low: float = Field(0.2, ge=0, le=1)

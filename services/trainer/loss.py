@@ -1,6 +1,7 @@
 """The policy loss the paper uses: DAPO's clip-higher PPO objective with a
 token-level policy-gradient loss and no KL term (Sec. 2.1, Appendix A.2); the
-entropy bonus of Sec. 3.1 and a KL penalty to a reference policy as options."""
+entropy bonus of Sec. 3.1, a KL penalty to a reference policy and the token-level
+options of ``token_shaping`` as options."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from services.trainer.token_shaping import (
+    Covariance,
+    clip_cov_tokens,
+    entropy_advantages,
+    kl_cov_tokens,
+    token_covariance,
+    top_entropy_mask,
+)
+
 
 @dataclass(frozen=True)
 class LossStats:
@@ -16,6 +26,7 @@ class LossStats:
     ratio_mean: float
     entropy: float  # aggregated like the loss
     kl: float  # to the reference policy, 0 without one
+    shaped_fraction: float = 0.0  # valid tokens a token option held back (80/20, Clip-Cov, KL-Cov)
 
 
 def _aggregate(per_token: Tensor, maskf: Tensor, aggregation: str, normalizer: float | None) -> Tensor:
@@ -42,6 +53,10 @@ def policy_loss(
     entropy_coef: float = 0.0,
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
+    entropy_advantage: tuple[float, float] | None = None,
+    top_entropy: float | None = None,
+    covariance: Covariance | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, LossStats]:
     """Clipped surrogate loss to minimize.
 
@@ -59,12 +74,40 @@ def policy_loss(
             average (entropy regularization, Sec. 3.1).
         ref_logprobs, kl_coef: (S, T) log-probs under a reference policy; the loss adds kl_coef times
             the average k3 estimate of KL(policy || reference), exp(r - p) - (r - p) - 1 (GRPO's).
+        entropy_advantage: (alpha, kappa): token advantages A + min(alpha * H_t, |A| / kappa).
+        top_entropy: rho: the policy gradient only on the top rho of the tokens by entropy (80/20);
+            the average keeps its denominator (the others count as 0).
+        covariance: Clip-Cov (the chosen tokens' gradient dropped, their 0 still counted) or
+            KL-Cov (every token unclipped, the chosen ones penalized by c |log pi - log pi_old|).
+        generator: Clip-Cov's random choice.
+    The last three need ``entropy`` (the first two) and act on this call's tokens (token_shaping).
     """
+    if (entropy_advantage is not None or top_entropy is not None) and entropy is None:
+        raise ValueError("entropy_advantage and top_entropy need the token entropies")
     ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.unsqueeze(1)
+    if entropy_advantage is not None:
+        adv = entropy_advantages(advantages, entropy, *entropy_advantage)
+    else:
+        adv = advantages.unsqueeze(1)
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    held_back = torch.zeros_like(mask)
+    if top_entropy is not None:
+        held_back = mask & ~top_entropy_mask(entropy, mask, top_entropy)
+        per_token = per_token.masked_fill(held_back, 0.0)
+    if covariance is not None:
+        cov = token_covariance(adv, logprobs, mask)
+        valid_tokens = int(mask.sum())
+        if covariance.kind == "clip_cov":
+            window = mask & ~(clipped < unclipped) & (cov > covariance.lower) & (cov < covariance.upper)
+            chosen = clip_cov_tokens(window, valid_tokens, covariance.ratio, generator)
+            per_token = per_token.masked_fill(chosen, 0.0)
+        else:
+            chosen = kl_cov_tokens(cov, mask, covariance.ratio)
+            penalty = covariance.kl_coef * (logprobs - old_logprobs).abs()
+            per_token = torch.where(chosen, -unclipped + penalty, -unclipped)
+        held_back = held_back | chosen
     maskf = mask.to(per_token.dtype)
     loss = _aggregate(per_token, maskf, aggregation, normalizer)
     entropy_term = kl_term = torch.zeros((), device=loss.device)
@@ -77,12 +120,15 @@ def policy_loss(
         kl_term = _aggregate(torch.expm1(delta) - delta, maskf, aggregation, normalizer)
         loss = loss + kl_coef * kl_term
     with torch.no_grad():
-        was_clipped = (clipped < unclipped) & mask  # the clipped objective is the one in force
+        # the clipped objective is the one in force (KL-Cov clips nothing)
+        clips = covariance is None or covariance.kind == "clip_cov"
+        was_clipped = (clipped < unclipped) & mask if clips else torch.zeros_like(mask)
         stats = LossStats(
             clip_fraction=float(was_clipped.sum() / mask.sum().clamp_min(1)),
             ratio_mean=float((ratio * maskf).sum() / maskf.sum().clamp_min(1)),
             entropy=float(entropy_term),
             kl=float(kl_term),
+            shaped_fraction=float(held_back.sum() / mask.sum().clamp_min(1)),
         )
     return loss, stats
 

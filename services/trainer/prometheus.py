@@ -21,6 +21,10 @@ GAUGES = {
     ),
     "response_tokens": ("passk_trainer_response_tokens", "Mean response length of the latest step, in tokens"),
     "clip_fraction": ("passk_trainer_clip_fraction", "Fraction of tokens whose ratio was clipped"),
+    "token_shaped_fraction": (
+        "passk_trainer_token_shaped_fraction",
+        "Fraction of tokens a token-level option held back (top_entropy, covariance)",
+    ),
     "grad_norm": ("passk_trainer_grad_norm", "Gradient norm before clipping, mean over the step's updates"),
     "kl": ("passk_trainer_kl", "KL estimate to the reference policy (0 without one)"),
     "lr": ("passk_trainer_learning_rate", "Learning rate after the latest update"),

@@ -28,6 +28,7 @@ from services.trainer.config import Stage, TrainerSettings
 from services.trainer.diagnostics import advantage_diagnostics
 from services.trainer.distributed import Ranks
 from services.trainer.loss import policy_loss, response_logprobs
+from services.trainer.token_shaping import Covariance
 
 
 @dataclass
@@ -50,6 +51,20 @@ def masked_advantages(
         options = {key: (v[usable] if key == "entropy" else v) for key, v in options.items()}
         advantages[usable] = compute_advantages(estimator, rewards[usable], k=k, mask=valid[usable], **options).float()
     return advantages
+
+
+def token_loss_options(s: TrainerSettings, version: int, rank: int) -> dict:
+    """The token-level options of the preset as ``policy_loss`` arguments; Clip-Cov's draws come from
+    a generator seeded by the run, the version and the rank (the same on a resumed run)."""
+    options: dict = {}
+    if s.entropy_advantage is not None:
+        options["entropy_advantage"] = (s.entropy_advantage.alpha, s.entropy_advantage.kappa)
+    if s.top_entropy is not None:
+        options["top_entropy"] = s.top_entropy
+    if s.covariance is not None:
+        options["covariance"] = Covariance(**s.covariance.model_dump())
+        options["generator"] = torch.Generator().manual_seed((s.seed * 1_000_003 + version) * 1_009 + rank)
+    return options
 
 
 def _chunks(index: list[int], size: int) -> list[list[int]]:
@@ -129,12 +144,13 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
 
     # 4. one update per mini-batch; each rank's share in micro-batches, gradients summed
     lengths = batch.lengths()
+    token_options = token_loss_options(s, version, ranks.rank)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    losses, clip, kls, norms, updates = [], [], [], [], 0
+    losses, clip, shaped, kls, norms, updates = [], [], [], [], [], 0
     for index in index_batches:
         denominator = normalizer(valid[index], lengths[index], s.loss_aggregation)
         opt.optimizer.zero_grad(set_to_none=True)
-        local_loss = local_clipped = local_tokens = local_kl = 0.0
+        local_loss = local_clipped = local_tokens = local_kl = local_shaped = 0.0
         for part in _chunks(shard(index, ranks.rank, ranks.world), s.micro_batch_prompts):
             lp, ent, mask = _forward(model, batch, part, opt.pad_id, autocast)
             if not pre_pass:
@@ -154,12 +170,14 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
                 entropy_coef=s.entropy_coef,
                 ref_logprobs=_padded([ref[g] for g in part], width).to(device) if ref else None,
                 kl_coef=s.kl_coef,
+                **token_options,
             )
             # FSDP2 averages the ranks' gradients; the normalized losses need their sum
             (loss * ranks.world if s.fsdp else loss).backward()
             count = float(response_mask.sum())
             local_loss += float(loss.detach())
             local_clipped += stats.clip_fraction * count
+            local_shaped += stats.shaped_fraction * count
             local_tokens += count
             local_kl += stats.kl
         if not s.fsdp:  # FSDP2 has reduce-scattered them already
@@ -172,10 +190,11 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
         opt.optimizer.step()
         opt.scheduler.step()
         updates += 1
-        sums = distributed.sum_scalars([local_loss, local_clipped, local_tokens, local_kl], ranks)
-        total_loss, clipped, tokens, kl = sums
+        sums = distributed.sum_scalars([local_loss, local_clipped, local_tokens, local_kl, local_shaped], ranks)
+        total_loss, clipped, tokens, kl, shaped_tokens = sums
         losses.append(total_loss)
         clip.append(clipped / max(tokens, 1.0))
+        shaped.append(shaped_tokens / max(tokens, 1.0))
         kls.append(kl)
 
     if response_entropy is None:
@@ -201,6 +220,7 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
         "negative_diversity": negative_diversity(batch.responses, batch.rewards, valid),
         "response_tokens": float(token_counts.mean()) if token_counts.numel() else 0.0,
         "clip_fraction": sum(clip) / len(clip),
+        "token_shaped_fraction": sum(shaped) / len(shaped),
         "kl": sum(kls) / len(kls),
         "grad_norm": sum(norms) / len(norms),
         "updates": updates,

@@ -34,6 +34,10 @@ OPTIONS = {
     "noise rewards": {"noise_rewards": 0.25},
     "mini- and micro-batches, warm-up": {"mini_batch_prompts": 2, "micro_batch_prompts": 1, "warmup_steps": 6},
     "clip ratios": {"clip_low": 0.1, "clip_high": 0.5},
+    "entropy advantage": {"entropy_advantage": "{alpha = 0.4, kappa = 2}"},
+    "top-entropy tokens (80/20)": {"top_entropy": 0.2},
+    "Clip-Cov": {"covariance": "{kind = 'clip_cov', ratio = 0.05, lower = -1e9, upper = 1e9}"},
+    "KL-Cov": {"covariance": "{kind = 'kl_cov', ratio = 0.05}"},
     "async, staleness 1": {"mode": "'async'", "max_staleness": 1, "steps": 4},
     "stages P@k then P@1, twice": {
         "stages": "[{estimator = 'passk_analytic', k = 4, steps = 1}, {estimator = 'grpo', k = 1, steps = 1}]",
@@ -84,6 +88,11 @@ def test_a_short_training_with(overrides, cluster, redis_server, tiny_model, tmp
         assert rows[0]["lr"] < rows[-1]["lr"]  # still warming up
     if "kl_coef" in overrides:
         assert rows[-1]["kl"] > 0  # the policy moved away from the reference
+    held_back = [m["token_shaped_fraction"] for m in rows]
+    if "top_entropy" in overrides or "covariance" in overrides:
+        assert all(0 < f < 1 for f in held_back), held_back  # some tokens held back, not all
+    else:
+        assert held_back == [0.0] * len(rows)
     assert sum(m["flipped_rewards"] for m in rows) > 0
     assert all(m["trained_reward_mean"] >= m["reward_mean"] for m in rows)
     if "mode" in overrides:

@@ -43,11 +43,36 @@ def test_the_gpu_presets_carry_the_papers_settings():
         ("k_anneal={k_end = 0, steps = 10}", "k_anneal.k_end"),
         ("k_anneal={k_end = 1, steps = 10, schedule = 'wavy'}", "k_anneal.schedule"),
         ("k_anneal={k_end = 1}", "k_anneal.steps"),
+        ("entropy_advantage={alpha = 0}", "entropy_advantage.alpha"),
+        ("entropy_advantage={alpha = 0.4, kappa = 1}", "entropy_advantage.kappa"),
+        ("entropy_advantage={alpha = 0.4, beta = 1}", "entropy_advantage.beta"),
+        ("top_entropy=0", "top_entropy"),
+        ("top_entropy=1.5", "top_entropy"),
+        ("covariance={kind = 'both'}", "covariance.kind"),
+        ("covariance={kind = 'clip_cov', ratio = 0}", "covariance.ratio"),
+        ("covariance={kind = 'clip_cov', lower = 5, upper = 1}", "covariance: lower \\(5.0\\) must be below upper"),
+        ("covariance={kind = 'kl_cov', kl_coef = -1}", "covariance.kl_coef"),
     ],
 )
 def test_bad_settings_are_refused_by_name(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("+", r"\+")):
         load_settings(CONFIGS / "maze-tiny.toml", [override])
+
+
+def test_the_token_level_options_are_one_line_each():
+    from services.trainer.step import token_loss_options
+    from services.trainer.token_shaping import Covariance
+
+    plain = load_settings(CONFIGS / "maze-tiny.toml")
+    assert token_loss_options(plain, 3, 0) == {}
+    lines = ["entropy_advantage={alpha = 0.1}", "top_entropy=0.2", "covariance={kind = 'kl_cov', ratio = 0.002}"]
+    options = token_loss_options(load_settings(CONFIGS / "maze-tiny.toml", lines), 3, 0)
+    assert options["entropy_advantage"] == (0.1, 2.0) and options["top_entropy"] == 0.2
+    assert options["covariance"] == Covariance("kl_cov", ratio=0.002, lower=1.0, upper=5.0, kl_coef=1.0)
+    # Clip-Cov's draws: the same generator state for the same run, version and rank, not for others
+    states = [token_loss_options(load_settings(CONFIGS / "maze-tiny.toml", lines), v, r)["generator"].initial_seed()
+              for v, r in ((3, 0), (3, 0), (4, 0), (3, 1))]  # fmt: skip
+    assert states[0] == states[1] and len(set(states)) == 3
 
 
 def test_an_unknown_rollout_key_is_refused(tmp_path):
