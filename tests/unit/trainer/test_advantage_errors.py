@@ -188,6 +188,9 @@ def test_register_records_the_function_whether_it_uses_k_and_its_options():
         def scaled(groups, k, *, factor: float = 2.0):
             return groups.values * factor + k
 
+        assert register(Estimator.GRPO)(scaled) is scaled
+        assert estimator_uses_k("grpo") is True  # the default: an estimator of Pass@k
+        advantage._REGISTRY.pop(Estimator.GRPO)
         assert register(Estimator.GRPO, uses_k=False)(scaled) is scaled
         assert estimator_uses_k("grpo") is False
         torch.testing.assert_close(compute_advantages("grpo", R, k=1), R * 2 + 1)

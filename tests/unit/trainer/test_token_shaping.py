@@ -1,16 +1,12 @@
-"""The token-level options of the policy loss against hand-checked values and against a direct
-implementation written token by token from the papers' definitions (docs/research/objective-family.md)."""
+"""The pieces of the token-level options (services/trainer/token_shaping.py) against hand-checked
+values; the loss with each option is checked in test_loss.py against a token-by-token implementation
+of the papers' definitions (docs/research/objective-family.md)."""
 
 from __future__ import annotations
 
-import math
-
-import pytest
 import torch
 
-from services.trainer.loss import policy_loss
 from services.trainer.token_shaping import (
-    Covariance,
     clip_cov_tokens,
     entropy_advantages,
     kl_cov_tokens,
@@ -74,111 +70,3 @@ def test_kl_cov_picks_the_largest_covariances_and_clip_cov_a_random_few_of_its_w
         seen.add(tuple(torch.nonzero(chosen.reshape(-1)).reshape(-1).tolist()))
     assert seen == {(1,), (2,), (4,)}  # each candidate is drawn
     assert clip_cov_tokens(window, 5, 1.0, None).tolist() == window.tolist()  # fewer than asked: all
-
-
-# --- the loss with each option, against a token-by-token implementation ---------------------------
-
-
-def reference(lp, old, adv, mask, entropy, *, alpha=None, kappa=None, rho=None, cov=None, chosen=None):
-    """DAPO's token-mean clipped loss (clip 0.2 / 0.28) with the options applied token by token."""
-    s, t = len(lp), len(lp[0])
-    valid = [(i, j) for i in range(s) for j in range(t) if mask[i][j]]
-    advs = {}
-    for i, j in valid:
-        a = adv[i]
-        if alpha is not None:
-            a = a + min(alpha * entropy[i][j], abs(a) / kappa)
-        advs[i, j] = a
-    kept = set(valid)
-    if rho is not None:
-        ranked = sorted((entropy[i][j] for i, j in valid), reverse=True)
-        threshold = ranked[math.ceil(rho * len(valid)) - 1]
-        kept = {(i, j) for i, j in valid if entropy[i][j] >= threshold}
-    total = 0.0
-    for i, j in valid:
-        ratio = math.exp(lp[i][j] - old[i][j])
-        a = advs[i, j]
-        if cov == "kl_cov":
-            term = -ratio * a + (abs(lp[i][j] - old[i][j]) if (i, j) in chosen else 0.0)
-        else:
-            term = -min(ratio * a, min(max(ratio, 0.8), 1.28) * a)
-            if (i, j) not in kept or (cov == "clip_cov" and (i, j) in chosen):
-                term = 0.0
-        total += term
-    return total / len(valid)
-
-
-@pytest.fixture
-def batch():
-    gen = torch.Generator().manual_seed(3)
-    lp = -torch.rand(4, 6, generator=gen) * 3
-    old = lp + (torch.rand(4, 6, generator=gen) - 0.5)  # ratios on both sides of the clip range
-    adv = torch.tensor([1.5, -0.7, 0.0, 0.4])
-    mask = torch.ones(4, 6, dtype=torch.bool)
-    mask[1, 4:] = False
-    mask[3, 2:] = False
-    entropy = torch.rand(4, 6, generator=gen) * 3
-    return lp, old, adv, mask, entropy
-
-
-def as_lists(*tensors):
-    return [x.tolist() for x in tensors]
-
-
-def test_entropy_advantage_in_the_loss(batch):
-    lp, old, adv, mask, entropy = batch
-    loss, stats = policy_loss(lp, old, adv, mask, entropy=entropy, entropy_advantage=(0.4, 2.0))
-    assert float(loss) == pytest.approx(reference(*as_lists(lp, old, adv, mask, entropy), alpha=0.4, kappa=2.0))
-    plain, _ = policy_loss(lp, old, adv, mask, entropy=entropy)
-    assert float(loss) != pytest.approx(float(plain)) and stats.shaped_fraction == 0.0
-
-
-def test_top_entropy_in_the_loss_keeps_the_denominator(batch):
-    lp, old, adv, mask, entropy = batch
-    loss, stats = policy_loss(lp, old, adv, mask, entropy=entropy, top_entropy=0.2)
-    assert float(loss) == pytest.approx(reference(*as_lists(lp, old, adv, mask, entropy), rho=0.2))
-    valid = int(mask.sum())
-    assert stats.shaped_fraction == pytest.approx((valid - math.ceil(0.2 * valid)) / valid)
-    # only the kept tokens get a gradient (not all of them: a clipped ratio passes none)
-    lp = lp.clone().requires_grad_()
-    policy_loss(lp, old, adv, mask, entropy=entropy, top_entropy=0.2)[0].backward()
-    kept = top_entropy_mask(entropy, mask, 0.2)
-    assert bool((lp.grad[~kept] == 0).all()) and bool((lp.grad[kept] != 0).any())
-
-
-def test_kl_cov_in_the_loss(batch):
-    lp, old, adv, mask, entropy = batch
-    option = Covariance("kl_cov", ratio=0.2, kl_coef=1.0)
-    loss, stats = policy_loss(lp, old, adv, mask, covariance=option)
-    chosen = kl_cov_tokens(token_covariance(adv.unsqueeze(1), lp, mask), mask, 0.2)
-    marked = {tuple(x) for x in torch.nonzero(chosen).tolist()}
-    assert len(marked) == int(0.2 * int(mask.sum()))
-    assert float(loss) == pytest.approx(reference(*as_lists(lp, old, adv, mask, entropy), cov="kl_cov", chosen=marked))
-    assert stats.clip_fraction == 0.0 and stats.shaped_fraction == pytest.approx(len(marked) / int(mask.sum()))
-
-
-def test_clip_cov_in_the_loss_drops_a_seeded_choice_inside_its_window(batch):
-    lp, old, adv, mask, entropy = batch
-    cov = token_covariance(adv.unsqueeze(1), lp, mask)
-    lower, upper = float(cov[mask].quantile(0.3)), float(cov[mask].max()) + 1  # a window with candidates
-    option = Covariance("clip_cov", ratio=0.1, lower=lower, upper=upper)
-    loss, stats = policy_loss(lp, old, adv, mask, covariance=option, generator=torch.Generator().manual_seed(7))
-    again, _ = policy_loss(lp, old, adv, mask, covariance=option, generator=torch.Generator().manual_seed(7))
-    assert float(loss) == float(again)  # the same seed, the same tokens
-    ratio = torch.exp(lp - old)
-    a = adv.unsqueeze(1)
-    window = mask & ~(ratio.clamp(0.8, 1.28) * a < ratio * a) & (cov > lower) & (cov < upper)
-    chosen = clip_cov_tokens(window, int(mask.sum()), 0.1, torch.Generator().manual_seed(7))
-    marked = {tuple(x) for x in torch.nonzero(chosen).tolist()}
-    assert len(marked) == int(0.1 * int(mask.sum())) and stats.shaped_fraction > 0
-    expected = reference(*as_lists(lp, old, adv, mask, entropy), cov="clip_cov", chosen=marked)
-    assert float(loss) == pytest.approx(expected)
-    plain, _ = policy_loss(lp, old, adv, mask)
-    assert float(loss) != pytest.approx(float(plain))
-
-
-def test_the_entropy_options_need_the_entropies(batch):
-    lp, old, adv, mask, _ = batch
-    for options in ({"entropy_advantage": (0.4, 2.0)}, {"top_entropy": 0.2}):
-        with pytest.raises(ValueError, match="need the token entropies"):
-            policy_loss(lp, old, adv, mask, **options)

@@ -15,7 +15,6 @@ import struct
 import sys
 from pathlib import Path
 
-import pyseccomp
 import pytest
 
 from services.verifier import sandbox
@@ -56,23 +55,6 @@ def become(uid: int, groups: tuple[int, ...] = ()) -> None:
     os.setgroups(groups)
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
-
-
-@pytest.fixture
-def open_dir():
-    """A directory another uid can reach and write (pytest's tmp_path sits under a 0700 one)."""
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="passk-calls-", dir="/tmp"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def bpf() -> bytes:
-    return sandbox.build_filter(pyseccomp)
 
 
 # --- the two wrappers -------------------------------------------------------------------------

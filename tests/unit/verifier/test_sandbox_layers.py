@@ -14,7 +14,6 @@ import socket
 import sys
 from pathlib import Path
 
-import pyseccomp
 import pytest
 
 from services.verifier import sandbox
@@ -32,18 +31,6 @@ def nothing(_fd: int) -> None:
 
 def connect(port: int):
     return lambda: socket.create_connection(("127.0.0.1", port), timeout=5).close()
-
-
-@pytest.fixture
-def open_dir():
-    """A directory that uid 65534 can reach (pytest's tmp_path sits under a 0700 directory)."""
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="passk-layers-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -177,11 +164,6 @@ def test_landlock_alone_stops_signals_to_processes_outside(tmp_path):
 
 
 # --- seccomp ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bpf() -> bytes:
-    return sandbox.build_filter(pyseccomp)
 
 
 def own_host_name(_fd: int) -> None:
