@@ -18,7 +18,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from services.trainer.task_figures import members
+
 BUCKETS = [f"{b}/8" for b in range(9)]
+# per task: the shares of all-wrong and all-right groups are in the per-task figures already,
+# counted from the graders' verdicts
+TASK_DIAGNOSTICS = ("eta_by_accuracy", "alpha_k_mean", "adv_abs_mean_correct", "adv_abs_mean_wrong")
 
 
 def advantage_diagnostics(advantages: Tensor, rewards: Tensor, valid: Tensor, k: int) -> dict:
@@ -48,3 +53,15 @@ def advantage_diagnostics(advantages: Tensor, rewards: Tensor, valid: Tensor, k:
         "adv_abs_mean_correct": mean_abs(correct),
         "adv_abs_mean_wrong": mean_abs(wrong),
     }
+
+
+def diagnostics_by_task(advantages: Tensor, rewards: Tensor, valid: Tensor, k: int, rows: list[str]) -> dict:
+    """{task or row: the advantage's figures above} for a mixture's step (``task_figures.members``
+    groups the rows)."""
+    if len(rows) != advantages.shape[0]:
+        raise ValueError(f"{len(rows)} rows for {advantages.shape[0]} groups")
+    out = {}
+    for key, indices in members(rows).items():
+        figures = advantage_diagnostics(advantages[indices], rewards[indices], valid[indices], k)
+        out[key] = {name: figures[name] for name in TASK_DIAGNOSTICS}
+    return out

@@ -207,9 +207,12 @@ class Trainer:
         batch = from_groups(groups, self.s.n_rollout)
         distributed.broadcast((step, self.version, batch), self.ranks)
         stage = stage_at(self.s, step)
-        metrics = train_on(batch, self.opt, self.s, stage, self.version, self.ranks)
+        rows = [self.rows.pop(job.job_id) for job in jobs]
+        metrics = train_on(batch, self.opt, self.s, stage, self.version, self.ranks, rows)
         t2 = time.monotonic()
-        metrics["tasks"] = task_figures.by_task(groups, [self.rows.pop(job.job_id) for job in jobs], stage.k)
+        metrics["tasks"] = task_figures.by_task(groups, rows, stage.k)
+        for task, figures in metrics.pop("task_diagnostics").items():
+            metrics["tasks"][task].update(figures)
         staleness = [self.version - v for v in batch.policy_versions]
         self.version += 1
         state = self.gather()
@@ -461,6 +464,9 @@ class Trainer:
                 self.writer.add_scalar(f"train/{name}", value, step)
         for task, figures in metrics.get("tasks", {}).items():
             for name, value in figures.items():
-                self.writer.add_scalar(f"task/{task}/{name}", value, step)
+                if isinstance(value, int | float):  # a mean over no answers is None
+                    self.writer.add_scalar(f"task/{task}/{name}", value, step)
+            for bucket, eta in figures.get("eta_by_accuracy", {}).items():
+                self.writer.add_scalar(f"task/{task}/eta_by_accuracy/{bucket.replace('/', '_of_')}", eta, step)
         for bucket, eta in metrics.get("eta_by_accuracy", {}).items():
             self.writer.add_scalar(f"eta_by_accuracy/{bucket.replace('/', '_of_')}", eta, step)

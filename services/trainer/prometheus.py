@@ -59,6 +59,9 @@ TASK_FIGURES = {
     "all_wrong": ("all_wrong_fraction", "Share of the task's groups with no correct sample"),
     "all_right": ("all_right_fraction", "Share of the task's groups with only correct samples"),
     "length": ("response_tokens", "Mean response length of the task's samples, in tokens"),
+    "alpha_k_mean": ("alpha_k_mean", "Mean weight k(1 - p)^(k-1) of the pass@k gradient on the task's groups"),
+    "adv_abs_mean_correct": ("advantage_abs_mean_correct", "Mean |advantage| of the task's correct answers"),
+    "adv_abs_mean_wrong": ("advantage_abs_mean_wrong", "Mean |advantage| of the task's wrong answers"),
 }
 
 
@@ -108,7 +111,8 @@ class TrainerMetrics:
             self.eta_by_accuracy.labels(bucket=bucket).set(eta)
         for task, figures in metrics.get("tasks", {}).items():
             for figure, gauge in self.task_figures.items():
-                gauge.labels(task=task).set(figures[figure])
+                if figures.get(figure) is not None:  # a mean over no answers is None
+                    gauge.labels(task=task).set(figures[figure])
         self.steps.inc()
         self.dropped.inc(metrics.get("dropped_stale", 0))
         self.failed.inc(metrics.get("failed_verdicts", 0))

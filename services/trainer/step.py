@@ -25,7 +25,7 @@ from services.trainer.advantage import compute_advantages
 from services.trainer.batch import Batch, flip_negatives, mini_batches, negative_diversity, normalizer, shard
 from services.trainer.binomial import pass_at_k
 from services.trainer.config import Stage, TrainerSettings
-from services.trainer.diagnostics import advantage_diagnostics
+from services.trainer.diagnostics import advantage_diagnostics, diagnostics_by_task
 from services.trainer.distributed import Ranks
 from services.trainer.loss import policy_loss, response_logprobs
 from services.trainer.token_shaping import Covariance
@@ -82,7 +82,15 @@ def _forward(model: torch.nn.Module, batch: Batch, groups: list[int], pad_id: in
         return response_logprobs(model, prompts, responses, pad_id)
 
 
-def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, version: int, ranks: Ranks) -> dict:
+def train_on(
+    batch: Batch,
+    opt: Optimization,
+    s: TrainerSettings,
+    stage: Stage,
+    version: int,
+    ranks: Ranks,
+    rows: list[str] | None = None,
+) -> dict:
     n, model = s.n_rollout, opt.model
     device = ranks.device
     autocast = device.type == "cuda"
@@ -228,4 +236,6 @@ def train_on(batch: Batch, opt: Optimization, s: TrainerSettings, stage: Stage, 
         "failed_verdicts": int((~valid).sum()),
         "groups": batch.groups,
         **advantage_diagnostics(advantages, rewards, valid, k),
+        # per task of a mixture (``rows[i]``: group i's task/row), merged into the per-task figures
+        **({"task_diagnostics": diagnostics_by_task(advantages, rewards, valid, k, rows)} if rows else {}),
     }

@@ -15,18 +15,24 @@ from services.trainer.binomial import pass_at_k
 FIGURES = ("groups", "reward", "pass@k", "positive", "all_wrong", "all_right", "length")
 
 
+def members(rows: list[str]) -> dict[str, list[int]]:
+    """{task or row: the indices of its groups}; ``rows[i]`` is group i's row (its task before the
+    slash): a group counts in its task and, when the row names more, in its row too."""
+    out: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        out[row.split("/", 1)[0]].append(i)
+        if "/" in row:
+            out[row].append(i)
+    return dict(out)
+
+
 def by_task(groups: list[ScoredGroup], rows: list[str], k: int) -> dict[str, dict[str, float]]:
     """{task or row: {figure: value}}; ``rows[i]`` is group i's row (its task before the slash).
     Failed gradings are left out of every figure, as the trainer leaves them out of the update."""
     if len(rows) != len(groups):
         raise ValueError(f"{len(rows)} rows for {len(groups)} groups")
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        members[row.split("/", 1)[0]].append(i)
-        if "/" in row:
-            members[row].append(i)
     out = {}
-    for key, indices in members.items():
+    for key, indices in members(rows).items():
         rewards, correct, valid, all_wrong, all_right, lengths = [], [], [], 0, 0, []
         for i in indices:
             scored = groups[i]

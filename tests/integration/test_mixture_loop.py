@@ -79,6 +79,9 @@ def test_a_short_training_on_mazes_puzzles_and_math(redis_server, tiny_model, tm
         drawn = Counter(prompts[job].task for job in row["trained_jobs"])
         assert {task: row["tasks"][task]["groups"] for task in drawn} == dict(drawn)
         assert all(0 <= row["tasks"][task]["reward"] <= 1 for task in drawn)
+        # the advantage's diagnostics per task: every drawn group sits in one accuracy bucket
+        assert all(0 <= row["tasks"][task]["alpha_k_mean"] <= row["k"] for task in drawn)
+        assert all(row["tasks"][task]["eta_by_accuracy"] for task in drawn)
     graded: Counter = Counter()
     for family in text_string_to_metric_families(verdicts):
         for sample in family.samples:

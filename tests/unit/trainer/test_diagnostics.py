@@ -47,3 +47,27 @@ def test_an_empty_batch_and_one_without_correct_answers():
     assert none["eta_by_accuracy"] == {} and none["alpha_k_mean"] == 0.0 and none["adv_abs_mean_correct"] is None
     wrong = advantage_diagnostics(torch.full((2, 4), -1.0), torch.zeros(2, 4), torch.ones(2, 4, dtype=torch.bool), k=3)
     assert wrong["adv_abs_mean_correct"] is None and wrong["adv_abs_mean_wrong"] == 1.0 and wrong["alpha_k_mean"] == 3
+
+
+def test_per_task_diagnostics_are_each_tasks_own():
+    from services.trainer.diagnostics import diagnostics_by_task
+
+    rewards = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    advantages = torch.tensor([[3.0, -1, -1, -1], [0, 0, 0, 0], [0, 0, 0, 0], [2, 2, -2, -2]])
+    rows = ["math/arith", "maze/7x7", "math/fractions", "maze/9x9"]
+    got = diagnostics_by_task(advantages, rewards, valid, 2, rows)
+    assert set(got) == {"math", "math/arith", "math/fractions", "maze", "maze/7x7", "maze/9x9"}
+    # math: groups 0 (1/4 right: eta 6, alpha_2 = 2 * 3/4) and 2 (all wrong: eta 0, alpha_2 = 2)
+    assert got["math"] == {
+        "eta_by_accuracy": {"2/8": 6.0, "0/8": 0.0},
+        "alpha_k_mean": pytest.approx((1.5 + 2.0) / 2),
+        "adv_abs_mean_correct": 3.0,
+        "adv_abs_mean_wrong": pytest.approx(3 / 7),
+    }
+    # maze: groups 1 (all right) and 3 (half right)
+    assert got["maze"]["eta_by_accuracy"] == {"8/8": 0.0, "4/8": 8.0}
+    assert got["maze"]["alpha_k_mean"] == pytest.approx((0.0 + 1.0) / 2)
+    assert got["maze/9x9"]["adv_abs_mean_correct"] == 2.0 and got["math/fractions"]["adv_abs_mean_correct"] is None
+    with pytest.raises(ValueError, match="3 rows for 4 groups"):
+        diagnostics_by_task(advantages, rewards, valid, 2, rows[:3])
