@@ -17,8 +17,10 @@ COPY configs configs
 # [vllm] is already satisfied by the base image; pip keeps its torch (inside our range)
 RUN pip install -e ".[vllm]" \
  && python3 -c "from services.common import proto; proto.load('weights')"
-# The maze data of the GPU presets (sizes 7-21, the paper's Table 4 split)
-RUN passk data maze --out data/maze --seed 0
+# The data of the GPU presets: mazes (sizes 7-21, the paper's Table 4 split) and the puzzles of the
+# Enigmata-like mixture (two reasoning-gym tasks per Enigmata category)
+RUN passk data maze --out data/maze --seed 0 \
+ && passk data puzzles --out data/puzzles --seed 0
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin passk \
  && mkdir -p runs models && chown passk:passk runs models

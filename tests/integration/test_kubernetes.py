@@ -52,7 +52,8 @@ def render(directory: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def rendered(k8s_copy) -> dict[str, list[dict]]:
     return {name: render(k8s_copy / path) for name, path in
-            (("base", "base"), ("cpu", "overlays/cpu"), ("gpu", "overlays/gpu"))}  # fmt: skip
+            (("base", "base"), ("cpu", "overlays/cpu"), ("gpu", "overlays/gpu"),
+             ("gpu-enigmata", "overlays/gpu-enigmata"))}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,11 @@ def test_the_gpu_overlay_asks_for_gpus_and_vllm(rendered):
     assert preset == Path("configs/qwen2.5-7b-maze-passk.toml").read_text()
     base_preset = next(iter(by_kind(rendered["base"], "ConfigMap").values()))["data"]["preset.toml"]
     assert base_preset == Path("configs/maze-tiny.toml").read_text()
+    # the mixture's overlay: the gpu overlay with the Enigmata-like preset in its one ConfigMap
+    enigmata = rendered["gpu-enigmata"]
+    [mixture_preset] = [c["data"]["preset.toml"] for c in by_kind(enigmata, "ConfigMap").values()]
+    assert mixture_preset == Path("configs/qwen2.5-7b-enigmata-passk.toml").read_text()
+    assert by_kind(enigmata, "Deployment")["passk-rollout"] == by_kind(gpu, "Deployment")["passk-rollout"]
 
 
 def test_only_the_trainer_reaches_the_weight_service(rendered):

@@ -19,16 +19,23 @@ def test_every_preset_loads(preset):
 
 
 def test_the_gpu_presets_carry_the_papers_settings():
-    for name in ("qwen2.5-7b-maze-passk", "qwen2.5-7b-maze-pass1", "qwen2.5-7b-maze-pk-then-p1"):
+    gpu = ("maze-passk", "maze-pass1", "maze-pk-then-p1", "enigmata-passk", "enigmata-pass1", "enigmata-pk-then-p1")
+    for name in (f"qwen2.5-7b-{preset}" for preset in gpu):
         s = load_settings(CONFIGS / f"{name}.toml")
         assert (s.n_rollout, s.prompts_per_step, s.mini_batch_prompts, s.lr, s.warmup_steps) == (32, 128, 32, 1e-6, 10)
         assert (s.clip_low, s.clip_high, s.loss_aggregation, s.kl_coef, s.entropy_coef) == (0.2, 0.28, "token", 0, 0)
         assert preset_rollout_options(CONFIGS / f"{name}.toml") == ["--backend", "vllm"]
         assert s.fsdp and s.device == "cuda"
-    schedule = load_settings(CONFIGS / "qwen2.5-7b-maze-pk-then-p1.toml")
-    picked = [(stage_at(schedule, step).estimator, stage_at(schedule, step).k) for step in (1, 100, 101, 200, 201, 400)]
-    assert picked == [("passk_analytic", 8), ("passk_analytic", 8), ("grpo", 1), ("grpo", 1), ("passk_analytic", 8),
-                      ("grpo", 1)]  # fmt: skip
+    for task in ("maze", "enigmata"):
+        schedule = load_settings(CONFIGS / f"qwen2.5-7b-{task}-pk-then-p1.toml")
+        steps = (1, 100, 101, 200, 201, 400)
+        picked = [(stage_at(schedule, step).estimator, stage_at(schedule, step).k) for step in steps]
+        assert picked == [("passk_analytic", 8), ("passk_analytic", 8), ("grpo", 1), ("grpo", 1),
+                          ("passk_analytic", 8), ("grpo", 1)]  # fmt: skip
+    for name, estimator, k in (("passk", "passk_analytic", 8), ("pass1", "grpo", 1)):
+        s = load_settings(CONFIGS / f"qwen2.5-7b-enigmata-{name}.toml")
+        assert (s.estimator, s.k, s.max_tokens) == (estimator, k, 4096)
+        assert [(t.task, t.train, t.weight) for t in s.mixture] == [("puzzle", "data/puzzles/train.jsonl", 1.0)]
 
 
 @pytest.mark.parametrize(
