@@ -525,14 +525,14 @@ def eval_(
     out.mkdir(parents=True, exist_ok=True)
     # a verifier of our own, on loopback, without the queue, unless one is given
     own = service(["serve", "verifier", "--no-queue"], out / "verifier.log") if verifier_url is None else nullcontext()
-    sample_file = (out / "samples.jsonl").open("w") if samples else None
 
     def record(item, responses: list[str], rewards: list[float]) -> None:
         line = {"row": item.row, "task": item.task, "prompt": item.prompt, "reference": item.reference,
                 "responses": responses, "rewards": rewards}  # fmt: skip
         sample_file.write(json.dumps(line) + "\n")
 
-    with own as started, sample_file or nullcontext():
+    # the file is opened once the verifier is up: one that fails to start leaves no open handle
+    with own as started, (out / "samples.jsonl").open("w") if samples else nullcontext() as sample_file:
         table = evaluate_items(
             model, tokenizer, eval_items(items, template), n=n, ks=ks, max_tokens=max_tokens,
             verifier_url=verifier_url or started[1], seed=seed, record=record if samples else None,
