@@ -13,8 +13,8 @@ In the order they are applied:
 * resource limits: address space, CPU seconds, open files, processes, file size, no
   core files;
 * privileges: started as root, the grader runs as uid 65534 with no supplementary
-  groups; in every case with no capabilities (the
-  bounding and ambient sets emptied too) and ``no_new_privs``;
+  groups; in every case with no capabilities, the ambient set emptied, the bounding set
+  too where the process may empty it (CAP_SETPCAP), and ``no_new_privs``;
 * Landlock: reads only beneath the Python installation, the graders' package and the
   system libraries (never the current directory), writes only beneath the working
   directory, no TCP, no signals to processes outside the sandbox;
@@ -279,10 +279,12 @@ def _capabilities() -> tuple[int, int, int]:
 
 
 def drop_privileges(uid: int | None) -> str:
-    """As root: no supplementary groups, ``uid`` as every user and group id. Always: the bounding
-    and ambient capability sets emptied, no capabilities left, ``no_new_privs``."""
-    # Emptying the bounding set needs CAP_SETPCAP (dropped last, with the others below); a process
-    # without it cannot use the set anyway: it would need an exec, and no_new_privs stops that.
+    """As root: no supplementary groups, ``uid`` as every user and group id. Always: the ambient
+    set emptied, no capabilities left, ``no_new_privs``; the bounding set emptied too when the
+    process holds CAP_SETPCAP."""
+    # Emptying the bounding set needs CAP_SETPCAP in force (the capset below clears it with the
+    # rest); a process without it cannot use the set anyway: that takes an exec, which no_new_privs
+    # and the seccomp list stop.
     if _capabilities()[0] & 1 << CAP_SETPCAP:
         for cap in range(int(Path("/proc/sys/kernel/cap_last_cap").read_text()) + 1):
             _prctl(PR_CAPBSET_DROP, cap)
