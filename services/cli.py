@@ -180,15 +180,33 @@ def data_puzzles(
             help="A reasoning-gym dataset, as NAME or NAME=CATEGORY (repeatable); default: the Enigmata seven."
         ),
     ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A dataset's configuration field, as DATASET.FIELD=VALUE (repeatable), e.g. "
+            "chain_sum.max_terms=3; reasoning-gym's defaults otherwise."
+        ),
+    ] = None,
 ) -> None:
     """Write reasoning-gym puzzles (two tasks per Enigmata category, or the datasets named),
     graded by reasoning-gym's scorers."""
-    from services.tasks.puzzles import build_splits, catalog_of
+    from services.tasks.puzzles import CATALOG, build_splits, catalog_of, parse_options
 
     try:
-        splits = build_splits(train_per_task, test_per_task, seed, catalog_of(dataset) if dataset else None)
+        options = parse_options(option or [])
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--option") from None
+    try:
+        catalog = catalog_of(dataset) if dataset else None
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--dataset") from None
+    unused = sorted(set(options) - {d for names in (catalog or CATALOG).values() for d in names})
+    if unused:
+        raise typer.BadParameter(f"options for {', '.join(unused)}, which is not generated", param_hint="--option")
+    try:
+        splits = build_splits(train_per_task, test_per_task, seed, catalog, options)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--option") from None
     _write_splits(splits, out, "puzzles")
 
 

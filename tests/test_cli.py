@@ -171,3 +171,18 @@ def test_data_puzzles_of_named_reasoning_gym_datasets(tmp_path):
     assert [len(read_jsonl(tmp_path / "t" / f"{s}.jsonl")) for s in ("train", "test")] == [0, 3]
     refused = run("data", "puzzles", "--out", str(out), "--dataset", "no_such_puzzle")
     assert refused.returncode == 2 and "unknown reasoning-gym dataset 'no_such_puzzle'" in refused.stderr
+    eased = run(
+        "data", "puzzles", "--out", str(tmp_path / "e"), "--train-per-task", "4", "--test-per-task", "4",
+        "--dataset", "chain_sum", "--option", "chain_sum.max_terms=2", "--option", "chain_sum.max_digits=2",
+    )  # fmt: skip
+    assert eased.returncode == 0, eased.stderr
+    for item in read_jsonl(tmp_path / "e" / "test.jsonl"):  # two terms of one digit, graded by the same config
+        assert len(item.prompt.split("=")[0].split(":")[1].split()) == 3, item.prompt
+        assert GRADERS["puzzle"](f"<answer>{item.answer}</answer>", item.reference) == 1.0
+    for option, message in (
+        ("chain_sum.max_term=2", "chain_sum has no field 'max_term'"),
+        ("chain_sum.max_terms=0", "max_terms must be >= min_terms"),
+        ("word_sorting.min_words=2", "options for word_sorting, which is not generated"),
+    ):
+        refused = run("data", "puzzles", "--out", str(out), "--dataset", "chain_sum", "--option", option)
+        assert refused.returncode == 2 and message in " ".join(refused.stderr.replace("│", " ").split()), option

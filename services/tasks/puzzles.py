@@ -29,14 +29,17 @@ MAX_PER_TASK = 1 << 20
 INSTRUCTION = "\n\nThink it through, then give only the final answer inside <answer> </answer>."
 
 
-def generate(dataset: str, count: int, seed: int) -> Iterator[tuple[dict, dict]]:
-    """(config, entry) pairs of one reasoning-gym dataset."""
+def generate(dataset: str, count: int, seed: int, options: dict | None = None) -> Iterator[tuple[dict, dict]]:
+    """(config, entry) pairs of one reasoning-gym dataset, configured by ``options`` beyond its defaults."""
     import reasoning_gym
 
     if count <= 0:  # reasoning-gym refuses an empty dataset
         return
-    config = {"seed": seed, "size": count}
-    data = reasoning_gym.create_dataset(dataset, **config)
+    config = {**(options or {}), "seed": seed, "size": count}
+    try:
+        data = reasoning_gym.create_dataset(dataset, **config)
+    except AssertionError as err:  # reasoning-gym checks its configurations with asserts
+        raise ValueError(f"{dataset}: bad configuration {options}: {err}") from None
     for i in range(count):
         entry = data[i]
         yield config, {"question": entry["question"], "answer": entry["answer"], "metadata": entry["metadata"]}
@@ -63,11 +66,42 @@ def catalog_of(names: list[str]) -> dict[str, tuple[str, ...]]:
     return catalog
 
 
+def parse_options(specs: list[str]) -> dict[str, dict]:
+    """{dataset: {field: value}} of ``DATASET.FIELD=VALUE`` specs (the value read as JSON, else as
+    text), checked against the dataset's configuration class; ValueError naming a bad spec."""
+    import dataclasses
+
+    from reasoning_gym.factory import DATASETS
+
+    options: dict[str, dict] = {}
+    for spec in specs:
+        target, sep, text = spec.partition("=")
+        dataset, dot, field = target.partition(".")
+        if not (sep and dot and dataset and field):
+            raise ValueError(f"option {spec!r}: expected DATASET.FIELD=VALUE, e.g. chain_sum.max_terms=3")
+        if dataset not in DATASETS:
+            raise ValueError(f"option {spec!r}: unknown reasoning-gym dataset {dataset!r}")
+        fields = {f.name for f in dataclasses.fields(DATASETS[dataset][1])} - {"seed", "size"}
+        if field not in fields:
+            raise ValueError(f"option {spec!r}: {dataset} has no field {field!r} (it has {', '.join(sorted(fields))})")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options.setdefault(dataset, {})[field] = value
+    return options
+
+
 def build_splits(
-    train_per_task: int, test_per_task: int, seed: int, catalog: dict[str, tuple[str, ...]] | None = None
+    train_per_task: int,
+    test_per_task: int,
+    seed: int,
+    catalog: dict[str, tuple[str, ...]] | None = None,
+    options: dict[str, dict] | None = None,
 ) -> dict[str, list[TaskItem]]:
     """Train and test splits of ``catalog`` (category -> datasets; the Enigmata-like CATALOG by
-    default); test questions never appear in train."""
+    default), each dataset configured by its ``options`` (reasoning-gym's defaults otherwise); test
+    questions never appear in train."""
     if not (0 <= train_per_task < MAX_PER_TASK and 0 <= test_per_task < MAX_PER_TASK) or seed < 0:
         raise ValueError(f"items per task must be in [0, {MAX_PER_TASK}) and the seed >= 0")
     splits: dict[str, list[TaskItem]] = {"test": [], "train": []}
@@ -77,7 +111,7 @@ def build_splits(
             # reasoning-gym draws item i from Random(seed + i): splits start 2**20 apart so their items never coincide
             base = seed << 21
             for split, count, split_seed in (("test", test_per_task, base | 1 << 20), ("train", train_per_task, base)):
-                for config, entry in generate(dataset, count, split_seed):
+                for config, entry in generate(dataset, count, split_seed, (options or {}).get(dataset)):
                     if entry["question"] in seen:
                         continue
                     seen.add(entry["question"])

@@ -161,7 +161,12 @@ class TrainerSettings(BaseModel):
     training ones need longer answers."""
     eval_every_sizes: list[int] = []
     """Maze sizes of the evaluations every ``eval_every`` steps (empty: all); the evaluations before
-    and after training cover every size. Cheap training curves when the held-out set has large mazes."""
+    and after training cover every size. Cheap training curves when the held-out set has large mazes.
+    Maze-only runs: a mixture evaluates every row each time."""
+    eval_via: Literal["replicas", "trainer"] = "replicas"
+    """Who samples the held-out answers: the rollout replicas, as evaluation jobs on the prompts
+    stream that are never trained on (vLLM on GPU), or the trainer's own copy of the policy on rank 0
+    (transformers; configs/maze-tiny.toml keeps it so that its published tables stay reproducible)."""
     eval_mazes: int = Field(100, ge=1)
     """Held-out mazes per size in an evaluation."""
     eval_n: int = Field(32, ge=1)
@@ -234,6 +239,8 @@ class TrainerSettings(BaseModel):
             raise ValueError(f"mini_batch_prompts={self.mini_batch_prompts} > prompts_per_step={self.prompts_per_step}")
         if any(k > self.eval_n or k < 1 for k in self.eval_k):
             raise ValueError(f"every eval_k must be between 1 and eval_n={self.eval_n}, got {self.eval_k}")
+        if self.mixture and self.eval_every_sizes:
+            raise ValueError("eval_every_sizes picks maze sizes of test_data; a mixture evaluates every row each time")
         return self
 
 

@@ -1,8 +1,9 @@
 """Held-out evaluation: unbiased pass@k per maze size and per task category.
 
-Samples come from the trainer's own copy of the policy (the version it just
-published) or from any checkpoint (``passk eval``); grading goes through the
-verifier's HTTP API, the same graders the training rewards come from.
+Samples come from the rollout replicas, as evaluation jobs (``evaluation_jobs``: on the prompts
+stream like training jobs, graded by the verifier like them, never trained on), from the trainer's
+own copy of the policy (the version it just published), or from any checkpoint (``passk eval``).
+Either way the graders are those the training rewards come from.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import httpx
 import torch
 
 from services.common.hf_sampling import sample
+from services.common.schemas import PromptJob, SamplingParams
 from services.tasks.maze import MazeItem
 from services.tasks.records import TaskItem
 from services.trainer.binomial import pass_at_k
@@ -86,6 +88,11 @@ def evaluate_items(
                 if record is not None:
                     record(item, texts, rewards)
     model.train(was_training)
+    return pass_table(correct, n, ks)
+
+
+def pass_table(correct: dict[str, list[int]], n: int, ks: list[int]) -> dict[str, dict[str, float]]:
+    """{row: {"pass@k": value, ..., "items": count}} of each row's correct counts out of ``n``."""
     table = {}
     for row, counts in correct.items():
         c = torch.tensor(counts)
@@ -93,6 +100,28 @@ def evaluate_items(
         entry["items"] = len(counts)
         table[row] = entry
     return table
+
+
+def evaluation_jobs(
+    items: list[EvalItem], *, epoch: int, version: int, n: int, max_tokens: int, seed: int
+) -> list[PromptJob]:
+    """One job per held-out item for the replicas, ids marked ``eval``. Item i samples with seed
+    ``seed + i`` (temperature 1, as the trainer's own evaluation): every job has its own sampling, so
+    no replica batches two of them and each item's samples are the same whichever replica draws them."""
+    return [
+        PromptJob(
+            job_id=f"e{epoch}-v{version}-eval-{i}",
+            prompt_id=f"eval-{i}",
+            task=item.task,
+            policy_version=version,
+            policy_epoch=epoch,
+            prompt=item.prompt,
+            reference=item.reference,
+            n=n,
+            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=seed + i),
+        )
+        for i, item in enumerate(items)
+    ]
 
 
 def evaluate(
@@ -114,12 +143,14 @@ def evaluate(
         model, tokenizer, eval_items(items, template), n=n, ks=ks, max_tokens=max_tokens,
         verifier_url=verifier_url, seed=seed, batch=batch, verifier_token=verifier_token,
     )  # fmt: skip
-    table = {}
-    for row, entry in by_row.items():
-        renamed = {key: value for key, value in entry.items() if key != "items"}
-        renamed["mazes"] = entry["items"]
-        table[int(row.split("x")[0])] = renamed
-    return dict(sorted(table.items()))
+    return dict(sorted((int(row.split("x")[0]), maze_entry(entry)) for row, entry in by_row.items()))
+
+
+def maze_entry(entry: dict[str, float]) -> dict[str, float]:
+    """A row of the maze table: its item count named ``mazes``."""
+    renamed = {key: value for key, value in entry.items() if key != "items"}
+    renamed["mazes"] = entry["items"]
+    return renamed
 
 
 def markdown(table: dict[str, dict[str, float]], ks: list[int]) -> str:

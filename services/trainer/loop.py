@@ -28,14 +28,14 @@ from services.common import redis_client, registry
 from services.common.config import StreamNames
 from services.common.payload import Payload
 from services.common.registry import Policy
-from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
+from services.common.schemas import PromptJob, SamplingParams, ScoredGroup, VerdictStatus
 from services.common.streams import StreamConsumer, claim_once, publish, trim_consumed
 from services.common.weights import push
 from services.tasks.maze import read_jsonl
-from services.trainer import checkpoint, distributed, task_figures
+from services.trainer import checkpoint, distributed, evaluate, task_figures
 from services.trainer.batch import from_groups
 from services.trainer.config import TrainerSettings, stage_at
-from services.trainer.evaluate import EvalItem, evaluate, evaluate_items
+from services.trainer.evaluate import EvalItem, eval_items
 from services.trainer.mixture import Mixture, Prompt
 from services.trainer.prometheus import TrainerMetrics
 from services.trainer.step import Optimization, train_on
@@ -139,6 +139,8 @@ class Trainer:
             self.prometheus.serve(settings.metrics_host, settings.metrics_port)
         self.evaluations: list[dict] = []
         self.rows: dict[str, str] = {}  # job id -> the row its prompt counts in (task/category, maze size)
+        # groups of scheduled jobs that came while other jobs were collected (the next step's, during an evaluation)
+        self.early: dict[str, ScoredGroup] = {}
 
     @property
     def policy(self) -> Policy:
@@ -304,9 +306,29 @@ class Trainer:
         found: dict[str, ScoredGroup] = {}
         deadline = time.monotonic() + self.s.group_timeout_s
         waited, dropped = 0.0, 0
+
+        def take(scored: ScoredGroup) -> None:
+            nonlocal dropped, deadline
+            group = scored.group
+            job_id = group.job.job_id
+            if self.version - staleness <= group.policy_version <= self.version:
+                found[waiting.pop(job_id).job_id] = scored
+                deadline = time.monotonic() + self.s.group_timeout_s  # progress: an evaluation may take long
+            elif group.policy_version < self.version - staleness:
+                dropped += 1
+                original = waiting.pop(job_id)
+                retry = self.reschedule(original)
+                waiting[retry.job_id] = original
+                log.info("dropped group %s of version %d (staleness > %d); scheduled again as %s",
+                         job_id, group.policy_version, staleness, retry.job_id)  # fmt: skip
+            else:
+                log.warning("skipped scored group %s of a later version %d", job_id, group.policy_version)
+
+        for job_id in [job_id for job_id in waiting if job_id in self.early]:
+            take(self.early.pop(job_id))
         while waiting:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(waiting)} scored groups missing after {self.s.group_timeout_s} s")
+                raise RuntimeError(f"{len(waiting)} scored groups missing: none came in {self.s.group_timeout_s} s")
             start = time.monotonic()
             try:
                 self.catch_up()
@@ -324,16 +346,11 @@ class Trainer:
                 group = scored.group
                 job_id = group.job.job_id
                 fresh = claim_once(self.client, f"{job_id}:{group.policy_epoch}:{group.policy_version}")
-                ours = fresh and job_id in waiting and group.policy_epoch == self.epoch
-                if ours and self.version - staleness <= group.policy_version <= self.version:
-                    found[waiting.pop(job_id).job_id] = scored
-                elif ours and group.policy_version < self.version - staleness:
-                    dropped += 1
-                    original = waiting.pop(job_id)
-                    retry = self.reschedule(original)
-                    waiting[retry.job_id] = original
-                    log.info("dropped group %s of version %d (staleness > %d); scheduled again as %s",
-                             job_id, group.policy_version, staleness, retry.job_id)  # fmt: skip
+                ours = fresh and group.policy_epoch == self.epoch
+                if ours and job_id in waiting:
+                    take(scored)
+                elif ours and job_id in self.rows:  # a job scheduled for a later step (async mode), while evaluating
+                    self.early[job_id] = scored
                 else:
                     log.warning("skipped scored group %s (replayed, stale or foreign)", job_id)
                 self.consumer.ack(delivery)
@@ -437,12 +454,22 @@ class Trainer:
         }  # fmt: skip
         if self.mixture is None:
             items = [it for it in self.eval_items if it.size in sizes] if sizes else self.eval_items
-            by_size = evaluate(self.eval_model(), self.tokenizer, items, template=self.s.prompt_template, **common)
+            if self.s.eval_via == "replicas":
+                rows = self.evaluate_on_replicas(eval_items(items, self.s.prompt_template))
+                by_size = {int(row.split("x")[0]): evaluate.maze_entry(entry) for row, entry in rows.items()}
+                by_size = dict(sorted(by_size.items()))
+            else:
+                by_size = evaluate.evaluate(
+                    self.eval_model(), self.tokenizer, items, template=self.s.prompt_template, **common
+                )
             table = {str(size): row for size, row in by_size.items()}
             labels = {f"{size}x{size}": row for size, row in by_size.items()}
         else:
             prompts = [EvalItem(p.row, p.task, p.text, p.reference) for p in self.eval_prompts]
-            table = labels = evaluate_items(self.eval_model(), self.tokenizer, prompts, **common)
+            if self.s.eval_via == "replicas":
+                table = labels = self.evaluate_on_replicas(prompts)
+            else:
+                table = labels = evaluate.evaluate_items(self.eval_model(), self.tokenizer, prompts, **common)
         entry = {"version": self.version, "table": table}
         entry["eval_s"] = time.monotonic() - start
         self.evaluations.append(entry)
@@ -454,6 +481,25 @@ class Trainer:
                     self.writer.add_scalar(f"eval/{label}/{name}", value, self.version)
         self.prometheus.record_eval(labels)
         return entry
+
+    def evaluate_on_replicas(self, items: list[EvalItem]) -> dict[str, dict[str, float]]:
+        """Each item as an evaluation job for the replicas, graded by the verifier on its way back;
+        the groups are collected like a step's but never trained on. {row: pass@k..., items}."""
+        jobs = evaluate.evaluation_jobs(
+            items, epoch=self.epoch, version=self.version, n=self.s.eval_n,
+            max_tokens=self.s.eval_max_tokens or self.s.max_tokens, seed=self.s.eval_seed,
+        )  # fmt: skip
+        for job in jobs:
+            publish(self.client, self.streams.prompts, job)
+        groups, _, _ = self.collect(jobs)
+        correct: dict[str, list[int]] = {}
+        failed = 0
+        for item, scored in zip(items, groups, strict=True):
+            correct.setdefault(item.row, []).append(sum(v.status == VerdictStatus.CORRECT for v in scored.verdicts))
+            failed += sum(v.failed for v in scored.verdicts)
+        if failed:  # a grader's timeout or error on an answer: not a correct answer, but worth knowing
+            log.warning("evaluation: %d answers were not graded (timeout or grader error); counted as wrong", failed)
+        return evaluate.pass_table(correct, self.s.eval_n, self.s.eval_k)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.metrics_file.write(json.dumps(metrics) + "\n")

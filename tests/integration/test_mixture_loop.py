@@ -1,6 +1,7 @@
 """The loop on a mixture of mazes, puzzles and math: a real Redis, verifier, replica and trainer.
 Each job reaches its own task's grader, each task's figures are written, nothing is trained twice,
-and the held-out evaluation has a row per maze size and per task/category."""
+and the held-out evaluation has a row per maze size and per task/category, sampled by the replica
+as evaluation jobs that are never trained on (in async mode, while the next step's jobs are out)."""
 
 import json
 import subprocess
@@ -55,15 +56,19 @@ def test_a_short_training_on_mazes_puzzles_and_math(redis_server, tiny_model, tm
     ):
         command = trainer_args(
             tmp_path, redis_server.url, verifier_url, tiny_model, steps=STEPS, prompts_per_step=PROMPTS,
-            n_rollout=N, k=2, eval_mazes=1, eval_n=2, mixture=mixture, stream_keep=1000,
+            n_rollout=N, k=2, eval_mazes=1, eval_n=2, mixture=mixture, stream_keep=1000, eval_via="replicas",
+            mode="async", eval_every=1,
         )  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         verdicts = httpx.get(f"{verifier_url}/metrics", timeout=5).text
 
-    jobs = [PromptJob.model_validate_json(f[b"data"]) for _, f in client.xrange(STREAMS.prompts)]
+    published = [PromptJob.model_validate_json(f[b"data"]) for _, f in client.xrange(STREAMS.prompts)]
     scored = [ScoredGroup.model_validate_json(f[b"data"]) for _, f in client.xrange(STREAMS.scored)]
-    assert len(jobs) == STEPS * PROMPTS and {j.job_id for j in jobs} == {s.group.job.job_id for s in scored}
+    assert {j.job_id for j in published} == {s.group.job.job_id for s in scored}  # the replica drew every job
+    evaluation_jobs = [job for job in published if "-eval-" in job.job_id]
+    jobs = [job for job in published if "-eval-" not in job.job_id]
+    assert len(jobs) == STEPS * PROMPTS
     by_task = Counter(job.task for job in jobs)
     assert set(by_task) <= {"maze", "math", "puzzle"} and len(by_task) >= 2
     for group in scored:  # every answer went to the grader of its job's task
@@ -75,6 +80,7 @@ def test_a_short_training_on_mazes_puzzles_and_math(redis_server, tiny_model, tm
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = [job for row in rows for job in row["trained_jobs"]]
     assert len(trained) == len(set(trained)) == STEPS * PROMPTS  # nothing trained twice
+    assert not set(trained) & {job.job_id for job in evaluation_jobs}  # nor an evaluation
     for row in rows:
         drawn = Counter(prompts[job].task for job in row["trained_jobs"])
         assert {task: row["tasks"][task]["groups"] for task in drawn} == dict(drawn)
@@ -88,9 +94,15 @@ def test_a_short_training_on_mazes_puzzles_and_math(redis_server, tiny_model, tm
             if sample.name == "passk_verifier_verdicts_total":
                 graded[sample.labels["grader"]] += sample.value
     evaluations = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
-    assert [e["version"] for e in evaluations] == [0, STEPS]  # before and after training
+    assert [e["version"] for e in evaluations] == list(range(STEPS + 1))  # before training and after each step
     for evaluation in evaluations:
         assert set(evaluation["table"]) == {"maze/7x7", "math/sums", "puzzle/arithmetic"}
+    # one job per held-out item (one per row) at each evaluation, of that evaluation's version and sampled by it
+    assert sorted((job.policy_version, job.task) for job in evaluation_jobs) == sorted(
+        (version, task) for version in range(STEPS + 1) for task in ("maze", "math", "puzzle")
+    )
+    versions = {s.group.job.job_id: s.group.policy_version for s in scored}
+    assert all(versions[job.job_id] == job.policy_version and job.n == 2 for job in evaluation_jobs)
     for task in ("maze", "math", "puzzle"):  # the training samples and each evaluation's (1 item x 2 samples)
         assert graded[task] == by_task[task] * N + 2 * len(evaluations), (task, graded)
     capsys.readouterr()

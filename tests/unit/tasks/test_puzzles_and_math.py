@@ -36,6 +36,29 @@ def test_every_puzzle_gold_answer_scores_full_marks(puzzle_splits):
         assert puzzle_grader.grade("no tags at all", item.reference) == 0.0, item.id
 
 
+def test_dataset_options_configure_the_generator_and_reach_the_grader():
+    options = puzzles.parse_options(["chain_sum.max_terms=2", "chain_sum.max_digits=2", "spell_backward.data_file=x"])
+    assert options == {"chain_sum": {"max_terms": 2, "max_digits": 2}, "spell_backward": {"data_file": "x"}}
+    easy = puzzles.build_splits(20, 5, seed=3, catalog={"arithmetic": ("chain_sum",)}, options=options)
+    default = puzzles.build_splits(20, 5, seed=3, catalog={"arithmetic": ("chain_sum",)})
+    for item in easy["train"] + easy["test"]:
+        reference = json.loads(item.reference)
+        assert reference["config"]["max_terms"] == 2 and reference["entry"]["metadata"]["num_terms"] == 2
+        assert puzzle_grader.grade(f"<answer>{item.answer}</answer>", item.reference) == 1.0
+    # the defaults have up to six terms of up to four digits
+    assert max(json.loads(i.reference)["entry"]["metadata"]["num_terms"] for i in default["train"]) > 2
+    with pytest.raises(ValueError, match=r"expected DATASET\.FIELD=VALUE"):
+        puzzles.parse_options(["chain_sum=3"])
+    with pytest.raises(ValueError, match="unknown reasoning-gym dataset 'chainsum'"):
+        puzzles.parse_options(["chainsum.max_terms=3"])
+    with pytest.raises(ValueError, match="chain_sum has no field 'max_term'"):
+        puzzles.parse_options(["chain_sum.max_term=3"])
+    with pytest.raises(ValueError, match="has no field 'seed'"):  # the splits' seeds are not an option
+        puzzles.parse_options(["chain_sum.seed=3"])
+    with pytest.raises(ValueError, match=r"chain_sum: bad configuration .*max_terms must be >= min_terms"):
+        puzzles.build_splits(2, 1, seed=3, catalog={"a": ("chain_sum",)}, options={"chain_sum": {"max_terms": 1}})
+
+
 def test_math_splits_are_disjoint_and_gold_answers_verify():
     splits = math_problems.build_splits(40, 10, seed=5)
     assert {i.category for i in splits["test"]} == set(math_problems.GENERATORS)

@@ -118,6 +118,15 @@ def test_bad_mixtures_are_refused_naming_the_field(tmp_path, change, message):
     assert message in str(caught.value)
 
 
+def test_a_mixture_refuses_maze_only_evaluation_sizes(tmp_path):
+    maze = {"task": "maze", "train": "m.jsonl", "test": "n.jsonl"}
+    preset = tmp_path / "p.toml"
+    preset.write_text(f"[trainer]\nmixture = [{toml_table(maze)}]\neval_every_sizes = [7]\n")
+    with pytest.raises(ValueError, match="eval_every_sizes picks maze sizes of test_data"):
+        load_settings(preset)
+    assert load_settings(preset, ["eval_every_sizes=[]"]).mixture[0].task == "maze"
+
+
 def test_a_maze_template_must_be_a_maze_template():
     with pytest.raises(ValidationError, match="a maze template is one of compact, paper"):
         MixtureTask(task="maze", train="a", test="b", template="{prompt}")

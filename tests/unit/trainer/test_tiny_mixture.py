@@ -2,12 +2,20 @@
 answers it learns are the ones the graders score correct, and a short build gives a model that
 loads and generates."""
 
+import json
 import random
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.trainer.tiny_mixture import build_tiny_mixture, build_tokenizer, curriculum, supervised_batch
+from services.trainer.tiny_mixture import (
+    PUZZLE_OPTIONS,
+    ROW_CYCLE,
+    build_tiny_mixture,
+    build_tokenizer,
+    curriculum,
+    supervised_batch,
+)
 from services.verifier.graders import GRADERS
 
 
@@ -23,6 +31,10 @@ def test_the_learned_answers_are_graded_correct_and_every_character_has_a_token(
             assert GRADERS[row.split("/")[0]]("<answer>no</answer>", reference) == 0.0, row
             ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
             assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == prompt + answer
+    assert set(ROW_CYCLE) == set(rows)  # every row is learned
+    chain_sums = [json.loads(rows["puzzle/arithmetic"](rng)[2]) for _ in range(20)]
+    assert all(c["config"]["max_terms"] == PUZZLE_OPTIONS["chain_sum"]["max_terms"] for c in chain_sums)
+    assert all(c["entry"]["metadata"]["num_terms"] <= 3 for c in chain_sums)
     ids, labels = supervised_batch(tokenizer, rows["math/linear"], 4, rng)
     learned = [tokenizer.decode([t for t in row if t != -100]) for row in labels.tolist()]
     assert all(text.startswith("\\boxed{") and text.endswith("}</s>") for text in learned), learned
