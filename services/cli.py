@@ -216,11 +216,18 @@ def data_math(
     train_per_kind: Annotated[int, typer.Option(min=0, max=100_000, help="Train problems per kind.")] = 1000,
     test_per_kind: Annotated[int, typer.Option(min=0, max=100_000, help="Test problems per kind.")] = 100,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the generator.")] = 0,
+    kind: Annotated[
+        list[str] | None, typer.Option(help="Only these kinds (repeatable): arithmetic, fractions, linear, quadratic.")
+    ] = None,
 ) -> None:
     """Write the built-in math set (arithmetic, fractions, linear, quadratic), graded by math-verify."""
     from services.tasks.math_problems import build_splits
 
-    _write_splits(build_splits(train_per_kind, test_per_kind, seed), out, "problems")
+    try:
+        splits = build_splits(train_per_kind, test_per_kind, seed, kind)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--kind") from None
+    _write_splits(splits, out, "problems")
 
 
 def _checked_settings(preset: Path, overrides: list[str] | None):
@@ -606,9 +613,14 @@ def up(
     ] = False,
 ) -> None:
     """The main job: Redis, a verifier, rollout replicas and the trainer as separate processes, then a report."""
-
-    _checked_settings(preset, set_)
+    from services.launcher import ensure_preset_data, preset_data
     from services.launcher import up as run_up
+
+    try:  # a mixture's data first (its [[data]] steps, when missing), so that the check below can read it
+        ensure_preset_data(preset_data(preset))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--preset") from None
+    _checked_settings(preset, set_)
 
     raise typer.Exit(run_up(preset, set_ or [], rollout_replicas, resume, prometheus))
 

@@ -19,8 +19,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -81,8 +83,64 @@ def ensure_data(
     console.print(f"wrote {len(splits['train'])} train and {len(splits['test'])} test mazes under {train.parent}")
 
 
-def ensure_model(model_dir: Path) -> None:
+class DataStep(BaseModel):
+    """One ``[[data]]`` entry of a preset: a `passk data` command that writes ``out``/train.jsonl and
+    test.jsonl, run by `passk up` when either is missing (a mixture's data, made on a clean clone)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["maze", "puzzles", "math"]
+    out: str = Field(min_length=1)
+    args: list[str] = []
+
+    def missing(self) -> bool:
+        return not all((Path(self.out) / f"{split}.jsonl").is_file() for split in ("train", "test"))
+
+
+def preset_data(preset: Path) -> list[DataStep]:
+    """The preset's ``[[data]]`` steps; ValueError naming the entry and field that is wrong."""
+    import tomllib
+
+    try:
+        entries = tomllib.loads(preset.read_text()).get("data", [])
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"cannot read preset {preset}: {err}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{preset}: data must be an array of tables ([[data]])")
+    steps = []
+    for i, entry in enumerate(entries):
+        try:
+            steps.append(DataStep.model_validate(entry))
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{preset}: data[{i}].{where}: {first['msg']}") from None
+    return steps
+
+
+def ensure_preset_data(steps: Sequence[DataStep]) -> None:
+    """Run each step whose files are missing, as `passk data KIND --out OUT ARGS`; ValueError with the
+    command's own error when one fails (its flags are checked there)."""
+    for i, step in enumerate(steps):
+        if not step.missing():
+            continue
+        command = ["data", step.kind, "--out", step.out, *step.args]
+        console.print(f"writing {step.out}: passk {' '.join(command)}")
+        done = subprocess.run([sys.executable, "-m", "services.cli", *command], capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise ValueError(f"data[{i}]: passk {' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
+
+
+def ensure_model(model_dir: Path, mixture: bool = False) -> None:
+    """Build the tiny maze model (or, for a mixture, the tiny mixture model) where none is."""
     if (model_dir / "config.json").exists():
+        return
+    if mixture:
+        from services.trainer.tiny_mixture import build_tiny_mixture
+
+        console.print(f"building the warm-started tiny mixture model in {model_dir} (once; about an hour)")
+        build_tiny_mixture(model_dir)
         return
     from services.trainer.tiny_model import build_tiny
 
@@ -194,8 +252,9 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
     if not resume:  # a fresh run: its files start empty (a resumed run appends to them)
         for stale in ("metrics.jsonl", "eval.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-    ensure_data(Path(settings.train_data), Path(settings.test_data), settings.seed)
-    ensure_model(Path(settings.model_dir))
+    if not settings.mixture:  # a mixture's data comes from its [[data]] steps (the CLI ran them)
+        ensure_data(Path(settings.train_data), Path(settings.test_data), settings.seed)
+    ensure_model(Path(settings.model_dir), mixture=bool(settings.mixture))
     # SIGTERM (a supervisor, `kill`) stops the run like Ctrl-C; Ctrl-C works even when the shell
     # started this in the background with SIGINT ignored
     signal.signal(signal.SIGTERM, _interrupt)

@@ -6,7 +6,7 @@ them (services.verifier.math_answers)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 from services.tasks.records import TaskItem
@@ -56,13 +56,20 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def build_splits(train_per_kind: int, test_per_kind: int, seed: int) -> dict[str, list[TaskItem]]:
-    """Train and test splits per kind of problem; a question is in at most one split."""
+def build_splits(
+    train_per_kind: int, test_per_kind: int, seed: int, kinds: Sequence[str] | None = None
+) -> dict[str, list[TaskItem]]:
+    """Train and test splits per kind of problem (of ``kinds`` only, when given); a question is in at
+    most one split."""
     if train_per_kind < 0 or test_per_kind < 0:
         raise ValueError("items per kind must be >= 0")
+    unknown = sorted(set(kinds or ()) - set(GENERATORS))
+    if unknown:
+        raise ValueError(f"unknown kinds {unknown}; the generator has {', '.join(GENERATORS)}")
     rng = random.Random(seed)
     splits: dict[str, list[TaskItem]] = {"test": [], "train": []}
-    for kind, make in GENERATORS.items():
+    for kind in dict.fromkeys(kinds or GENERATORS):  # each kind once, in the order given
+        make = GENERATORS[kind]
         seen: set[str] = set()
         for split, count in (("test", test_per_kind), ("train", train_per_kind)):
             made, tries = 0, 0

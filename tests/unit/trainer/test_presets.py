@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import preset_rollout_options
+from services.launcher import ensure_preset_data, preset_data, preset_rollout_options
 from services.trainer.config import load_settings, stage_at
+from services.trainer.tiny_mixture import MATH_KINDS, PUZZLE_OPTIONS, PUZZLES, ROW_CYCLE
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
@@ -16,6 +17,59 @@ def test_every_preset_loads(preset):
     settings = load_settings(preset)
     assert settings.k <= settings.n_rollout
     preset_rollout_options(preset)
+    preset_data(preset)
+
+
+def test_the_mixture_preset_writes_the_rows_its_model_learned():
+    """configs/mixed-tiny.toml's data steps make the puzzles as the warm-up configured them, and
+    each of its tasks' files comes from a data step."""
+    preset = CONFIGS / "mixed-tiny.toml"
+    settings, steps = load_settings(preset), {step.kind: step for step in preset_data(preset)}
+    assert {Path(t.train).parent for t in settings.mixture} == {Path(step.out) for step in steps.values()}
+    puzzles = steps["puzzles"].args
+    datasets = [puzzles[i + 1] for i, arg in enumerate(puzzles) if arg == "--dataset"]
+    assert sorted(datasets) == sorted(f"{dataset}={category}" for category, dataset in PUZZLES.items())
+    options = [puzzles[i + 1] for i, arg in enumerate(puzzles) if arg == "--option"]
+    assert sorted(options) == sorted(f"{d}.{f}={v}" for d, fields in PUZZLE_OPTIONS.items() for f, v in fields.items())
+    math = steps["math"].args
+    assert [math[i + 1] for i, arg in enumerate(math) if arg == "--kind"] == list(MATH_KINDS)
+    assert "maze/7x7" in ROW_CYCLE and steps["maze"].args[:4] == ["--train-size", "7", "--test-size", "7"]
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("[[data]]\nkind = 'poems'\nout = 'x'", "data[0].kind"),
+        ("[[data]]\nkind = 'math'", "data[0].out: Field required"),
+        ("[[data]]\nkind = 'math'\nout = 'x'\nargs = [1]", "data[0].args.0"),
+        ("[[data]]\nkind = 'math'\nout = 'x'\nflags = []", "data[0].flags"),
+        ("data = 'math'", "data must be an array of tables"),
+    ],
+)
+def test_bad_data_steps_are_refused_naming_the_field(tmp_path, table, message):
+    preset = tmp_path / "p.toml"
+    preset.write_text(table + "\n")
+    with pytest.raises(ValueError, match="data") as caught:
+        preset_data(preset)
+    assert message in str(caught.value)
+
+
+def test_data_steps_write_what_is_missing_and_report_a_failed_command(tmp_path):
+    out = tmp_path / "math"
+    preset = tmp_path / "p.toml"
+    args = "['--train-per-kind', '3', '--test-per-kind', '2', '--kind', 'linear']"
+    preset.write_text(f"[[data]]\nkind = 'math'\nout = '{out}'\nargs = {args}\n")
+    steps = preset_data(preset)
+    assert steps[0].missing()
+    ensure_preset_data(steps)
+    assert len((out / "test.jsonl").read_text().splitlines()) == 2 and not steps[0].missing()
+    (out / "train.jsonl").write_text("kept\n")
+    ensure_preset_data(steps)  # present: not written again
+    assert (out / "train.jsonl").read_text() == "kept\n"
+    (out / "test.jsonl").unlink()
+    bad = steps[0].model_copy(update={"args": ["--kind", "cubic"]})
+    with pytest.raises(ValueError, match=r"(?s)data\[0\]: passk data math .*unknown kinds \['cubic'\]"):
+        ensure_preset_data([bad])
 
 
 def test_the_gpu_presets_carry_the_papers_settings():
