@@ -48,7 +48,6 @@ CLONE_THREAD = 0x00010000
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 22, 24, 38
 SECCOMP_MODE_FILTER = 2
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
-SYS_CAPSET, SYS_CAPGET = 126, 125
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_HEADER = struct.pack("=Ii", LINUX_CAPABILITY_VERSION_3, 0)  # version 3, the calling thread
 CAP_DATA_SIZE = 24  # two struct __user_cap_data_struct: capabilities 0-31, then 32-63
@@ -115,7 +114,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _syscall(number: int, *args) -> int:
-    result = _libc.syscall(ctypes.c_long(number), *args)
+    """A system call by number: Landlock's, which glibc has no wrappers for (the same numbers on
+    every architecture)."""
+    return _checked(_libc.syscall(ctypes.c_long(number), *args))
+
+
+def _checked(result: int) -> int:
+    """A libc call's result; OSError with errno when it failed."""
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -273,7 +278,7 @@ def set_limits(limits: Limits, cpu_s: int | None = None) -> str:
 def _capabilities() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) capability masks of this thread."""
     data = ctypes.create_string_buffer(CAP_DATA_SIZE)
-    _syscall(SYS_CAPGET, CAP_HEADER, data)
+    _checked(_libc.capget(CAP_HEADER, data))  # glibc's wrapper: the system call's number differs by architecture
     e0, p0, i0, e1, p1, i1 = struct.unpack("=6I", data.raw)
     return e0 | e1 << 32, p0 | p1 << 32, i0 | i1 << 32
 
@@ -293,7 +298,7 @@ def drop_privileges(uid: int | None) -> str:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)  # from root to another uid: the kernel clears every capability
-    _syscall(SYS_CAPSET, CAP_HEADER, bytes(CAP_DATA_SIZE))  # also inside a user namespace, where the uid is not root
+    _checked(_libc.capset(CAP_HEADER, bytes(CAP_DATA_SIZE)))  # also inside a user namespace, where the uid is not root
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     # the groups are named: a service not run as root keeps its own (only root may drop them)
     groups = "groups " + ",".join(map(str, os.getgroups())) if os.getgroups() else "no groups"
