@@ -365,7 +365,7 @@ def report(run_dir: Path) -> None:
     entries = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     first, last = entries[0], entries[-1]
     table = Table(title=f"Held-out pass@k, version {first['version']} -> {last['version']}")
-    table.add_column("maze" if all(key.isdigit() for key in first["table"]) else "task / row")
+    table.add_column("maze" if all(key.isdigit() for key in first["table"]) else "task / row", no_wrap=True)
     metrics = [k for k in next(iter(first["table"].values())) if k.startswith("pass@")]
     for name in metrics:
         table.add_column(f"{name} before", justify="right")
