@@ -62,6 +62,7 @@ def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
             "eval_every": 0,
             "min_replicas": 2,
             "group_timeout_s": 120,
+            "eval_via": "'replicas'",  # the evaluation's jobs, too, must survive r0
         }
         args = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
         with (logs / "trainer.log").open("ab") as out:
@@ -74,10 +75,14 @@ def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
         try:
             # a malformed message on the trainer's stream goes to the dead letters
             client.xadd(STREAMS.scored, {"data": b'{"group": "nope"}'})
-            # kill r0 while it holds jobs it has not acked
-            wait_for(
-                lambda: client.xpending_range(STREAMS.prompts, "rollout", "-", "+", 10, consumername="r0"), 120, 0.01
-            )
+
+            # kill r0 while it holds training jobs it has not acked (not only the evaluation's)
+            def r0_holds_a_training_job() -> bool:
+                held = client.xpending_range(STREAMS.prompts, "rollout", "-", "+", 10, consumername="r0")
+                entries = [client.xrange(STREAMS.prompts, h["message_id"], h["message_id"]) for h in held]
+                return any(e and b"-eval-" not in e[0][1][b"data"] for e in entries)
+
+            wait_for(r0_holds_a_training_job, 120, 0.01)
             os.kill(r0.pid, signal.SIGKILL)
             killed_at = time.time()
             assert trainer.wait(300) == 0, (logs / "trainer.log").read_text()[-3000:]
@@ -90,7 +95,9 @@ def test_the_loop_survives_a_killed_replica(redis_server, tiny_model, tmp_path):
         assert all(m["groups"] == PROMPTS for m in metrics)  # every job yielded exactly one scored group
 
         jobs = [PromptJob.model_validate_json(f[b"data"]) for _, f in client.xrange(STREAMS.prompts)]
-        assert len(jobs) == STEPS * PROMPTS
+        # the training jobs, and one evaluation job per held-out maze before and after training
+        assert len([job for job in jobs if "-eval-" not in job.job_id]) == STEPS * PROMPTS
+        assert sorted(job.policy_version for job in jobs if "-eval-" in job.job_id) == [0] * 4 + [STEPS] * 4
         scored = {
             ScoredGroup.model_validate_json(f[b"data"]).group.job.job_id
             for _, f in client.xrange(STREAMS.scored)
