@@ -392,9 +392,16 @@ app.add_typer(model_app, name="model")
 
 @model_app.command("build-tiny")
 def model_build_tiny(
-    out: Annotated[Path, typer.Option(help="Output directory (HF format).")] = Path("models/tiny-maze"),
-    steps: Annotated[int, typer.Option(min=0, max=100_000, help="Supervised warm-up steps.")] = 450,
-    horizon: Annotated[int, typer.Option(min=1, help="Length of the cosine schedule the steps run along.")] = 1200,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (HF format) [models/tiny-maze or models/tiny-mixture].")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=0, max=100_000, help="Supervised warm-up steps [maze 450, mixture: its recipe].")
+    ] = None,
+    horizon: Annotated[
+        int | None,
+        typer.Option(min=1, help="Length of the cosine schedule the steps run along [maze 1200, mixture: its recipe]."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of weights and data.")] = 0,
     threads: Annotated[int, typer.Option(min=1, max=256, help="torch threads (results depend on it).")] = 1,
     sizes: Annotated[
@@ -416,16 +423,20 @@ def model_build_tiny(
         raise typer.BadParameter(f"{task!r}: a tiny model is built for maze or mixture", param_hint="--task")
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = out or Path(f"models/tiny-{task}")
     try:
         if task == "maze":
             from services.trainer.tiny_model import build_tiny
 
             sized = tuple(sizes or [7])
-            build_tiny(out, sizes=sized, steps=steps, horizon=horizon, seed=seed, max_positions=max_positions)
+            build_tiny(out, sizes=sized, steps=450 if steps is None else steps, horizon=horizon or 1200, seed=seed,
+                       max_positions=max_positions)  # fmt: skip
         else:
             from services.trainer.tiny_mixture import build_tiny_mixture
 
-            build_tiny_mixture(out, steps=steps, horizon=horizon, seed=seed, max_positions=max_positions)
+            recipe = {"steps": steps, "horizon": horizon}
+            build_tiny_mixture(out, seed=seed, max_positions=max_positions,
+                               **{key: value for key, value in recipe.items() if value is not None})  # fmt: skip
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(f"wrote {out}")
