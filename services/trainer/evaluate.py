@@ -124,28 +124,6 @@ def evaluation_jobs(
     ]
 
 
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer,
-    items: list[MazeItem],
-    *,
-    n: int,
-    ks: list[int],
-    max_tokens: int,
-    template: str,
-    verifier_url: str,
-    seed: int,
-    batch: int = 16,
-    verifier_token: str = "",
-) -> dict[int, dict[str, float]]:
-    """The mazes' table by size: {size: {"pass@k": value, ..., "mazes": count}}."""
-    by_row = evaluate_items(
-        model, tokenizer, eval_items(items, template), n=n, ks=ks, max_tokens=max_tokens,
-        verifier_url=verifier_url, seed=seed, batch=batch, verifier_token=verifier_token,
-    )  # fmt: skip
-    return dict(sorted((int(row.split("x")[0]), maze_entry(entry)) for row, entry in by_row.items()))
-
-
 def maze_entry(entry: dict[str, float]) -> dict[str, float]:
     """A row of the maze table: its item count named ``mazes``."""
     renamed = {key: value for key, value in entry.items() if key != "items"}

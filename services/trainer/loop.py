@@ -12,6 +12,7 @@ restored version.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -28,14 +29,14 @@ from services.common import redis_client, registry
 from services.common.config import StreamNames
 from services.common.payload import Payload
 from services.common.registry import Policy
-from services.common.schemas import PromptJob, SamplingParams, ScoredGroup, VerdictStatus
+from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
 from services.common.streams import StreamConsumer, claim_once, publish, trim_consumed
 from services.common.weights import push
 from services.tasks.maze import read_jsonl
-from services.trainer import checkpoint, distributed, evaluate, task_figures
+from services.trainer import checkpoint, distributed, evaluate, held_out, task_figures
 from services.trainer.batch import from_groups
 from services.trainer.config import TrainerSettings, stage_at
-from services.trainer.evaluate import EvalItem, eval_items
+from services.trainer.held_out import HeldOut
 from services.trainer.mixture import Mixture, Prompt
 from services.trainer.prometheus import TrainerMetrics
 from services.trainer.step import Optimization, train_on
@@ -103,16 +104,6 @@ class Trainer:
             mixture = Mixture(settings.mixture, settings.prompts_per_step)
         self.mixture = mixture
         self.train_items = read_jsonl(Path(settings.train_data)) if self.mixture is None else []
-        self.test_items = read_jsonl(Path(settings.test_data)) if self.mixture is None else []
-        # a mixture's held-out set: the first eval_mazes prompts of each row (maze size, task/category)
-        self.eval_prompts = self.mixture.held_out(settings.eval_mazes) if self.mixture else []
-        by_size: dict[int, list] = {}
-        for item in self.test_items:
-            by_size.setdefault(item.size, []).append(item)
-        self.eval_items = [it for items in by_size.values() for it in items[: settings.eval_mazes]]
-        absent = sorted(set(settings.eval_every_sizes) - set(by_size))
-        if absent and self.mixture is None:
-            raise ValueError(f"eval_every_sizes {absent}: {settings.test_data} has no mazes of that size")
         self.prometheus = TrainerMetrics()
         self.client = redis_client.connect(
             settings.redis_url, on_error=self.prometheus.redis_errors.inc, name="passk-trainer"
@@ -134,10 +125,10 @@ class Trainer:
             log.info("moved the previous run's checkpoints to %s", aside)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.held_out = HeldOut(settings, mixture, self.run_dir, self.writer, self.prometheus)
         self.unsharded: torch.nn.Module | None = None  # FSDP2: the evaluation's copy of the policy
         if settings.metrics_port:
             self.prometheus.serve(settings.metrics_host, settings.metrics_port)
-        self.evaluations: list[dict] = []
         self.rows: dict[str, str] = {}  # job id -> the row its prompt counts in (task/category, maze size)
         # groups of scheduled jobs that came while other jobs were collected (the next step's, during an evaluation)
         self.early: dict[str, ScoredGroup] = {}
@@ -172,7 +163,7 @@ class Trainer:
             self.catch_up_pool.shutdown(wait=False, cancel_futures=True)
             self.metrics_file.close()
             distributed.close()
-        return self.evaluations
+        return self.held_out.entries
 
     def follow(self) -> None:
         """Ranks other than 0: train on each batch rank 0 sends, until it sends None."""
@@ -357,6 +348,12 @@ class Trainer:
         # job order, not arrival order: the batch (and so the ranks' shares) is the same in every run
         return [found[job.job_id] for job in jobs], waited, dropped
 
+    def run_jobs(self, jobs: list[PromptJob]) -> list[ScoredGroup]:
+        """Publish jobs that are not a step's (an evaluation's) and collect their scored groups, in order."""
+        for job in jobs:
+            publish(self.client, self.streams.prompts, job)
+        return self.collect(jobs)[0]
+
     def reschedule(self, job: PromptJob) -> PromptJob:
         """The same prompt and sampling again, for the current version (a job is dropped at most once
         per version, so the version makes the id unique)."""
@@ -444,62 +441,18 @@ class Trainer:
         return self.unsharded
 
     def record_eval(self, sizes: list[int] | None = None) -> dict:
-        """Evaluate the current policy on the held-out mazes (of ``sizes`` only, when given), or on
-        every row of a mixture's held-out prompts (maze size, task/category)."""
-        start = time.monotonic()
-        common = {
-            "n": self.s.eval_n, "ks": self.s.eval_k, "max_tokens": self.s.eval_max_tokens or self.s.max_tokens,
-            "verifier_url": self.s.verifier_url, "verifier_token": self.s.verifier_token.get_secret_value(),
-            "seed": self.s.eval_seed,
-        }  # fmt: skip
-        if self.mixture is None:
-            items = [it for it in self.eval_items if it.size in sizes] if sizes else self.eval_items
-            if self.s.eval_via == "replicas":
-                rows = self.evaluate_on_replicas(eval_items(items, self.s.prompt_template))
-                by_size = {int(row.split("x")[0]): evaluate.maze_entry(entry) for row, entry in rows.items()}
-                by_size = dict(sorted(by_size.items()))
-            else:
-                by_size = evaluate.evaluate(
-                    self.eval_model(), self.tokenizer, items, template=self.s.prompt_template, **common
-                )
-            table = {str(size): row for size, row in by_size.items()}
-            labels = {f"{size}x{size}": row for size, row in by_size.items()}
+        """Evaluate the current policy on the held-out items (of the maze sizes ``sizes`` only, when
+        given), sampled by the replicas or by the trainer's own copy (``eval_via``)."""
+        if self.s.eval_via == "replicas":
+            sample = functools.partial(held_out.on_replicas, self.run_jobs, settings=self.s, epoch=self.epoch,
+                                       version=self.version)  # fmt: skip
         else:
-            prompts = [EvalItem(p.row, p.task, p.text, p.reference) for p in self.eval_prompts]
-            if self.s.eval_via == "replicas":
-                table = labels = self.evaluate_on_replicas(prompts)
-            else:
-                table = labels = evaluate.evaluate_items(self.eval_model(), self.tokenizer, prompts, **common)
-        entry = {"version": self.version, "table": table}
-        entry["eval_s"] = time.monotonic() - start
-        self.evaluations.append(entry)
-        with (self.run_dir / "eval.jsonl").open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        for label, row in labels.items():
-            for name, value in row.items():
-                if name.startswith("pass@"):
-                    self.writer.add_scalar(f"eval/{label}/{name}", value, self.version)
-        self.prometheus.record_eval(labels)
-        return entry
-
-    def evaluate_on_replicas(self, items: list[EvalItem]) -> dict[str, dict[str, float]]:
-        """Each item as an evaluation job for the replicas, graded by the verifier on its way back;
-        the groups are collected like a step's but never trained on. {row: pass@k..., items}."""
-        jobs = evaluate.evaluation_jobs(
-            items, epoch=self.epoch, version=self.version, n=self.s.eval_n,
-            max_tokens=self.s.eval_max_tokens or self.s.max_tokens, seed=self.s.eval_seed,
-        )  # fmt: skip
-        for job in jobs:
-            publish(self.client, self.streams.prompts, job)
-        groups, _, _ = self.collect(jobs)
-        correct: dict[str, list[int]] = {}
-        failed = 0
-        for item, scored in zip(items, groups, strict=True):
-            correct.setdefault(item.row, []).append(sum(v.status == VerdictStatus.CORRECT for v in scored.verdicts))
-            failed += sum(v.failed for v in scored.verdicts)
-        if failed:  # a grader's timeout or error on an answer: not a correct answer, but worth knowing
-            log.warning("evaluation: %d answers were not graded (timeout or grader error); counted as wrong", failed)
-        return evaluate.pass_table(correct, self.s.eval_n, self.s.eval_k)
+            sample = functools.partial(
+                evaluate.evaluate_items, self.eval_model(), self.tokenizer, n=self.s.eval_n, ks=self.s.eval_k,
+                max_tokens=self.s.eval_max_tokens or self.s.max_tokens, verifier_url=self.s.verifier_url,
+                verifier_token=self.s.verifier_token.get_secret_value(), seed=self.s.eval_seed,
+            )  # fmt: skip
+        return self.held_out.record(self.version, sample, sizes)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.metrics_file.write(json.dumps(metrics) + "\n")

@@ -1,0 +1,97 @@
+"""A run's held-out evaluations: which items each one covers, who samples them, and where the
+tables go (``eval.jsonl``, TensorBoard, Prometheus).
+
+The items are the first ``eval_mazes`` of each row: each maze size of ``test_data``, or each
+row (maze size, task/category) of a mixture's test splits. The samples come from the rollout
+replicas as evaluation jobs (``on_replicas``) or from the trainer's copy of the policy
+(``evaluate.evaluate_items``); either way the result is {row: {"pass@k": ..., "items": n}}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from services.common.schemas import PromptJob, ScoredGroup, VerdictStatus
+from services.tasks.maze import read_jsonl
+from services.trainer import evaluate
+from services.trainer.config import TrainerSettings
+from services.trainer.evaluate import EvalItem
+from services.trainer.mixture import Mixture
+
+log = logging.getLogger(__name__)
+
+# samples held-out items: {row: {"pass@k": value, ..., "items": count}}
+Sampler = Callable[[list[EvalItem]], dict[str, dict[str, float]]]
+
+
+def on_replicas(
+    run_jobs: Callable[[list[PromptJob]], list[ScoredGroup]],
+    items: list[EvalItem],
+    *,
+    settings: TrainerSettings,
+    epoch: int,
+    version: int,
+) -> dict[str, dict[str, float]]:
+    """Each item as an evaluation job for the replicas, graded by the verifier on its way back;
+    ``run_jobs`` publishes the jobs and collects their groups like a step's, never to train on."""
+    jobs = evaluate.evaluation_jobs(
+        items, epoch=epoch, version=version, n=settings.eval_n,
+        max_tokens=settings.eval_max_tokens or settings.max_tokens, seed=settings.eval_seed,
+    )  # fmt: skip
+    correct: dict[str, list[int]] = {}
+    failed = 0
+    for item, scored in zip(items, run_jobs(jobs), strict=True):
+        correct.setdefault(item.row, []).append(sum(v.status == VerdictStatus.CORRECT for v in scored.verdicts))
+        failed += sum(v.failed for v in scored.verdicts)
+    if failed:  # a grader's timeout or error on an answer: not a correct answer, but worth knowing
+        log.warning("evaluation: %d answers were not graded (timeout or grader error); counted as wrong", failed)
+    return evaluate.pass_table(correct, settings.eval_n, settings.eval_k)
+
+
+class HeldOut:
+    """The held-out items of a run and the record of its evaluations."""
+
+    def __init__(self, settings: TrainerSettings, mixture: Mixture | None, run_dir: Path, writer, prometheus) -> None:
+        self.s, self.run_dir, self.writer, self.prometheus = settings, run_dir, writer, prometheus
+        self.mazes_only = mixture is None
+        if mixture is not None:
+            prompts = mixture.held_out(settings.eval_mazes)
+            self.items = [EvalItem(p.row, p.task, p.text, p.reference) for p in prompts]
+        else:
+            by_size: dict[int, list] = {}
+            for maze in read_jsonl(Path(settings.test_data)):
+                by_size.setdefault(maze.size, []).append(maze)
+            absent = sorted(set(settings.eval_every_sizes) - set(by_size))
+            if absent:
+                raise ValueError(f"eval_every_sizes {absent}: {settings.test_data} has no mazes of that size")
+            # sizes in the file's order: the trainer's own sampling batches items in this order
+            mazes = [maze for items in by_size.values() for maze in items[: settings.eval_mazes]]
+            self.items = evaluate.eval_items(mazes, settings.prompt_template)
+        self.entries: list[dict] = []
+
+    def record(self, version: int, sample: Sampler, sizes: list[int] | None = None) -> dict:
+        """Evaluate with ``sample`` on every row (on the maze sizes ``sizes`` only, when given) and
+        record the table."""
+        start = time.monotonic()
+        rows = {f"{size}x{size}" for size in sizes or ()}
+        by_row = sample([item for item in self.items if not rows or item.row in rows])
+        if self.mazes_only:  # keyed by size, the item count named "mazes", as the maze tables always were
+            by_size = sorted((int(row.split("x")[0]), evaluate.maze_entry(entry)) for row, entry in by_row.items())
+            table = {str(size): entry for size, entry in by_size}
+            labels = {f"{size}x{size}": entry for size, entry in by_size}
+        else:
+            table = labels = by_row
+        entry = {"version": version, "table": table, "eval_s": time.monotonic() - start}
+        self.entries.append(entry)
+        with (self.run_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        for label, row in labels.items():
+            for name, value in row.items():
+                if name.startswith("pass@"):
+                    self.writer.add_scalar(f"eval/{label}/{name}", value, version)
+        self.prometheus.record_eval(labels)
+        return entry
