@@ -55,13 +55,19 @@ def advantage_diagnostics(advantages: Tensor, rewards: Tensor, valid: Tensor, k:
     }
 
 
-def diagnostics_by_task(advantages: Tensor, rewards: Tensor, valid: Tensor, k: int, rows: list[str]) -> dict:
+def diagnostics_by_task(
+    advantages: Tensor, rewards: Tensor, valid: Tensor, k: int, rows: list[str], entropy: Tensor | None = None
+) -> dict:
     """{task or row: the advantage's figures above} for a mixture's step (``task_figures.members``
-    groups the rows)."""
+    groups the rows), and with ``entropy`` (groups x samples: each response's mean token entropy)
+    the policy's entropy on the task's graded responses."""
     if len(rows) != advantages.shape[0]:
         raise ValueError(f"{len(rows)} rows for {advantages.shape[0]} groups")
     out = {}
     for key, indices in members(rows).items():
         figures = advantage_diagnostics(advantages[indices], rewards[indices], valid[indices], k)
         out[key] = {name: figures[name] for name in TASK_DIAGNOSTICS}
+        if entropy is not None:
+            graded = valid[indices]
+            out[key]["entropy"] = float(entropy[indices][graded].mean()) if graded.any() else None
     return out

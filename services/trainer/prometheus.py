@@ -62,6 +62,7 @@ TASK_FIGURES = {
     "alpha_k_mean": ("alpha_k_mean", "Mean weight k(1 - p)^(k-1) of the pass@k gradient on the task's groups"),
     "adv_abs_mean_correct": ("advantage_abs_mean_correct", "Mean |advantage| of the task's correct answers"),
     "adv_abs_mean_wrong": ("advantage_abs_mean_wrong", "Mean |advantage| of the task's wrong answers"),
+    "entropy": ("entropy", "Mean token entropy of the policy on the task's graded responses"),
 }
 
 

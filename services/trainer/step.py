@@ -211,6 +211,7 @@ def train_on(
     real_correct = (batch.rewards > 0) & valid
     batch_pass_k = pass_at_k(valid.sum(1), real_correct.sum(1), k) if bool((valid.sum(1) >= k).all()) else None
     token_counts = lengths[valid].double()
+    by_task = diagnostics_by_task(advantages, rewards, valid, k, rows, response_entropy) if rows else None
     return {
         "estimator": str(stage.estimator),
         "k": k,
@@ -237,5 +238,5 @@ def train_on(
         "groups": batch.groups,
         **advantage_diagnostics(advantages, rewards, valid, k),
         # per task of a mixture (``rows[i]``: group i's task/row), merged into the per-task figures
-        **({"task_diagnostics": diagnostics_by_task(advantages, rewards, valid, k, rows)} if rows else {}),
+        **({"task_diagnostics": by_task} if by_task is not None else {}),
     }

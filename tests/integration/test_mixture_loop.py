@@ -88,6 +88,7 @@ def test_a_short_training_on_mazes_puzzles_and_math(redis_server, tiny_model, tm
         # the advantage's diagnostics per task: every drawn group sits in one accuracy bucket
         assert all(0 <= row["tasks"][task]["alpha_k_mean"] <= row["k"] for task in drawn)
         assert all(row["tasks"][task]["eta_by_accuracy"] for task in drawn)
+        assert all(row["tasks"][task]["entropy"] > 0 for task in drawn)  # the policy's, on the task's answers
     graded: Counter = Counter()
     for family in text_string_to_metric_families(verdicts):
         for sample in family.samples:

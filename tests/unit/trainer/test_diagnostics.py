@@ -69,5 +69,14 @@ def test_per_task_diagnostics_are_each_tasks_own():
     assert got["maze"]["eta_by_accuracy"] == {"8/8": 0.0, "4/8": 8.0}
     assert got["maze"]["alpha_k_mean"] == pytest.approx((0.0 + 1.0) / 2)
     assert got["maze/9x9"]["adv_abs_mean_correct"] == 2.0 and got["math/fractions"]["adv_abs_mean_correct"] is None
+    # with each response's entropy: the mean over the task's graded responses (a failed one left out)
+    entropy = torch.arange(16, dtype=torch.float64).reshape(4, 4)
+    graded = valid.clone()
+    graded[0, 0] = False
+    with_entropy = diagnostics_by_task(advantages, rewards, graded, 2, rows, entropy)
+    assert with_entropy["math"]["entropy"] == pytest.approx((1 + 2 + 3 + 8 + 9 + 10 + 11) / 7)
+    assert with_entropy["maze/7x7"]["entropy"] == pytest.approx(5.5) and "entropy" not in got["math"]
+    graded[2] = False
+    assert diagnostics_by_task(advantages, rewards, graded, 2, rows, entropy)["math/fractions"]["entropy"] is None
     with pytest.raises(ValueError, match="3 rows for 4 groups"):
         diagnostics_by_task(advantages, rewards, valid, 2, rows[:3])
