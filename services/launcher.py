@@ -139,7 +139,7 @@ def ensure_model(model_dir: Path, mixture: bool = False) -> None:
     if mixture:
         from services.trainer.tiny_mixture import build_tiny_mixture
 
-        console.print(f"building the warm-started tiny mixture model in {model_dir} (once; about an hour)")
+        console.print(f"building the warm-started tiny mixture model in {model_dir} (once; about 40 minutes)")
         build_tiny_mixture(model_dir)
         return
     from services.trainer.tiny_model import build_tiny

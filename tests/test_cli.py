@@ -182,6 +182,7 @@ def test_data_puzzles_of_named_reasoning_gym_datasets(tmp_path):
     for option, message in (
         ("chain_sum.max_term=2", "chain_sum has no field 'max_term'"),
         ("chain_sum.max_terms=0", "max_terms must be >= min_terms"),
+        ("chain_sum.max_terms=many", "chain_sum: bad configuration {'max_terms': 'many'}"),
         ("word_sorting.min_words=2", "options for word_sorting, which is not generated"),
     ):
         refused = run("data", "puzzles", "--out", str(out), "--dataset", "chain_sum", "--option", option)

@@ -38,7 +38,7 @@ def generate(dataset: str, count: int, seed: int, options: dict | None = None) -
     config = {**(options or {}), "seed": seed, "size": count}
     try:
         data = reasoning_gym.create_dataset(dataset, **config)
-    except AssertionError as err:  # reasoning-gym checks its configurations with asserts
+    except (AssertionError, TypeError, ValueError) as err:  # its checks are asserts; a wrong type fails in them
         raise ValueError(f"{dataset}: bad configuration {options}: {err}") from None
     for i in range(count):
         entry = data[i]
