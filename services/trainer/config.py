@@ -188,7 +188,7 @@ class TrainerSettings(BaseModel):
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis server of the streams."""
     verifier_url: str = "http://127.0.0.1:8100"
-    """Verifier HTTP API, used to grade evaluations."""
+    """Verifier HTTP API, which grades the trainer's own evaluations (``eval_via = "trainer"``)."""
     verifier_token: SecretStr = SecretStr("")
     """Bearer token the verifier's API requires (its api_token); empty sends none."""
     weights_token: SecretStr = SecretStr("")
