@@ -230,18 +230,34 @@ def data_math(
     _write_splits(splits, out, "problems")
 
 
-def _checked_settings(preset: Path, overrides: list[str] | None):
-    """The trainer's settings and a mixture's data (None without one), read before anything
-    starts: a bad preset or a task without data is a usage error naming the field."""
+def _loaded_settings(preset: Path, overrides: list[str] | None):
+    """The trainer's settings alone (a bad field is a usage error naming it); no data read yet."""
     from services.trainer.config import load_settings
+
+    try:
+        return load_settings(preset, overrides, os.environ)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
+
+
+def _checked_data(settings):
+    """A mixture's data (None without one) and the held-out items, read before anything starts: a
+    task without data or an evaluation size the test data lacks is a usage error naming the field."""
+    from services.trainer.held_out import held_out_items
     from services.trainer.mixture import Mixture
 
     try:
-        settings = load_settings(preset, overrides, os.environ)
         mixture = Mixture(settings.mixture, settings.prompts_per_step) if settings.mixture else None
+        held_out_items(settings, mixture)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
-    return settings, mixture
+    return mixture
+
+
+def _checked_settings(preset: Path, overrides: list[str] | None):
+    """The trainer's settings and a mixture's data (None without one), all checked."""
+    settings = _loaded_settings(preset, overrides)
+    return settings, _checked_data(settings)
 
 
 def _gold_accepted(task: str, answer: str, reference: str) -> None:
@@ -627,11 +643,14 @@ def up(
     from services.launcher import ensure_preset_data, preset_data
     from services.launcher import up as run_up
 
-    try:  # a mixture's data first (its [[data]] steps, when missing), so that the check below can read it
+    # the settings first, so that a bad field stops the run before any data is written; then the
+    # preset's [[data]] steps (those whose files are missing), so that the data check can read them
+    settings = _loaded_settings(preset, set_)
+    try:
         ensure_preset_data(preset_data(preset))
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--preset") from None
-    _checked_settings(preset, set_)
+    _checked_data(settings)
 
     raise typer.Exit(run_up(preset, set_ or [], rollout_replicas, resume, prometheus))
 

@@ -149,6 +149,28 @@ def test_train_and_up_refuse_a_bad_mixture_before_starting_anything(tmp_path, mi
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_up_refuses_a_bad_setting_before_writing_the_presets_data(tmp_path):
+    preset = tmp_path / "bad.toml"
+    data = f"[[data]]\nkind = 'maze'\nout = '{tmp_path / 'mazes'}'\nargs = ['--train-per-size', '4']\n"
+    preset.write_text(f"[trainer]\nrun_dir = '{tmp_path / 'run'}'\nlr = -1\n\n{data}")
+    result = run("up", "--preset", str(preset))
+    assert result.returncode == 2 and "lr" in result.stderr, result.stderr
+    assert not (tmp_path / "mazes").exists() and not (tmp_path / "run").exists()
+
+
+def test_train_and_up_refuse_an_evaluation_size_the_test_data_lacks(tmp_path):
+    assert run("data", "maze", "--out", str(tmp_path), "--train-size", "5", "--test-size", "5",
+               "--train-per-size", "4", "--test-per-size", "2").returncode == 0  # fmt: skip
+    preset = tmp_path / "sizes.toml"
+    preset.write_text(f"[trainer]\nrun_dir = '{tmp_path / 'run'}'\ntrain_data = '{tmp_path / 'train.jsonl'}'\n"
+                      f"test_data = '{tmp_path / 'test.jsonl'}'\neval_every_sizes = [9]\n")  # fmt: skip
+    for command in ("train", "up"):
+        result = run(command, "--preset", str(preset))
+        message = " ".join(result.stderr.split())
+        assert result.returncode == 2 and "eval_every_sizes [9]" in message, result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
 def test_data_puzzles_of_named_reasoning_gym_datasets(tmp_path):
     from services.tasks.records import read_jsonl
     from services.verifier.graders import GRADERS

@@ -1,7 +1,7 @@
 """Held-out evaluation: unbiased pass@k per maze size and per task category.
 
-Samples come from the rollout replicas, as evaluation jobs (``evaluation_jobs``: on the prompts
-stream like training jobs, graded by the verifier like them, never trained on), from the trainer's
+Samples come from the rollout replicas, as evaluation jobs (``held_out.evaluation_jobs``: on the
+prompts stream like training jobs, graded by the verifier like them, never trained on), from the trainer's
 own copy of the policy (the version it just published), or from any checkpoint (``passk eval``).
 Either way the graders are those the training rewards come from.
 """
@@ -18,7 +18,6 @@ import httpx
 import torch
 
 from services.common.hf_sampling import sample
-from services.common.schemas import PromptJob, SamplingParams
 from services.tasks.maze import MazeItem
 from services.tasks.records import TaskItem
 from services.trainer.binomial import pass_at_k
@@ -100,28 +99,6 @@ def pass_table(correct: dict[str, list[int]], n: int, ks: list[int]) -> dict[str
         entry["items"] = len(counts)
         table[row] = entry
     return table
-
-
-def evaluation_jobs(
-    items: list[EvalItem], *, epoch: int, version: int, n: int, max_tokens: int, seed: int
-) -> list[PromptJob]:
-    """One job per held-out item for the replicas, ids marked ``eval``. Item i samples with seed
-    ``seed + i`` (temperature 1, as the trainer's own evaluation): every job has its own sampling, so
-    no replica batches two of them and each item's samples are the same whichever replica draws them."""
-    return [
-        PromptJob(
-            job_id=f"e{epoch}-v{version}-eval-{i}",
-            prompt_id=f"eval-{i}",
-            task=item.task,
-            policy_version=version,
-            policy_epoch=epoch,
-            prompt=item.prompt,
-            reference=item.reference,
-            n=n,
-            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=seed + i),
-        )
-        for i, item in enumerate(items)
-    ]
 
 
 def maze_entry(entry: dict[str, float]) -> dict[str, float]:

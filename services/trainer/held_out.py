@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.common.schemas import PromptJob, ScoredGroup, VerdictStatus
+from services.common.schemas import PromptJob, SamplingParams, ScoredGroup, VerdictStatus
 from services.tasks.maze import read_jsonl
 from services.trainer import evaluate
 from services.trainer.config import TrainerSettings
@@ -28,6 +28,28 @@ log = logging.getLogger(__name__)
 Sampler = Callable[[list[EvalItem]], dict[str, dict[str, float]]]
 
 
+def evaluation_jobs(
+    items: list[EvalItem], *, epoch: int, version: int, n: int, max_tokens: int, seed: int
+) -> list[PromptJob]:
+    """One job per held-out item for the replicas, ids marked ``eval``. Item i samples with seed
+    ``seed + i`` (temperature 1, as the trainer's own evaluation): every job has its own sampling, so
+    no replica batches two of them and each item's samples are the same whichever replica draws them."""
+    return [
+        PromptJob(
+            job_id=f"e{epoch}-v{version}-eval-{i}",
+            prompt_id=f"eval-{i}",
+            task=item.task,
+            policy_version=version,
+            policy_epoch=epoch,
+            prompt=item.prompt,
+            reference=item.reference,
+            n=n,
+            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=seed + i),
+        )
+        for i, item in enumerate(items)
+    ]
+
+
 def on_replicas(
     run_jobs: Callable[[list[PromptJob]], list[ScoredGroup]],
     items: list[EvalItem],
@@ -38,7 +60,7 @@ def on_replicas(
 ) -> dict[str, dict[str, float]]:
     """Each item as an evaluation job for the replicas, graded by the verifier on its way back;
     ``run_jobs`` publishes the jobs and collects their groups like a step's, never to train on."""
-    jobs = evaluate.evaluation_jobs(
+    jobs = evaluation_jobs(
         items, epoch=epoch, version=version, n=settings.eval_n,
         max_tokens=settings.eval_max_tokens or settings.max_tokens, seed=settings.eval_seed,
     )  # fmt: skip
@@ -52,25 +74,30 @@ def on_replicas(
     return evaluate.pass_table(correct, settings.eval_n, settings.eval_k)
 
 
+def held_out_items(settings: TrainerSettings, mixture: Mixture | None) -> list[EvalItem]:
+    """The first ``eval_mazes`` items of each row, read before a run starts anything (the CLI's check
+    and the trainer's start): an ``eval_every_sizes`` size that ``test_data`` lacks is refused here."""
+    if mixture is not None:
+        return [EvalItem(p.row, p.task, p.text, p.reference) for p in mixture.held_out(settings.eval_mazes)]
+    by_size: dict[int, list] = {}
+    for maze in read_jsonl(Path(settings.test_data)):
+        by_size.setdefault(maze.size, []).append(maze)
+    absent = sorted(set(settings.eval_every_sizes) - set(by_size))
+    if absent:
+        raise ValueError(f"eval_every_sizes {absent}: {settings.test_data} has no mazes of that size")
+    # sizes in the file's order: the trainer's own sampling batches items in this order
+    mazes = [maze for items in by_size.values() for maze in items[: settings.eval_mazes]]
+    return evaluate.eval_items(mazes, settings.prompt_template)
+
+
 class HeldOut:
     """The held-out items of a run and the record of its evaluations."""
 
-    def __init__(self, settings: TrainerSettings, mixture: Mixture | None, run_dir: Path, writer, prometheus) -> None:
-        self.s, self.run_dir, self.writer, self.prometheus = settings, run_dir, writer, prometheus
-        self.mazes_only = mixture is None
-        if mixture is not None:
-            prompts = mixture.held_out(settings.eval_mazes)
-            self.items = [EvalItem(p.row, p.task, p.text, p.reference) for p in prompts]
-        else:
-            by_size: dict[int, list] = {}
-            for maze in read_jsonl(Path(settings.test_data)):
-                by_size.setdefault(maze.size, []).append(maze)
-            absent = sorted(set(settings.eval_every_sizes) - set(by_size))
-            if absent:
-                raise ValueError(f"eval_every_sizes {absent}: {settings.test_data} has no mazes of that size")
-            # sizes in the file's order: the trainer's own sampling batches items in this order
-            mazes = [maze for items in by_size.values() for maze in items[: settings.eval_mazes]]
-            self.items = evaluate.eval_items(mazes, settings.prompt_template)
+    def __init__(self, items: list[EvalItem], *, mazes_only: bool, run_dir: Path, writer, prometheus) -> None:
+        """``items``: from ``held_out_items``; ``mazes_only``: the run has no mixture, so its tables keep
+        the maze layout (keyed by size)."""
+        self.items, self.mazes_only = items, mazes_only
+        self.run_dir, self.writer, self.prometheus = run_dir, writer, prometheus
         self.entries: list[dict] = []
 
     def record(self, version: int, sample: Sampler, sizes: list[int] | None = None) -> dict:

@@ -103,6 +103,7 @@ class Trainer:
         if mixture is None and settings.mixture:
             mixture = Mixture(settings.mixture, settings.prompts_per_step)
         self.mixture = mixture
+        held_out_items = held_out.held_out_items(settings, mixture)  # refused now, before Redis is touched
         self.train_items = read_jsonl(Path(settings.train_data)) if self.mixture is None else []
         self.prometheus = TrainerMetrics()
         self.client = redis_client.connect(
@@ -125,7 +126,13 @@ class Trainer:
             log.info("moved the previous run's checkpoints to %s", aside)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.held_out = HeldOut(settings, mixture, self.run_dir, self.writer, self.prometheus)
+        self.held_out = HeldOut(
+            held_out_items,
+            mazes_only=mixture is None,
+            run_dir=self.run_dir,
+            writer=self.writer,
+            prometheus=self.prometheus,
+        )
         self.unsharded: torch.nn.Module | None = None  # FSDP2: the evaluation's copy of the policy
         if settings.metrics_port:
             self.prometheus.serve(settings.metrics_host, settings.metrics_port)

@@ -11,7 +11,7 @@ from services.common.schemas import PromptJob, RolloutGroup, Sample, ScoredGroup
 from services.tasks.maze import build_splits
 from services.tasks.records import write_jsonl
 from services.trainer.config import TrainerSettings
-from services.trainer.held_out import HeldOut, on_replicas
+from services.trainer.held_out import HeldOut, held_out_items, on_replicas
 from services.trainer.prometheus import TrainerMetrics
 
 
@@ -24,7 +24,9 @@ def mazes(tmp_path):
 
 def held_out(settings, tmp_path):
     metrics = TrainerMetrics()  # its own registry
-    return HeldOut(settings, None, tmp_path, SummaryWriter(str(tmp_path / "tb")), metrics), metrics
+    items = held_out_items(settings, None)
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    return HeldOut(items, mazes_only=True, run_dir=tmp_path, writer=writer, prometheus=metrics), metrics
 
 
 def test_each_size_gives_its_first_items_and_an_in_between_evaluation_its_sizes(mazes, tmp_path):
@@ -47,9 +49,9 @@ def test_each_size_gives_its_first_items_and_an_in_between_evaluation_its_sizes(
     assert metrics.eval_pass.labels(row="7x7", k="2")._value.get() == 0.5
 
 
-def test_an_in_between_size_the_test_data_lacks_is_refused(mazes, tmp_path):
+def test_an_in_between_size_the_test_data_lacks_is_refused(mazes):
     with pytest.raises(ValueError, match=r"eval_every_sizes \[9\]: .* has no mazes of that size"):
-        held_out(mazes.model_copy(update={"eval_every_sizes": [9]}), tmp_path)
+        held_out_items(mazes.model_copy(update={"eval_every_sizes": [9]}), None)
 
 
 def scored(job: PromptJob, statuses: list[str]) -> ScoredGroup:
