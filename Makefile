@@ -33,10 +33,16 @@ redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
 # What the deployment tests run besides Redis: Prometheus (and promtool), docker-compose (it
-# parses the compose file without an engine). kubectl with kustomize and node come with the machine.
+# parses the compose file without an engine), and for the compose stack under a real engine
+# (tests/integration/test_compose_engine.py): dockerd, debootstrap for the base images, tinyproxy
+# and socat for the engine's namespace. kubectl with kustomize and node come with the machine.
+DEPLOY_TOOLS := prometheus docker-compose dockerd debootstrap tinyproxy socat
 test-deps: redis
-	@command -v prometheus >/dev/null && command -v docker-compose >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose)
+	@for tool in $(DEPLOY_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus docker-compose docker.io debootstrap tinyproxy socat iptables; \
+	fi
 
 test: setup test-deps
 	$(VENV)/bin/ruff check services bench tests

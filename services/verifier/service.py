@@ -124,19 +124,26 @@ class Verifier:
         client = redis_client.connect(
             self.settings.redis_url, on_error=self._redis_failed, name=f"passk-verifier:{name}"
         )
-        consumer = StreamConsumer(
-            client,
-            self.streams.rollouts,
-            "verifier",
-            name,
-            claim_idle_ms=self.settings.claim_idle_ms,
-            max_deliveries=self.settings.max_deliveries,
-            block_ms=self.settings.block_ms,
-            on_claim=self.claimed.inc,
-            on_dead_letter=self.dead_lettered.inc,
-        )
+
+        def make_consumer() -> StreamConsumer:
+            return StreamConsumer(
+                client,
+                self.streams.rollouts,
+                "verifier",
+                name,
+                claim_idle_ms=self.settings.claim_idle_ms,
+                max_deliveries=self.settings.max_deliveries,
+                block_ms=self.settings.block_ms,
+                on_claim=self.claimed.inc,
+                on_dead_letter=self.dead_lettered.inc,
+            )
+
+        # made inside the loop: a Redis that refuses at first (still loading, protected mode, a wrong
+        # password) is retried with its reason in /readyz, rather than ending this thread for good
+        consumer: StreamConsumer | None = None
         while not self.stop.is_set():
             try:
+                consumer = consumer or make_consumer()
                 deliveries = consumer.read()
                 self.consumer_state = "ok"
                 lag, pending = consumer.backlog()
@@ -155,7 +162,10 @@ class Verifier:
                 self.stop.wait(1.0)
             except Exception as err:  # an unacked group comes back after claim_idle_ms, then goes to the dead letters
                 self.consumer_state = f"failing: {type(err).__name__}: {err}"[:300]
-                log.exception("scoring failed; the group stays pending")
+                if consumer is None:
+                    log.warning("redis refuses the verifier's consumer group: %s", err)
+                else:
+                    log.exception("scoring failed; the group stays pending")
                 self.stop.wait(1.0)
 
     def _redis_failed(self) -> None:

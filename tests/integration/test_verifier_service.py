@@ -2,8 +2,10 @@
 
 import httpx
 import pytest
+import redis
 
 from services.common.config import StreamNames
+from services.common.redis_server import RedisServer
 from services.common.schemas import PromptJob, RolloutGroup, Sample, ScoredGroup
 from services.common.streams import dead_letters, publish
 from tests.helpers.procs import service, wait_for
@@ -108,3 +110,25 @@ def test_queue_scores_groups_and_dead_letters_malformed_ones(verifier, redis_ser
     assert 'passk_verifier_verdicts_total{grader="maze",status="correct"}' in metrics
     assert "passk_verifier_groups_total 2.0" in metrics
     assert httpx.get(f"{url}/readyz").json()["ready"] is True
+
+
+def test_a_redis_that_refuses_at_first_is_retried_with_its_reason_in_readyz(tmp_path):
+    # a Redis that asks for a password the verifier lacks (like Redis's protected mode, met by the
+    # compose stack on Debian's redis-server): the consumer must keep trying and say why, then work
+    with RedisServer(tmp_path / "redis") as server:
+        server.client.config_set("requirepass", "secret")
+        args = ["serve", "verifier", "--redis-url", server.url, "--workers", "1"]
+        with service(args, tmp_path / "verifier.log") as (_, url):
+
+            def consumer_state():
+                return httpx.get(f"{url}/readyz", timeout=5).json()["consumer"]
+
+            refused = wait_for(lambda: "auth" in consumer_state().lower() and consumer_state(), timeout_s=60)
+            assert httpx.get(f"{url}/readyz", timeout=5).status_code == 503, refused
+            admin = redis.Redis(host="127.0.0.1", port=server.port, password="secret")
+            admin.config_set("requirepass", "")
+            wait_for(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout_s=60)
+            assert consumer_state() == "ok"
+            publish(server.client, STREAMS.rollouts, group("after-refusal", ["S>>E"]))
+            scored = wait_for(lambda: server.client.xrange(STREAMS.scored), timeout_s=60)
+            assert ScoredGroup.model_validate_json(scored[0][1][b"data"]).group.job.job_id == "after-refusal"
