@@ -25,7 +25,7 @@ import pytest
 
 from tests.helpers import engine as engines
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test also builds the images
 
 REPO = engines.REPO
 TOKEN = "compose-engine-test-token"
