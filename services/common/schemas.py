@@ -130,6 +130,9 @@ class Verdict(Message):
     """Grader name."""
     elapsed: float = Field(ge=0.0)
     """Seconds the grading took."""
+    outcome: str = Field("", max_length=256)
+    """The response's final answer in a normal form (services/verifier/outcomes.py); empty: none.
+    The trainer's outcome-based exploration counts these per prompt."""
 
     @property
     def failed(self) -> bool:

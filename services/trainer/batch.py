@@ -21,6 +21,7 @@ class Batch:
     valid: torch.Tensor  # (G, N) bool: a real verdict (grader failures are False)
     sampler_logprobs: list[list[list[float]]]  # G x N, from the rollout engine
     policy_versions: list[int]  # G, the version that sampled each group
+    bonus: torch.Tensor | None = None  # (G, N) outcome-exploration bonus before its factor c, or None
 
     @property
     def groups(self) -> int:
@@ -38,6 +39,7 @@ class Batch:
             self.valid[index],
             [self.sampler_logprobs[i] for i in index],
             [self.policy_versions[i] for i in index],
+            None if self.bonus is None else self.bonus[index],
         )
 
 

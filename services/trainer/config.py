@@ -137,6 +137,14 @@ class TrainerSettings(BaseModel):
     """Clip-Cov or KL-Cov, e.g. {kind = "kl_cov", ratio = 0.002}."""
     noise_rewards: float = Field(0.0, ge=0, le=1)
     """Noise rewards (Sec. 3.1): the fraction of negative responses whose reward is flipped to 1."""
+    outcome_bonus: Literal["off", "ucb", "ucb_mean", "ucb_con", "batch"] = "off"
+    """Outcome-based exploration (Song et al. 2025): a bonus on the advantage from each answer's count
+    for its prompt over the run, kept in Redis (ucb, ucb_mean, ucb_con), or a penalty on answers
+    repeated within the group (batch). services/trainer/outcome_bonus.py has the formulas."""
+    outcome_bonus_c: float = Field(0.2, gt=0, le=10)
+    """The bonus's factor c."""
+    outcome_bonus_b0: float = Field(0.5, ge=0, le=1)
+    """ucb_con's constant baseline b0."""
     clip_low: float = Field(0.2, ge=0, le=1)
     """PPO ratio clip below 1 (DAPO: 0.2)."""
     clip_high: float = Field(0.28, ge=0, le=10)

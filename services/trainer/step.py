@@ -149,6 +149,10 @@ def train_on(
         options["seed"] = s.seed * 1_000_003 + version  # fresh bootstrap groups each step
     k = min(stage.k, n)
     advantages = masked_advantages(stage.estimator, rewards, valid, k, options)
+    bonus = None
+    if batch.bonus is not None:  # outcome-based exploration: on the advantage, after the estimator
+        bonus = s.outcome_bonus_c * batch.bonus * valid
+        advantages = advantages + bonus.to(advantages.dtype)
 
     # 4. one update per mini-batch; each rank's share in micro-batches, gradients summed
     lengths = batch.lengths()
@@ -227,6 +231,7 @@ def train_on(
         "eta_mean": float(advantages.abs().sum(1).mean()),
         "entropy": float(response_entropy[valid].mean()) if valid.any() else 0.0,
         "negative_diversity": negative_diversity(batch.responses, batch.rewards, valid),
+        "outcome_bonus_mean": float(bonus[valid].mean()) if bonus is not None and valid.any() else None,
         "response_tokens": float(token_counts.mean()) if token_counts.numel() else 0.0,
         "clip_fraction": sum(clip) / len(clip),
         "token_shaped_fraction": sum(shaped) / len(shaped),

@@ -14,6 +14,7 @@ from services.common import redis_client
 from services.common.config import StreamNames, VerifierSettings
 from services.common.schemas import RolloutGroup, ScoredGroup, Verdict, VerdictStatus
 from services.common.streams import StreamConsumer, publish
+from services.verifier.outcomes import outcome
 from services.verifier.pool import RESTART_REASONS, GraderPool
 from services.verifier.sandbox import Limits
 
@@ -111,7 +112,13 @@ class Verifier:
         return self._merge(screened, await self.pool.grade_many_async(task, todo, reference))
 
     def score(self, group: RolloutGroup) -> ScoredGroup:
-        verdicts = self.grade(group.job.task, [s.text for s in group.samples], group.job.reference)
+        texts = [s.text for s in group.samples]
+        verdicts = self.grade(group.job.task, texts, group.job.reference)
+        # each answer's outcome beside its verdict, for the trainer's outcome counts
+        verdicts = [
+            v.model_copy(update={"outcome": outcome(group.job.task, text)})
+            for v, text in zip(verdicts, texts, strict=True)
+        ]
         return ScoredGroup(group=group, verdicts=verdicts)
 
     def start_queue(self) -> None:

@@ -39,6 +39,9 @@ OPTIONS = {
     "Clip-Cov": {"covariance": "{kind = 'clip_cov', ratio = 0.05, lower = -1e9, upper = 1e9}"},
     "KL-Cov": {"covariance": "{kind = 'kl_cov', ratio = 0.05}"},
     "async, staleness 1": {"mode": "'async'", "max_staleness": 1, "steps": 4},
+    "outcome bonus, historical (ucb_con)": {"outcome_bonus": "'ucb_con'", "outcome_bonus_c": 0.5},
+    # nearly greedy sampling: each group repeats its answers, which the batch bonus must penalize
+    "outcome bonus, batch": {"outcome_bonus": "'batch'", "temperature": 0.05},
     "stages P@k then P@1, twice": {
         "stages": "[{estimator = 'passk_analytic', k = 4, steps = 1}, {estimator = 'grpo', k = 1, steps = 1}]",
         "stage_repeats": 2,
@@ -103,6 +106,19 @@ def test_a_short_training_with(overrides, cluster, redis_server, tiny_model, tmp
         assert all(m["dropped_stale"] == 0 for m in rows)
     evaluations = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [e["version"] for e in evaluations] == [0, steps]
+    bonus = [m["outcome_bonus_mean"] for m in rows]
+    counts = redis_server.client.hgetall(f"passk:outcomes:{tmp_path / 'run'}:counts")
+    if "outcome_bonus" not in overrides:
+        assert bonus == [None] * len(rows) and not counts
+    elif overrides["outcome_bonus"] == "'batch'":
+        assert all(b <= 0 for b in bonus) and any(b < 0 for b in bonus), bonus  # repeats only cost
+        assert not counts  # no history kept
+    else:
+        # every answered response counted once, per (prompt, answer); the last checkpoint made them final
+        answered = sum(int(n) for n in counts.values())
+        assert 0 < answered <= steps * int(settings["prompts_per_step"]) * settings["n_rollout"]
+        assert all(b is not None for b in bonus) and bonus[0] > 0  # nothing seen before the first step
+        assert not redis_server.client.zrange(f"passk:outcomes:{tmp_path / 'run'}:steps", 0, -1)
 
 
 @pytest.mark.slow

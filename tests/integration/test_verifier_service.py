@@ -102,6 +102,9 @@ def test_queue_scores_groups_and_dead_letters_malformed_ones(verifier, redis_ser
     results = [ScoredGroup.model_validate_json(fields[b"data"]) for _, fields in scored]
     by_job = {r.group.job.job_id: [v.reward for v in r.verdicts] for r in results}
     assert by_job == {"job-a": [1.0, 0.0, 1.0], "job-b": [0.0]}
+    # each answer's outcome rides with its verdict, for the trainer's outcome counts
+    outcomes = {r.group.job.job_id: [v.outcome for v in r.verdicts] for r in results}
+    assert outcomes == {"job-a": ["RR", "L", "RR"], "job-b": ["R"]}
     [dead] = wait_for(lambda: dead_letters(client, STREAMS.rollouts))
     assert "invalid RolloutGroup" in dead["reason"]
     assert process.poll() is None  # still running
