@@ -2,7 +2,9 @@
 stopped (same prompts, same updates, the same weights and optimizer state at its end as a run that
 never stopped), the replica is brought back to the restored version, and no scored group is trained
 on twice. Noisy rewards give every step a gradient: the tiny model alone solves almost no maze, and
-a resume that lost the optimizer or reloaded the base weights would go unseen on zero updates."""
+a resume that lost the optimizer or reloaded the base weights would go unseen on zero updates. The
+run keeps outcome counts in Redis (outcome_bonus = ucb): the resumed steps see the counts of the
+checkpoint, not those the killed run had added since."""
 
 import json
 import os
@@ -63,6 +65,8 @@ def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, ti
         command = trainer_args(
             tmp_path, redis_server.url, verifier_url, tiny_model, steps=STEPS, prompts_per_step=PROMPTS,
             n_rollout=8, k=4, checkpoint_every=4, keep_checkpoints=2, mini_batch_prompts=2, noise_rewards=0.5,
+            # the historical outcome bonus: its counts in Redis must go back to the checkpoint with the rest
+            outcome_bonus="'ucb'", outcome_bonus_c=0.3,
         )  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with (logs / "trainer-1.log").open("wb") as out:
@@ -115,7 +119,7 @@ def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, ti
     assert any(not torch.equal(base[name], moved[name]) for name in base)
     # same model and optimizer state: the repeated steps took the very same updates
     for old, new in zip(before[4:6], after[:2], strict=True):
-        for key in ("reward_mean", "trained_reward_mean", "loss", "grad_norm", "entropy", "lr"):
+        for key in ("reward_mean", "trained_reward_mean", "loss", "grad_norm", "entropy", "lr", "outcome_bonus_mean"):
             assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-7), key
     # and the run ends where the uninterrupted one ends: weights, optimizer, scheduler, sampler
     resumed_end, straight_end = run / "checkpoints" / "step-000008", straight / "checkpoints" / "step-000008"
