@@ -77,7 +77,9 @@ def compose(engine):
 @pytest.fixture(scope="module")
 def image(engine, compose):
     """passk:cpu, built by compose from docker/cpu.Dockerfile on the stand-in slim base."""
+    started = time.monotonic()
     engines.make_base_images(engine)
+    based = time.monotonic()
     wheel = REPO / "docker/wheels" / TORCH_WHEEL
     copied = not wheel.exists()
     if copied:
@@ -87,6 +89,7 @@ def image(engine, compose):
     finally:
         if copied:
             wheel.unlink()
+    print(f"\nENGINE | base images {based - started:.0f} s | passk:cpu build {time.monotonic() - based:.0f} s")
     return "passk:cpu"
 
 
@@ -162,6 +165,7 @@ def test_the_image_builds_on_a_slim_base_and_its_user_reads_every_file(engine, i
 
 
 def test_the_stack_comes_up_trains_and_survives_a_killed_replica(engine, compose, image):
+    started = time.monotonic()
     compose("up", "-d", "--wait", "--wait-timeout", "300", "--scale", "rollout=2",
             "redis", "verifier", "rollout", "prometheus", timeout=600)  # fmt: skip
     rollouts = container_ids(compose, "rollout")
@@ -234,3 +238,4 @@ def test_the_stack_comes_up_trains_and_survives_a_killed_replica(engine, compose
     wait_until("both replicas on the final version", versions, timeout_s=180, interval_s=5)
     # and Prometheus sees every live target up again, the restarted replica too
     wait_until("every live target up", lambda: jobs_up("up == 1") == live, timeout_s=180)
+    print(f"\nENGINE | stack up, {STEPS} steps trained, a replica killed and back: {time.monotonic() - started:.0f} s")
