@@ -14,7 +14,8 @@ and batch exploration, which needs no history, penalizes answers repeated within
     batch:     −c · (1/n) Σ_{j≠i} 1{a_i = a_j}
 
 The bonus is added to the advantage after the estimator (so it is not normalized with the
-rewards). Choices where the paper's text, as we could read it, leaves room (docs/ESTIMATORS.md):
+rewards). Choices where the paper's text, as we could read it, leaves room
+(docs/research/objective-family.md):
 N(x, a) is the count *before* this step's answers are added (an answer never seen gets the full
 bonus, min(1, 1/√0) = 1), then the step's answers are added; ucb_mean's mean is over the prompt's
 group; responses without an answer (empty outcome) or without a verdict get no bonus and are not
@@ -30,7 +31,6 @@ from __future__ import annotations
 import torch
 from redis import Redis
 
-MODES = ("off", "ucb", "ucb_mean", "ucb_con", "batch")
 SEP = "\x1f"  # between prompt id and outcome in a count's field name: neither contains it
 
 

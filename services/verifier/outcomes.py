@@ -15,22 +15,25 @@ An empty string means no answer at all; the trainer gives such responses no bonu
 
 from __future__ import annotations
 
-import re
-
 from services.verifier.maze import extract_answer
 
 MAX_CHARS = 200  # a longer answer is cut: counts key on it, and Redis holds one field per outcome
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def last_tagged(response: str) -> str | None:
+    """The text of the last ``<answer>...</answer>``, found from the end in linear time (a regex
+    scan is quadratic on a response of many unclosed tags, and this runs in the service itself)."""
+    end = response.rfind("</answer>")
+    start = response.rfind("<answer>", 0, end) if end >= 0 else -1
+    return response[start + len("<answer>") : end] if start >= 0 else None
 
 
 def outcome(task: str, response: str) -> str:
     if task == "maze":
         return "".join(ch for ch in extract_answer(response).upper() if ch in "UDLR")[:MAX_CHARS]
-    tagged = ANSWER_TAG.findall(response)
-    if tagged:
-        text = tagged[-1]
-    elif task == "math" and "boxed" in response:
+    text = last_tagged(response)
+    if text is None and task == "math" and "boxed" in response:
         text = extract_answer(response)  # the balanced braces of the last \boxed{}
-    else:
+    if text is None:
         return ""
     return " ".join(text.split()).lower()[:MAX_CHARS]

@@ -114,9 +114,12 @@ class Verifier:
     def score(self, group: RolloutGroup) -> ScoredGroup:
         texts = [s.text for s in group.samples]
         verdicts = self.grade(group.job.task, texts, group.job.reference)
-        # each answer's outcome beside its verdict, for the trainer's outcome counts
+        # each answer's outcome beside its verdict, for the trainer's outcome counts (none for an
+        # answer over the length limit: it was not read)
         verdicts = [
             v.model_copy(update={"outcome": outcome(group.job.task, text)})
+            if len(text) <= self.settings.max_answer_chars
+            else v
             for v, text in zip(verdicts, texts, strict=True)
         ]
         return ScoredGroup(group=group, verdicts=verdicts)

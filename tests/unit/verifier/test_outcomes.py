@@ -25,3 +25,9 @@ def test_outcome(task, response, expected):
 
 def test_a_long_answer_is_cut():
     assert len(outcome("puzzle", f"<answer>{'x' * 10_000}</answer>")) == MAX_CHARS
+
+
+def test_the_last_complete_pair_among_many_unclosed_tags():
+    # the last complete pair, found from the end: a regex scan from every "<answer>" would be quadratic
+    hostile = "<answer>" * 200_000 + "<answer>RIGHT</answer>" + "<answer>" * 200_000
+    assert outcome("puzzle", hostile) == "right"
