@@ -8,15 +8,15 @@ from pathlib import Path
 from services.common.processes import service, stop  # noqa: F401 (the tests import them from here)
 
 
-def wait_for(predicate, timeout_s: float = 60, interval_s: float = 0.1):
-    """Poll until predicate() is truthy; return its value, or fail after timeout_s."""
+def wait_for(predicate, timeout_s: float = 60, interval_s: float = 0.1, what: str = "condition"):
+    """Poll until predicate() is truthy; return its value, or fail after timeout_s naming ``what``."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
+            raise AssertionError(f"{what} not met within {timeout_s} s")
         time.sleep(interval_s)
 
 

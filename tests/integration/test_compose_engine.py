@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import engine as engines
+from tests.helpers.procs import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test also builds the images
 
@@ -137,14 +138,7 @@ def read_run(engine, container: str, path: str) -> bytes:
 
 
 def wait_until(what: str, check, timeout_s: float, interval_s: float = 2.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(interval_s)
+    return wait_for(check, timeout_s, interval_s, what=what)
 
 
 def test_the_image_builds_on_a_slim_base_and_its_user_reads_every_file(engine, image):
