@@ -251,6 +251,8 @@ def _checked_data(settings):
         held_out_items(settings, mixture)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--preset/--set") from None
+    except OSError as err:  # a maze preset's test_data that is not there
+        raise typer.BadParameter(f"test_data: {err.strerror}: {err.filename}", param_hint="--preset/--set") from None
     return mixture
 
 
@@ -640,7 +642,7 @@ def up(
     ] = False,
 ) -> None:
     """The main job: Redis, a verifier, rollout replicas and the trainer as separate processes, then a report."""
-    from services.launcher import ensure_preset_data, preset_data
+    from services.launcher import ensure_data, ensure_preset_data, preset_data
     from services.launcher import up as run_up
 
     # the settings first, so that a bad field stops the run before any data is written; then the
@@ -650,6 +652,8 @@ def up(
         ensure_preset_data(preset_data(preset))
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--preset") from None
+    if not settings.mixture:  # a maze preset's splits, written the first time (maze-tiny's on a clean clone)
+        ensure_data(Path(settings.train_data), Path(settings.test_data), settings.seed)
     _checked_data(settings)
 
     raise typer.Exit(run_up(preset, set_ or [], rollout_replicas, resume, prometheus))
