@@ -480,17 +480,42 @@ experiment_app = typer.Typer(help="Experiments: many trainings through the local
 app.add_typer(experiment_app, name="experiment")
 
 
+SpecOption = Annotated[Path, typer.Option(help="Experiment file.")]
+OutOption = Annotated[str | None, typer.Option(help="Run directory [the file's experiment.out].")]
+SeedsOption = Annotated[list[int] | None, typer.Option("--seed", help="Training seeds (repeatable) [the file's].")]
+LanesOption = Annotated[int | None, typer.Option(min=1, max=64, help="Trainings at once [the file's].")]
+ReportOnlyOption = Annotated[bool, typer.Option(help="Only (re)write the report from finished trainings.")]
+
+
 @experiment_app.command("maze-repro")
 def experiment_maze_repro(
-    spec: Annotated[Path, typer.Option(help="Experiment file.")] = Path("configs/experiments/maze-repro.toml"),
-    out: Annotated[str | None, typer.Option(help="Run directory [the file's experiment.out].")] = None,
-    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Training seeds (repeatable) [the file's].")] = None,
-    lanes: Annotated[int | None, typer.Option(min=1, max=64, help="Trainings at once [the file's].")] = None,
-    report_only: Annotated[bool, typer.Option(help="Only (re)write the report from finished trainings.")] = False,
+    spec: SpecOption = Path("configs/experiments/maze-repro.toml"),
+    out: OutOption = None,
+    seeds: SeedsOption = None,
+    lanes: LanesOption = None,
+    report_only: ReportOnlyOption = False,
 ) -> None:
     """The paper's maze findings at CPU scale: every method from each start model, for each seed,
     through the real local cluster; then REPORT.md and PNGs (Table 7, curves, a verdict per claim).
     Finished trainings are kept: running it again does the rest."""
+    _experiment(spec, out, seeds, lanes, report_only)
+
+
+@experiment_app.command("objective-family")
+def experiment_objective_family(
+    spec: SpecOption = Path("configs/experiments/objective-family.toml"),
+    out: OutOption = None,
+    seeds: SeedsOption = None,
+    lanes: LanesOption = None,
+    report_only: ReportOnlyOption = False,
+) -> None:
+    """GRPO, analytic Pass@k, PKPO, MaxRL, Tang's pass@n and W-REINFORCE on maze-tiny, the same
+    budget and seeds for each; then REPORT.md and PNGs (held-out pass@1/pass@k, paired differences
+    from GRPO, and where each puts its advantage). Finished trainings are kept."""
+    _experiment(spec, out, seeds, lanes, report_only)
+
+
+def _experiment(spec: Path, out: str | None, seeds: list[int] | None, lanes: int | None, report_only: bool) -> None:
     from services.experiment.spec import load
 
     try:

@@ -34,6 +34,13 @@ NAMES = {
     "passk_combination": "Combination (Eq. 18)",
     "passk_exceeding": "Exceeding (Eq. 17)",
     "passk_adaptive": "Adaptive (entropy)",
+    "pkpo": "PKPO",
+    "tang_passn": "Tang pass@n",
+    "maxrl": "MaxRL",
+    "rs_grpo": "RS-GRPO",
+    "w_reinforce": "W-REINFORCE",
+    "nsr": "NSR",
+    "psr": "PSR",
 }
 
 
@@ -219,7 +226,7 @@ def markdown(
     starts_text = "; ".join(f"{s.name} ({s.model_dir}, {s.warmup_steps} of {s.horizon} warm-up steps)"
                             for s in experiment.starts)  # fmt: skip
     lines = [
-        f"# {experiment.name}: the paper's maze findings at CPU scale",
+        f"# {experiment.name}: {experiment.title}",
         "",
         f"Command: `{command}`  ",
         f"Seeds: {', '.join(map(str, experiment.seeds))}; starts: {starts_text}.",
@@ -339,7 +346,15 @@ def write_report(path: Path, experiment: Experiment, trainer: TrainerSettings, c
     figures = {s.name: draw(s, k, out) for s in starts if s.runs}
     command = command or f"passk experiment {experiment.name} --spec {path}"
     report = out / "REPORT.md"
-    report.write_text(markdown(experiment, trainer, starts, command, figures))
+    if experiment.kind == "comparison":
+        from services.experiment import comparison
+
+        for s in starts:
+            if s.runs:
+                figures[s.name] += comparison.draw_diagnostics(s, out)
+        report.write_text(comparison.markdown(experiment, trainer, starts, command, figures))
+    else:
+        report.write_text(markdown(experiment, trainer, starts, command, figures))
     if experiment.docs:
         docs = Path(experiment.docs)
         docs.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -43,6 +43,11 @@ class Experiment(BaseModel):
 
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")
     """The experiment's name (`passk experiment <name>`)."""
+    kind: Literal["claims", "comparison"] = "claims"
+    """What the report says: a verdict per claim of the paper (maze-repro), or a side-by-side
+    comparison of the methods with their diagnostics and no verdict."""
+    title: str = Field("the paper's maze findings at CPU scale", min_length=1, max_length=120)
+    """The report's heading after the name."""
     out: str
     """Run directory: one sub-directory per training, the report at its top."""
     docs: str = ""
