@@ -252,8 +252,7 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
     if not resume:  # a fresh run: its files start empty (a resumed run appends to them)
         for stale in ("metrics.jsonl", "eval.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-    if not settings.mixture:  # written by the CLI already; a mixture's data comes from its [[data]] steps
-        ensure_data(Path(settings.train_data), Path(settings.test_data), settings.seed)
+    # the data is there: `passk up` wrote a maze preset's splits and ran its [[data]] steps before its checks
     ensure_model(Path(settings.model_dir), mixture=bool(settings.mixture))
     # SIGTERM (a supervisor, `kill`) stops the run like Ctrl-C; Ctrl-C works even when the shell
     # started this in the background with SIGINT ignored

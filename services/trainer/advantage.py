@@ -91,14 +91,17 @@ EstimatorFn = Callable[..., Tensor]
 class _Spec:
     fn: EstimatorFn
     uses_k: bool
+    binary: bool  # needs rewards in {0, 1}: checked once, in _prepare
     options: dict[str, object]  # keyword-only options and their defaults
 
 
 _REGISTRY: dict[Estimator, _Spec] = {}
 
 
-def register(name: Estimator, *, uses_k: bool = True) -> Callable[[EstimatorFn], EstimatorFn]:
-    """Register ``fn(groups, k, **options) -> (B, N)`` under ``name``; duplicates are refused."""
+def register(name: Estimator, *, uses_k: bool = True, binary: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
+    """Register ``fn(groups, k, **options) -> (B, N)`` under ``name``; duplicates are refused.
+    ``binary``: the estimator is defined on pass/fail rewards only; ``compute_advantages`` refuses
+    any other reward before calling it."""
 
     def decorate(fn: EstimatorFn) -> EstimatorFn:
         key = Estimator(name)
@@ -106,7 +109,7 @@ def register(name: Estimator, *, uses_k: bool = True) -> Callable[[EstimatorFn],
             raise ValueError(f"advantage estimator {key.value!r} is already registered")
         params = inspect.signature(fn).parameters.values()
         options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        _REGISTRY[key] = _Spec(fn=fn, uses_k=uses_k, options=options)
+        _REGISTRY[key] = _Spec(fn=fn, uses_k=uses_k, binary=binary, options=options)
         return fn
 
     return decorate
@@ -141,7 +144,7 @@ def compute_advantages(
         half-precision rewards are computed in float32), 0 at masked positions.
     """
     spec = _lookup(name)
-    groups = _prepare(rewards, mask)
+    groups = _prepare(rewards, mask, binary_for=Estimator(name) if spec.binary else None)
     k = _check_k(k, groups)
     _check_options(name, spec, options)
     dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
@@ -165,7 +168,10 @@ def _lookup(name: str | Estimator) -> _Spec:
         raise ValueError(f"unknown advantage estimator {name!r}; known: {known}") from None
 
 
-def _prepare(rewards: Tensor, mask: Tensor | None) -> Groups:
+def _prepare(rewards: Tensor, mask: Tensor | None, binary_for: Estimator | None = None) -> Groups:
+    """The checked batch. ``binary_for``: the estimator that needs rewards in {0, 1}; they are
+    checked here, in the pass that also proves them finite, and counted exactly in their own dtype
+    (a count of at most 2^24 ones is exact in float32), which saves the float64 sum."""
     if not isinstance(rewards, Tensor):
         raise ValueError(f"rewards must be a torch.Tensor of shape [B, N], got {type(rewards).__name__}")
     if rewards.dim() != 2:
@@ -199,6 +205,9 @@ def _prepare(rewards: Tensor, mask: Tensor | None) -> Groups:
             row = int(torch.nonzero(n < 2)[0, 0])
             raise ValueError(f"each group needs N >= 2 valid responses, group {row} has N={int(n[row])}")
     values = rewards if full else rewards.masked_fill(~mask, 0.0)  # padding may hold anything, NaN included
+    if binary_for is not None:
+        _check_binary(values, binary_for)
+        return Groups(values=values, mask=mask, n=n, n_pos=values.sum(1).to(torch.float64), full=full)
     n_pos = values.sum(1, dtype=torch.float64)
     # One pass checks finiteness: a NaN or inf anywhere makes its row sum non-finite.
     # Only then look closer (the sum of huge finite rewards can overflow too).
@@ -229,11 +238,17 @@ def _check_options(name: str | Estimator, spec: _Spec, options: dict[str, object
 
 
 def _require_binary(groups: Groups, name: str) -> None:
-    values = groups.values
-    # v (v - 1) is 0 exactly for v in {0, 1}; padding holds 0
-    if torch.count_nonzero(values.mul(values).sub_(values)):
+    _check_binary(groups.values, name)
+
+
+def _check_binary(values: Tensor, name: str) -> None:
+    # v - v*v is 0 exactly for v in {0, 1} and for nothing else (NaN and inf give NaN; a tiny v
+    # squares to 0; the square of any other v rounds away from v), in one fused pass; padding holds 0
+    if torch.count_nonzero(torch.addcmul(values, values, values, value=-1)):
         binary = (values == 0) | (values == 1)
         b, i = (int(x) for x in torch.nonzero(~binary)[0])
+        if not math.isfinite(values[b, i].item()):  # the same message as every other estimator's
+            raise ValueError(f"rewards must be finite, got {values[b, i].item()} (NaN or inf) at [{b}, {i}]")
         raise ValueError(
             f"estimator {str(name)!r} needs binary rewards in {{0, 1}}, got {values[b, i].item()} at [{b}, {i}]"
         )
@@ -292,6 +307,12 @@ def analytic_response_advantages(n: Tensor, n_pos: Tensor, k: int) -> tuple[Tens
 
 
 @functools.lru_cache(maxsize=256)
+def _analytic_table_as(n: int, k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The table below rounded once to the rewards' dtype (as each batch rounded it before)."""
+    return _analytic_table(n, k, device).to(dtype)
+
+
+@functools.lru_cache(maxsize=256)
 def _analytic_table(n: int, k: int, device: torch.device) -> Tensor:
     """(2, n + 1) float64: A_pos and A_neg for every N_pos = 0..n.
 
@@ -309,19 +330,17 @@ def _analytic(groups: Groups, k: int) -> Tensor:
     lerp(A_neg, A_pos, r): one pass over the batch, and exact for r in {0, 1}
     (torch's lerp computes end - (end - start)(1 - r) for r >= 0.5).
     """
-    device = groups.n.device
+    device, dtype = groups.n.device, groups.values.dtype
     n_pos = groups.n_pos.round().to(torch.int64)
     if groups.full:
-        table = _analytic_table(int(groups.n[0]), k, device)
-        a_pos, a_neg = table[:, n_pos]
-    else:
-        sizes, which = torch.unique(groups.n, return_inverse=True)
-        tables = torch.zeros((len(sizes), 2, int(sizes[-1]) + 1), dtype=torch.float64, device=device)
-        for row, size in enumerate(sizes.tolist()):  # one per distinct group size, not per group
-            tables[row, :, : size + 1] = _analytic_table(size, k, device)
-        a_pos, a_neg = tables[which, 0, n_pos], tables[which, 1, n_pos]
-    r, dtype = groups.values, groups.values.dtype
-    return torch.lerp(a_neg.to(dtype).unsqueeze(1), a_pos.to(dtype).unsqueeze(1), r)
+        a_pos, a_neg = _analytic_table_as(groups.values.shape[1], k, device, dtype)[:, n_pos]
+        return torch.lerp(a_neg.unsqueeze(1), a_pos.unsqueeze(1), groups.values)
+    sizes, which = torch.unique(groups.n, return_inverse=True)
+    tables = torch.zeros((len(sizes), 2, int(sizes[-1]) + 1), dtype=torch.float64, device=device)
+    for row, size in enumerate(sizes.tolist()):  # one per distinct group size, not per group
+        tables[row, :, : size + 1] = _analytic_table(size, k, device)
+    a_pos, a_neg = tables[which, 0, n_pos], tables[which, 1, n_pos]
+    return torch.lerp(a_neg.to(dtype).unsqueeze(1), a_pos.to(dtype).unsqueeze(1), groups.values)
 
 
 def _grpo(groups: Groups, std_normalize: bool = True) -> Tensor:
@@ -476,25 +495,23 @@ def bootstrap_from_groups(rewards: Tensor, index: Tensor, reduction: str) -> Ten
     return torch.where(count > 0, total / count.clamp_min(1.0), 0.0)
 
 
-@register(Estimator.PASSK_ANALYTIC)
+@register(Estimator.PASSK_ANALYTIC, binary=True)
 def passk_analytic(groups: Groups, k: int) -> Tensor:
     """Pass@k by analytical derivation, Algorithm 3 (Eq. 11-15).
 
     Equals the mean, over all C(N, k) groups containing a response, of the
     group-normalized max-reward advantage; k = 1 gives ``grpo``.
     """
-    _require_binary(groups, Estimator.PASSK_ANALYTIC)
     return _analytic(groups, k)
 
 
-@register(Estimator.PASSK_COMBINATION)
+@register(Estimator.PASSK_COMBINATION, binary=True)
 def passk_combination(groups: Groups, k: int) -> Tensor:
     """Combination training, Eq. 18: (N_pos/N) A_Pass@k + (1 - N_pos/N) A_Pass@1.
 
     A_Pass@k is the analytic advantage, A_Pass@1 the GRPO one: hard prompts lean
     on Pass@1 for efficiency, easy ones on Pass@k against overfitting.
     """
-    _require_binary(groups, Estimator.PASSK_COMBINATION)
     weight = (groups.n_pos / groups.n).to(groups.values.dtype).unsqueeze(1)
     return weight * _analytic(groups, k) + (1.0 - weight) * _grpo(groups)
 
@@ -513,15 +530,14 @@ def exceeding_factor(n_pos: Tensor) -> Tensor:
     return torch.where(n_pos >= 1, 4.0 / (10.0 * torch.log(safe + 0.5)), 0.0)
 
 
-@register(Estimator.PASSK_EXCEEDING)
+@register(Estimator.PASSK_EXCEEDING, binary=True)
 def passk_exceeding(groups: Groups, k: int) -> Tensor:
     """Exceeding Pass@k training, Eq. 17: f(N_pos) times the analytic advantage."""
-    _require_binary(groups, Estimator.PASSK_EXCEEDING)
     factor = exceeding_factor(groups.n_pos).to(groups.values.dtype)
     return factor.unsqueeze(1) * _analytic(groups, k)
 
 
-@register(Estimator.PASSK_ADAPTIVE)
+@register(Estimator.PASSK_ADAPTIVE, binary=True)
 def passk_adaptive(groups: Groups, k: int, *, entropy: Tensor | None = None) -> Tensor:
     """Adaptive training on policy entropy, Sec. 4.2.3.
 
@@ -533,7 +549,6 @@ def passk_adaptive(groups: Groups, k: int, *, entropy: Tensor | None = None) -> 
         entropy: required; (B,) mean entropy per prompt, or (B, N) per response
             (averaged over the valid responses).
     """
-    _require_binary(groups, Estimator.PASSK_ADAPTIVE)
     mean_entropy = _prompt_entropy(entropy, groups)
     batch = mean_entropy.shape[0]
     order = torch.argsort(mean_entropy, descending=True, stable=True)
@@ -621,7 +636,7 @@ def tang_passn(groups: Groups, k: int, *, std_normalize: bool = True) -> Tensor:
     return torch.zeros_like(groups.values).scatter(1, index[:, :1], gap.unsqueeze(1))
 
 
-@register(Estimator.MAXRL, uses_k=False)
+@register(Estimator.MAXRL, uses_k=False, binary=True)
 def maxrl(groups: Groups, k: int) -> Tensor:
     """MaxRL (Tajwar et al. 2026, "maximum likelihood RL"), Algorithm 1: A_i = (r_i - mean) / mean,
     and 0 for a group with mean 0 (no correct answer), as prime-rl computes it (no epsilon). The
@@ -631,7 +646,6 @@ def maxrl(groups: Groups, k: int) -> Tensor:
     unbiased for the truncation at N - 1 (both shown by enumeration in the tests). The paper
     defines it for binary rewards only. k is ignored.
     """
-    _require_binary(groups, Estimator.MAXRL)
     mean = groups.n_pos.to(groups.values.dtype) / groups.n.to(groups.values.dtype)
     safe = torch.where(mean > 0, mean, torch.ones_like(mean)).unsqueeze(1)
     return torch.where(mean.unsqueeze(1) > 0, (groups.values - mean.unsqueeze(1)) / safe, 0.0)
@@ -657,7 +671,7 @@ def rs_grpo(groups: Groups, k: int, *, beta: float = 2.0) -> Tensor:
     return torch.expm1(beta * groups.values - soft.unsqueeze(1)) / beta
 
 
-@register(Estimator.W_REINFORCE, uses_k=False)
+@register(Estimator.W_REINFORCE, uses_k=False, binary=True)
 def w_reinforce(groups: Groups, k: int, *, positive_weight: float = 0.1) -> Tensor:
     """Weighted REINFORCE (Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement
     in LLM Reasoning"): lambda * PSR + NSR, so a correct response gets lambda and a wrong one -1.
@@ -667,22 +681,19 @@ def w_reinforce(groups: Groups, k: int, *, positive_weight: float = 0.1) -> Tens
         positive_weight: lambda >= 0 (0.1, the paper's recommendation; 0 is NSR).
     """
     weight = _finite_number("positive_weight", positive_weight)
-    _require_binary(groups, Estimator.W_REINFORCE)
     return groups.values * weight - (1 - groups.values)
 
 
-@register(Estimator.NSR, uses_k=False)
+@register(Estimator.NSR, uses_k=False, binary=True)
 def nsr(groups: Groups, k: int) -> Tensor:
     """Negative sample reinforcement (Zhu et al. 2025): -1 for a wrong response, 0 for a correct one
     (the paper's code drops correct responses from the batch, which under token-mean aggregation
     changes only the loss's normalizer). Binary rewards. k is ignored."""
-    _require_binary(groups, Estimator.NSR)
     return groups.values - 1
 
 
-@register(Estimator.PSR, uses_k=False)
+@register(Estimator.PSR, uses_k=False, binary=True)
 def psr(groups: Groups, k: int) -> Tensor:
     """Positive sample reinforcement (Zhu et al. 2025): +1 for a correct response, 0 for a wrong one
     (the paper's code drops the wrong ones; see ``nsr``). Binary rewards. k is ignored."""
-    _require_binary(groups, Estimator.PSR)
     return groups.values.clone()

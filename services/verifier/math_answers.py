@@ -13,16 +13,14 @@ computation anyway; the pool's wall-clock limit (a kill) turns it into a
 from __future__ import annotations
 
 import logging
-import re
 
 from services.verifier.errors import InvalidReference
-
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from services.verifier.tags import last_tagged
 
 
 def answer_text(response: str) -> str:
-    tagged = ANSWER_TAG.findall(response)
-    return tagged[-1].strip() if tagged else response
+    tagged = last_tagged(response)
+    return tagged.strip() if tagged is not None else response
 
 
 def _as_latex(text: str) -> str:

@@ -16,16 +16,9 @@ An empty string means no answer at all; the trainer gives such responses no bonu
 from __future__ import annotations
 
 from services.verifier.maze import extract_answer
+from services.verifier.tags import last_tagged
 
 MAX_CHARS = 200  # a longer answer is cut: counts key on it, and Redis holds one field per outcome
-
-
-def last_tagged(response: str) -> str | None:
-    """The text of the last ``<answer>...</answer>``, found from the end in linear time (a regex
-    scan is quadratic on a response of many unclosed tags, and this runs in the service itself)."""
-    end = response.rfind("</answer>")
-    start = response.rfind("<answer>", 0, end) if end >= 0 else -1
-    return response[start + len("<answer>") : end] if start >= 0 else None
 
 
 def outcome(task: str, response: str) -> str:

@@ -112,15 +112,14 @@ class Verifier:
         return self._merge(screened, await self.pool.grade_many_async(task, todo, reference))
 
     def score(self, group: RolloutGroup) -> ScoredGroup:
-        texts = [s.text for s in group.samples]
-        verdicts = self.grade(group.job.task, texts, group.job.reference)
+        task, texts = group.job.task, [s.text for s in group.samples]
+        screened, todo = self._screen(task, texts)
+        verdicts = self._merge(screened, self.pool.grade_many(task, todo, group.job.reference))
         # each answer's outcome beside its verdict, for the trainer's outcome counts (none for an
-        # answer over the length limit: it was not read)
+        # answer the screen turned away over the length limit: it was not read)
         verdicts = [
-            v.model_copy(update={"outcome": outcome(group.job.task, text)})
-            if len(text) <= self.settings.max_answer_chars
-            else v
-            for v, text in zip(verdicts, texts, strict=True)
+            v if held is not None else v.model_copy(update={"outcome": outcome(task, text)})
+            for v, held, text in zip(verdicts, screened, texts, strict=True)
         ]
         return ScoredGroup(group=group, verdicts=verdicts)
 

@@ -40,7 +40,8 @@ def group(job_id: str, texts: list[str]) -> RolloutGroup:
     job = PromptJob(
         job_id=job_id, prompt_id="m0", task="maze", policy_version=3, prompt=MAZE + "\n", reference=MAZE, n=len(texts)
     )
-    samples = [Sample(text=t, token_ids=[1] * len(t), logprobs=[-0.5] * len(t)) for t in texts]
+    # a token per character, up to a cap: a few characters a token is what real answers carry
+    samples = [Sample(text=t, token_ids=[1] * min(len(t), 1024), logprobs=[-0.5] * min(len(t), 1024)) for t in texts]
     return RolloutGroup(job=job, policy_version=3, prompt_token_ids=[1, 2], samples=samples, replica="r0")
 
 
@@ -97,14 +98,16 @@ def test_queue_scores_groups_and_dead_letters_malformed_ones(verifier, redis_ser
     client = redis_server.client
     publish(client, STREAMS.rollouts, group("job-a", ["RR", "L", "<answer>RR</answer>"]))
     client.xadd(STREAMS.rollouts, {"data": b'{"job": 1}'})
-    publish(client, STREAMS.rollouts, group("job-b", ["R"]))
+    publish(client, STREAMS.rollouts, group("job-b", ["R", "R" * 50_001]))
     scored = wait_for(lambda: client.xrange(STREAMS.scored) if len(client.xrange(STREAMS.scored)) >= 2 else None)
     results = [ScoredGroup.model_validate_json(fields[b"data"]) for _, fields in scored]
     by_job = {r.group.job.job_id: [v.reward for v in r.verdicts] for r in results}
-    assert by_job == {"job-a": [1.0, 0.0, 1.0], "job-b": [0.0]}
-    # each answer's outcome rides with its verdict, for the trainer's outcome counts
+    assert by_job == {"job-a": [1.0, 0.0, 1.0], "job-b": [0.0, 0.0]}
+    # each answer's outcome rides with its verdict, for the trainer's outcome counts; an answer over
+    # the length limit is not read, so it has none
     outcomes = {r.group.job.job_id: [v.outcome for v in r.verdicts] for r in results}
-    assert outcomes == {"job-a": ["RR", "L", "RR"], "job-b": ["R"]}
+    assert outcomes == {"job-a": ["RR", "L", "RR"], "job-b": ["R", ""]}
+    assert "over the limit" in results[-1].verdicts[1].detail
     [dead] = wait_for(lambda: dead_letters(client, STREAMS.rollouts))
     assert "invalid RolloutGroup" in dead["reason"]
     assert process.poll() is None  # still running

@@ -31,3 +31,16 @@ def test_the_last_complete_pair_among_many_unclosed_tags():
     # the last complete pair, found from the end: a regex scan from every "<answer>" would be quadratic
     hostile = "<answer>" * 200_000 + "<answer>RIGHT</answer>" + "<answer>" * 200_000
     assert outcome("puzzle", hostile) == "right"
+
+
+@pytest.mark.parametrize(
+    "response",
+    ["<answer>a</answer> <answer> 2 </answer>", "<answer>a<answer> 2 </answer>", "<answer>2</answer><answer>x",
+     "<answer>" * 100_000 + "<answer>2</answer>"],
+)  # fmt: skip
+def test_the_math_grader_reads_the_answer_the_counts_key_on(response):
+    # one extraction for both: a grade of "2" and an outcome of "2" for the same response
+    from services.verifier.math_answers import answer_text, grade
+
+    assert answer_text(response) == outcome("math", response) == "2"
+    assert grade(response, "2") == 1.0
