@@ -524,7 +524,10 @@ def _experiment(spec: Path, out: str | None, seeds: list[int] | None, lanes: int
         raise typer.BadParameter(str(err), param_hint="--spec/--out/--seed") from None
     if report_only:
         from services.experiment.report import write_report
+        from services.experiment.runner import archive_finished
 
+        if archived := archive_finished(experiment):
+            typer.echo(f"archived {archived} finished trainings in {experiment.archive}")
         typer.echo(f"report: {write_report(spec, experiment, trainer)}")
         return
     from services.experiment.runner import run

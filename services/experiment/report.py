@@ -14,6 +14,7 @@ from services.experiment.results import (
     Difference,
     RunResult,
     average,
+    finished,
     mean_sd,
     paired,
     read_evals,
@@ -52,17 +53,21 @@ class StartResults:
 
 
 def collect(experiment: Experiment) -> list[StartResults]:
-    """Whatever finished: a training missing its done.json is left out of every number."""
+    """Whatever finished, here or in the archive: a training missing its done.json in both is left
+    out of every number."""
     evals, runs = plan(experiment)
+    archive = Path(experiment.archive) if experiment.archive else None
     out = []
     for start_eval in evals:
-        if not (start_eval.run_dir / "done.json").exists():
+        start_dir = finished(start_eval.run_dir, archive)
+        if start_dir is None:
             continue
-        start = read_evals(start_eval.run_dir / "eval.jsonl")
+        start = read_evals(start_dir / "eval.jsonl")
         results = StartResults(start_eval.start, start[0], {})
         for run in runs:
-            if run.start == start_eval.start and (run.run_dir / "done.json").exists():
-                results.runs.setdefault(run.method, []).append(read_run(run.run_dir, run.method, run.seed, start))
+            place = finished(run.run_dir, archive) if run.start == start_eval.start else None
+            if place is not None:
+                results.runs.setdefault(run.method, []).append(read_run(place, run.method, run.seed, start))
         out.append(results)
     return out
 

@@ -34,11 +34,52 @@ def read_evals(path: Path) -> dict[int, dict[int, dict[str, float]]]:
     return out
 
 
+def read_steps(path: Path) -> list[dict]:
+    """The per-step rows of metrics.jsonl, one per step: a training resumed from a checkpoint
+    trains the steps after it again and appends them, and the later row is the one that counts."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[int(row["step"])] = row
+    return [rows[step] for step in sorted(rows)]
+
+
 def read_run(run_dir: Path, method: str, seed: int, start: dict[int, dict[int, dict[str, float]]]) -> RunResult:
     evals = {**start, **read_evals(run_dir / "eval.jsonl")}
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = read_steps(run_dir / "metrics.jsonl")
     done = json.loads((run_dir / "done.json").read_text())
     return RunResult(method, seed, evals, steps, float(done["seconds"]))
+
+
+# what the archive keeps of each step (the reports read nothing else): a few hundred bytes a step
+ARCHIVED_KEYS = (
+    "step", "estimator", "k", "loss", "grad_norm", "reward_mean", "entropy", "negative_diversity", "eta_by_accuracy",
+    "all_wrong_fraction", "all_right_fraction", "alpha_k_mean", "adv_abs_mean_correct", "adv_abs_mean_wrong",
+    "step_s",
+)  # fmt: skip
+
+
+def finished(run_dir: Path, archive: Path | None) -> Path | None:
+    """Where a finished training's results are: its run directory, else its copy in the archive;
+    None while it has not finished."""
+    for place in (run_dir, archive / run_dir.name if archive is not None else None):
+        if place is not None and (place / "done.json").exists():
+            return place
+    return None
+
+
+def archive_run(run_dir: Path, archive: Path) -> Path:
+    """Copy a finished training's results into ``archive/<name>``: done.json last, so that a copy
+    cut short is not taken for a finished one."""
+    target = archive / run_dir.name
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "eval.jsonl").write_text((run_dir / "eval.jsonl").read_text())
+    metrics = run_dir / "metrics.jsonl"
+    rows = read_steps(metrics) if metrics.exists() else []
+    kept = [{key: row[key] for key in ARCHIVED_KEYS if key in row} for row in rows]
+    (target / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    (target / "done.json").write_text((run_dir / "done.json").read_text())
+    return target
 
 
 def average(table: dict[int, dict[str, float]], metric: str, sizes: list[int] | None = None) -> float:

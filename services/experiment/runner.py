@@ -5,7 +5,9 @@ replica, as `passk up` starts them) that runs trainings one after another, each
 a `passk train` process whose weights reach the lane's replica over gRPC. Lanes
 run at once: one training's rollouts, grading and update alternate, so one lane
 keeps about one core busy. A finished training leaves ``done.json`` in its
-directory; running the experiment again skips it and redoes the rest.
+directory (and a copy of its results in the experiment's archive, kept in git);
+running the experiment again skips it, continues an interrupted one from its
+latest checkpoint (when the experiment checkpoints) and does the rest.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.common.redis_server import RedisServer
+from services.experiment.results import archive_run, finished
 from services.experiment.spec import Experiment, Run, StartEval, check, plan
 from services.launcher import Cluster, ensure_data, preset_rollout_options, start_services
+from services.trainer import checkpoint
 
 if TYPE_CHECKING:
     from services.trainer.config import TrainerSettings
@@ -63,8 +67,21 @@ def ensure_inputs(experiment: Experiment, trainer: TrainerSettings) -> None:
         )  # fmt: skip
 
 
-def is_done(item: Run | StartEval) -> bool:
-    return (item.run_dir / "done.json").exists()
+def is_done(item: Run | StartEval, archive: Path | None) -> bool:
+    return finished(item.run_dir, archive) is not None
+
+
+def archive_finished(experiment: Experiment) -> int:
+    """Copy every training finished here but missing from the archive into it; returns how many."""
+    if not experiment.archive:
+        return 0
+    archive = Path(experiment.archive)
+    evals, runs = plan(experiment)
+    todo = [item for item in [*evals, *runs] if (item.run_dir / "done.json").exists()]
+    todo = [item for item in todo if not (archive / item.run_dir.name / "done.json").exists()]
+    for item in todo:
+        archive_run(item.run_dir, archive)
+    return len(todo)
 
 
 class Lane:
@@ -85,20 +102,26 @@ class Lane:
             self.stop()
             raise
         self.current: subprocess.Popen | None = None
+        self.resumed: list[str] = []  # trainings this lane continued from a checkpoint
 
-    def train(self, path: Path, item: Run | StartEval) -> tuple[int, float]:
-        """Run one training to its end: (exit code, seconds)."""
-        if item.run_dir.exists():
-            shutil.rmtree(item.run_dir)  # an unfinished attempt: start it over
-        item.run_dir.mkdir(parents=True)
+    def train(self, path: Path, item: Run | StartEval, checkpoint_every: int = 0) -> tuple[int, float]:
+        """Run one training to its end: (exit code, seconds). An unfinished attempt continues from
+        its latest checkpoint when it has one, else starts over."""
+        resume = checkpoint_every > 0 and checkpoint.latest(item.run_dir) is not None
+        if item.run_dir.exists() and not resume:
+            shutil.rmtree(item.run_dir)
+        item.run_dir.mkdir(parents=True, exist_ok=True)
         sets = [
             *item.overrides(),
             f"redis_url='{self.redis.url}'",
             f"verifier_url='{self.services.verifier_url}'",
-            "checkpoint_every=0",
+            f"checkpoint_every={checkpoint_every}",
         ]
         command = [sys.executable, "-m", "services.cli", "train", "--preset", str(path)]
         command += [arg for value in sets for arg in ("--set", value)]
+        if resume:
+            command.append("--resume")
+            self.resumed.append(item.run_dir.name)
         env = {
             **os.environ,
             "PASSK_TRAINER_WEIGHTS_TOKEN": self.weights_token,
@@ -111,8 +134,14 @@ class Lane:
             )
             code = self.current.wait()
         seconds = time.monotonic() - start
+        # the time of every attempt, so that a training continued from a checkpoint reports its
+        # whole cost (an attempt killed with this process is not counted: nothing was left to write)
+        attempts_file = item.run_dir / "attempts.json"
+        attempts = [*(json.loads(attempts_file.read_text()) if resume and attempts_file.exists() else []), seconds]
+        attempts_file.write_text(json.dumps(attempts) + "\n")
         if code == 0:
-            (item.run_dir / "done.json").write_text(json.dumps({"seconds": seconds, "lane": self.name}) + "\n")
+            done = {"seconds": sum(attempts), "attempts": len(attempts), "lane": self.name}
+            (item.run_dir / "done.json").write_text(json.dumps(done) + "\n")
         return code, seconds
 
     def stop(self) -> None:
@@ -140,8 +169,10 @@ def run(path: Path, experiment: Experiment, trainer: TrainerSettings, lanes: int
     ensure_inputs(experiment, trainer)
     root = Path(experiment.out)
     root.mkdir(parents=True, exist_ok=True)
+    archive = Path(experiment.archive) if experiment.archive else None
+    archive_finished(experiment)  # finished before the archive was set, or by an older runner
     todo: queue.SimpleQueue[Run | StartEval] = queue.SimpleQueue()
-    pending = [item for item in [*evals, *runs] if not is_done(item)]
+    pending = [item for item in [*evals, *runs] if not is_done(item, archive)]
     for item in pending:
         todo.put(item)
     skipped = len(evals) + len(runs) - len(pending)
@@ -167,7 +198,7 @@ def run(path: Path, experiment: Experiment, trainer: TrainerSettings, lanes: int
             for i in range(count if pending else 0):
                 lane = Lane(i, root, model_dir, trainer.prompts_per_step, rollout_options)
                 stack.callback(lane.stop)
-                args = (lane, path, todo, failures, stopping, progress, task)
+                args = (lane, path, experiment, todo, failures, stopping, progress, task)
                 workers.append(threading.Thread(target=_work, args=args, daemon=True))
             for worker in workers:
                 worker.start()
@@ -190,15 +221,18 @@ def run(path: Path, experiment: Experiment, trainer: TrainerSettings, lanes: int
 
 
 def _work(
-    lane: Lane, path: Path, todo: queue.SimpleQueue, failures: list[str], stopping: threading.Event, progress, task
-) -> None:
+    lane: Lane, path: Path, experiment: Experiment, todo: queue.SimpleQueue, failures: list[str],
+    stopping: threading.Event, progress, task,
+) -> None:  # fmt: skip
     while not stopping.is_set():
         try:
             item = todo.get_nowait()
         except queue.Empty:
             return
         try:
-            code, seconds = lane.train(path, item)
+            code, seconds = lane.train(path, item, experiment.checkpoint_every)
+            if code == 0 and experiment.archive:
+                archive_run(item.run_dir, Path(experiment.archive))
         except OSError as err:  # the run directory or the trainer could not be set up: that run fails
             code, seconds = -1, 0.0
             progress.console.print(f"[red]{item.run_dir.name}: {err}")

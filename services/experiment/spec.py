@@ -58,6 +58,13 @@ class Experiment(BaseModel):
     """Advantage estimators compared (registry names; the trainer's settings check them)."""
     starts: list[Start] = Field(min_length=1)
     """Starting models."""
+    archive: str = ""
+    """A directory kept in git: each finished training's results (done.json, eval.jsonl and the
+    per-step figures the report reads) are copied there, so that a run that needs several sittings
+    continues on a clean clone, and the report can be rebuilt from it alone (empty: none)."""
+    checkpoint_every: int = Field(0, ge=0, le=100_000)
+    """Checkpoint every this many steps; an interrupted training then continues from its latest
+    checkpoint instead of starting over (0: no checkpoints)."""
     lanes: int = Field(2, ge=1, le=64)
     """Trainings run at once, each on its own Redis, verifier and replica (one core each)."""
     model_sizes: list[int] = Field(min_length=1)

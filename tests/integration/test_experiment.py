@@ -108,3 +108,59 @@ def test_a_bad_experiment_file_is_refused_before_anything_starts(tiny_model, tmp
     assert done.returncode == 2
     assert "pass_at_k" in done.stdout + done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_interrupted_training_continues_from_its_checkpoint_and_a_clean_clone_from_the_archive(
+    tiny_model, tmp_path
+):
+    import os
+    import shutil
+    import signal
+    import time
+
+    from services.experiment.results import read_steps
+
+    text = spec(tmp_path, tiny_model).read_text()
+    text = text.replace("seeds = [0, 1]", "seeds = [0]").replace('methods = ["grpo", "passk_analytic"]',
+                                                                  'methods = ["grpo"]')  # fmt: skip
+    text = text.replace("lanes = 2", f'lanes = 1\narchive = "{tmp_path / "archive"}"\ncheckpoint_every = 2')
+    text = text.replace("steps = 2\n", "steps = 6\n").replace("eval_every = 1", "eval_every = 3")
+    path = tmp_path / "toy.toml"
+    path.write_text(text)
+    run = tmp_path / "runs" / "warm-grpo-s0"
+    with (tmp_path / "first.log").open("wb") as log:
+        command = [sys.executable, "-m", "services.cli", "experiment", "maze-repro", "--spec", str(path)]
+        first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while not (run / "checkpoints" / "step-000002" / "trainer.pt").exists():
+                alive = first.poll() is None and time.monotonic() < deadline
+                assert alive, (tmp_path / "first.log").read_text()[-3000:]
+                time.sleep(0.2)
+            os.kill(first.pid, signal.SIGTERM)  # as a session that ends, or Ctrl-C
+            assert first.wait(120) == 130
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert not (run / "done.json").exists()
+    steps_before = [row["step"] for row in read_steps(run / "metrics.jsonl")]
+    assert 2 <= max(steps_before) < 6
+
+    again = passk("experiment", "maze-repro", "--spec", str(path))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from" in (run / "trainer.log").read_text()
+    done = json.loads((run / "done.json").read_text())
+    assert done["attempts"] == 2
+    rows = read_steps(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    archived = tmp_path / "archive" / "warm-grpo-s0"
+    assert [r["step"] for r in read_steps(archived / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    report = (tmp_path / "docs" / "REPORT.md").read_text()
+
+    shutil.rmtree(tmp_path / "runs")  # a clean clone: the archive alone
+    (tmp_path / "docs" / "REPORT.md").unlink()
+    third = passk("experiment", "maze-repro", "--spec", str(path))
+    assert third.returncode == 0, third.stdout[-3000:]
+    assert "(2 already done)" in " ".join(third.stdout.split())
+    assert not run.exists()  # nothing trained again
+    assert (tmp_path / "docs" / "REPORT.md").read_text() == report

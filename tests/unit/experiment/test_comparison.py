@@ -97,3 +97,42 @@ def test_the_objective_family_file_plans_six_methods_on_one_budget():
     from services.experiment.spec import check
 
     check(Path("configs/experiments/objective-family.toml"), *plan(exp))  # every run's settings are valid
+
+
+def test_the_archive_keeps_what_the_report_reads_and_the_report_comes_from_it_alone(tmp_path):
+    import shutil
+
+    from services.experiment.results import ARCHIVED_KEYS, read_steps
+    from services.experiment.runner import archive_finished
+
+    exp = experiment(tmp_path).model_copy(update={"archive": str(tmp_path / "archive")})
+    fill(exp)
+    resumed = Path(exp.out) / "tiny-maxrl-s0" / "metrics.jsonl"
+    rows = [json.loads(line) for line in resumed.read_text().splitlines()]
+    for row in rows:
+        row["tasks"] = {"maze": {"groups": 16}}  # heavy keys the report does not read
+    # a training continued from its step-8 checkpoint trains steps 9 and 10 again and appends them
+    again = [{**row, "all_wrong_fraction": 0.9} for row in rows[8:]]
+    resumed.write_text("".join(json.dumps(r) + "\n" for r in rows + again))
+    [tiny] = collect(exp)
+    before = comparison.outcome_table(tiny, 8, "grpo") + comparison.diagnostics_table(tiny)
+    maxrl = next(r for r in tiny.runs["maxrl"] if r.seed == 0)
+    assert [r["step"] for r in maxrl.steps] == list(range(1, 11))  # each step once: the later row
+    assert [r["all_wrong_fraction"] for r in maxrl.steps[8:]] == [0.9, 0.9]
+
+    done = Path(exp.out) / "tiny-grpo-s2" / "done.json"
+    text = done.read_text()
+    done.unlink()  # unfinished: not archived
+    assert archive_finished(exp) == 9  # the start and 8 trainings
+    assert archive_finished(exp) == 0  # once
+    kept = read_steps(Path(exp.archive) / "tiny-maxrl-s0" / "metrics.jsonl")
+    assert [r["step"] for r in kept] == list(range(1, 11))
+    assert [r["all_wrong_fraction"] for r in kept[8:]] == [0.9, 0.9]  # the resumed attempt's rows
+    assert all(set(r) <= set(ARCHIVED_KEYS) for r in kept)
+
+    done.write_text(text)
+    assert archive_finished(exp) == 1
+    shutil.rmtree(exp.out)  # a clean clone: only the archive is left
+    [tiny] = collect(exp)
+    assert sum(len(r) for r in tiny.runs.values()) == 9
+    assert comparison.outcome_table(tiny, 8, "grpo") + comparison.diagnostics_table(tiny) == before
