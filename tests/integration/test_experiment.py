@@ -110,9 +110,7 @@ def test_a_bad_experiment_file_is_refused_before_anything_starts(tiny_model, tmp
     assert not (tmp_path / "runs").exists()
 
 
-def test_an_interrupted_training_continues_from_its_checkpoint_and_a_clean_clone_from_the_archive(
-    tiny_model, tmp_path
-):
+def test_an_interrupted_training_continues_from_its_checkpoint_and_a_clean_clone_from_the_archive(tiny_model, tmp_path):
     import os
     import shutil
     import signal
