@@ -124,6 +124,8 @@ def _mean_sd_text(values: list[float], digits: int) -> str:
 def markdown(
     experiment: Experiment, trainer: TrainerSettings, starts: list[StartResults], command: str, figures: dict
 ) -> str:
+    from services.experiment.report import seeds_text
+
     t, k = trainer, max(trainer.eval_k)
     baseline = experiment.methods[0]
     sizes = ", ".join(f"{n}×{n}" for n in sorted(experiment.test_sizes))
@@ -132,8 +134,7 @@ def markdown(
         f"# {experiment.name}: {experiment.title}",
         "",
         f"Command: `{command}`  ",
-        f"Seeds: {', '.join(map(str, experiment.seeds))}; methods: "
-        f"{', '.join(f'{_name(m)} (`{m}`)' for m in experiment.methods)}.",
+        f"Seeds: {seeds_text(experiment)}; methods: {', '.join(f'{_name(m)} (`{m}`)' for m in experiment.methods)}.",
         "",
         f"The same budget for every method: {t.steps} steps of {t.prompts_per_step} prompts × N_rollout "
         f"{t.n_rollout} ({samples:,} graded samples), k = {t.k} where the method has a k, lr {t.lr}, "

@@ -10,17 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.experiment.claims import Judge, claims, per_seed
 from services.experiment.results import (
-    Difference,
     RunResult,
     average,
     finished,
     mean_sd,
-    paired,
     read_evals,
     read_run,
     smooth,
-    window_mean,
 )
 from services.experiment.spec import Experiment, plan
 
@@ -69,116 +67,6 @@ def collect(experiment: Experiment) -> list[StartResults]:
             if place is not None:
                 results.runs.setdefault(run.method, []).append(read_run(place, run.method, run.seed, start))
         out.append(results)
-    return out
-
-
-def per_seed(results: list[RunResult], metric: str, sizes: list[int] | None = None) -> dict[int, float]:
-    return {r.seed: average(r.final(), metric, sizes) for r in results}
-
-
-# -- the claims -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Claim:
-    title: str
-    paper: str
-    verdict: str  # yes / no / unclear / not run
-    evidence: str
-    per_size: bool = True  # False: a training-time measure, the same whatever sizes are averaged
-
-
-def _verdict(clear: int, yes: int = 1) -> str:
-    return "unclear" if clear == 0 else ("yes" if clear == yes else "no")
-
-
-def claims(s: StartResults, k: int, sizes: list[int] | None = None) -> list[Claim]:
-    """A verdict per claim on the average over ``sizes`` (None: every held-out size, Table 7's Avg.)."""
-    pk, runs = f"pass@{k}", s.runs
-    out = []
-
-    def have(*methods: str) -> bool:
-        return all(m in runs for m in methods)
-
-    def diff(a: str, b: str, metric: str) -> Difference:
-        return paired(per_seed(runs[a], metric, sizes), per_seed(runs[b], metric, sizes))
-
-    title = f"Pass@k Training raises pass@{k} without hurting pass@1"
-    paper = "Sec. 2.2, Table 7: analytic Pass@k training beats Pass@1 training on both (avg. 47.7/65.0 vs 13.9/14.4)"
-    if have("passk_analytic", "grpo"):
-        d_k, d_1 = diff("passk_analytic", "grpo", pk), diff("passk_analytic", "grpo", "pass@1")
-        verdict = "no" if d_k.clear < 0 or d_1.clear < 0 else ("yes" if d_k.clear > 0 else "unclear")
-        evidence = (f"avg. {pk} Pass@k (AD) - Pass@1: {d_k.text()} points; "
-                    f"avg. pass@1: {d_1.text()} points")  # fmt: skip
-        out.append(Claim(title, paper, verdict, evidence))
-    else:
-        out.append(Claim(title, paper, "not run", "needs grpo and passk_analytic"))
-
-    title = "Bootstrap sampling beats full sampling at equal rollouts"
-    paper = "Sec. 2.3, Table 7: BS 16.8/26.7 vs FS 12.7/24.7 avg."
-    if have("passk_bootstrap", "passk_full"):
-        d_k, d_1 = diff("passk_bootstrap", "passk_full", pk), diff("passk_bootstrap", "passk_full", "pass@1")
-        verdict = "no" if d_k.clear < 0 else ("yes" if d_k.clear > 0 else "unclear")
-        evidence = f"avg. {pk} BS - FS: {d_k.text()} points; avg. pass@1: {d_1.text()} points"
-        out.append(Claim(title, paper, verdict, evidence))
-    else:
-        out.append(Claim(title, paper, "not run", "needs passk_bootstrap and passk_full"))
-
-    title = "The analytical derivation is the best and most stable of the three"
-    paper = "Sec. 2.4, Table 7: AD 47.7/65.0 avg. against 16.8/26.7 (BS) and 12.7/24.7 (FS); smoother training"
-    if have("passk_analytic", "passk_bootstrap", "passk_full"):
-        three = ("passk_full", "passk_bootstrap", "passk_analytic")
-        spreads = {m: mean_sd(list(per_seed(runs[m], pk, sizes).values()))[1] for m in three}
-        best = [diff("passk_analytic", other, pk) for other in ("passk_bootstrap", "passk_full")]
-        most_stable = min(spreads, key=spreads.get) == "passk_analytic"
-        if any(d.clear < 0 for d in best):
-            verdict = "no"
-        elif all(d.clear > 0 for d in best) and most_stable:
-            verdict = "yes"
-        else:
-            verdict = "unclear"
-        spread_text = ", ".join(f"{NAMES[m]} {100 * v:.1f}" for m, v in spreads.items())
-        evidence = (f"avg. {pk} AD - BS: {best[0].text()}; AD - FS: {best[1].text()}; "
-                    f"spread over seeds (sd of avg. {pk}, points): {spread_text}")  # fmt: skip
-        out.append(Claim(title, paper, verdict, evidence))
-    else:
-        out.append(Claim(title, paper, "not run", "needs passk_full, passk_bootstrap and passk_analytic"))
-
-    for key, label, paper in (
-        ("entropy", "policy entropy", "Sec. 3.2, Figure 7b: entropy converges low under Pass@1, higher under Pass@k"),
-        ("negative_diversity", "negative-answer diversity",
-         "Sec. 3.2, Figure 7a: the ratio of distinct wrong answers stays flat under Pass@1, rises under Pass@k"),
-    ):  # fmt: skip
-        title = f"Pass@k training keeps {label} higher than Pass@1 training"
-        if not have("passk_analytic", "grpo"):
-            out.append(Claim(title, paper, "not run", "needs grpo and passk_analytic", per_size=False))
-            continue
-        last = {m: {r.seed: window_mean(r.steps, key, 0.8, 1.0) for r in runs[m]} for m in ("passk_analytic", "grpo")}
-        first = {m: {r.seed: window_mean(r.steps, key, 0.0, 0.1) for r in runs[m]} for m in ("passk_analytic", "grpo")}
-        if any(v is None for table in (*last.values(), *first.values()) for v in table.values()):
-            out.append(Claim(title, paper, "unclear", f"{label}: not measured in every run", per_size=False))
-            continue
-        d = paired(last["passk_analytic"], last["grpo"])
-        at = {m: (mean_sd(list(first[m].values()))[0], mean_sd(list(last[m].values()))[0]) for m in last}
-        pk_first, pk_last = at["passk_analytic"]
-        evidence = (f"mean over the first tenth of the steps -> the last fifth: Pass@k {pk_first:.3f} -> "
-                    f"{pk_last:.3f}, Pass@1 {at['grpo'][0]:.3f} -> {at['grpo'][1]:.3f}; at the end "
-                    f"Pass@k - Pass@1 {d.text(1.0, 3)}")  # fmt: skip
-        out.append(Claim(title, paper, _verdict(d.clear), evidence, per_size=False))
-
-    for method, section in (("passk_combination", "Sec. 4.2.2, Eq. 18"), ("passk_adaptive", "Sec. 4.2.3")):
-        title = f"{NAMES[method]} beats Pass@1 and Pass@k training alone"
-        paper = f"{section}: better than either alone"
-        if have(method, "grpo", "passk_analytic"):
-            ds = {(other, m): diff(method, other, m) for other in ("grpo", "passk_analytic") for m in ("pass@1", pk)}
-            if any(d.clear < 0 for d in ds.values()):
-                verdict = "no"
-            elif all(d.clear > 0 for d in ds.values()):
-                verdict = "yes"
-            else:
-                verdict = "unclear"
-            evidence = "; ".join(f"{m} vs {NAMES[o]}: {d.text()}" for (o, m), d in ds.items())
-            out.append(Claim(title, paper, verdict, evidence))
-        else:
-            out.append(Claim(title, paper, "not run", f"needs {method}, grpo and passk_analytic"))
     return out
 
 
@@ -234,7 +122,7 @@ def markdown(
         f"# {experiment.name}: {experiment.title}",
         "",
         f"Command: `{command}`  ",
-        f"Seeds: {', '.join(map(str, experiment.seeds))}; starts: {starts_text}.",
+        f"Seeds: {seeds_text(experiment)}; starts: {starts_text}.",
         "",
         f"Every training: {t.steps} steps of {t.prompts_per_step} prompts × "
         f"N_rollout {t.n_rollout}, k = {t.k}, lr {t.lr}, "
@@ -244,11 +132,7 @@ def markdown(
         f"(unbiased pass@k, evaluation seed {t.eval_seed}, the same for every run) every "
         f"{t.eval_every} steps. Each number is the mean over the seeds unless marked.",
         "",
-        f"Verdict rule: a difference between two methods is *clear* when every seed (paired: same seed, same "
-        f"prompts) agrees on its sign and the mean is more than two standard errors and more than 1 point (0.01 "
-        f"for entropy and diversity) from 0; *yes*/*no* need clear "
-        f"differences, otherwise *unclear*. Differences are in percentage points of the average over the "
-        f"{len(sizes)} held-out sizes.",
+        rule_text(experiment),
         "",
     ]
     for s in starts:
@@ -264,15 +148,90 @@ def markdown(
             f"| claim | paper | all sizes | numbers (all sizes) | {over} | numbers ({over}) |",
             "|---|---|---|---|---|---|",
         ]
-        for every, trained in zip(claims(s, k), claims(s, k, train), strict=True):
+        judge, larger = Judge(experiment.rule), larger_sizes(s, experiment, k)
+        for every, trained in zip(claims(s, k, None, judge, larger), claims(s, k, train, judge, larger), strict=True):
             if every.verdict == "not run":  # e.g. a control start that trains two methods only
                 continue
             second = f"**{trained.verdict}** | {trained.evidence}" if every.per_size else "(the same) | (the same)"
             lines.append(f"| {every.title} | {every.paper} | **{every.verdict}** | {every.evidence} | {second} |")
         lines.append("")
+        if experiment.rule is not None:
+            lines += ["### The design's power", "", design_table(s, experiment, k), ""]
         for caption, name in figures.get(s.name, []):
             lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)
+
+
+def seeds_text(experiment: Experiment) -> str:
+    text = ", ".join(map(str, experiment.seeds))
+    for method, seeds in experiment.method_seeds.items():
+        text += f"; {experiment.label(method)}: {', '.join(map(str, seeds))}"
+    return text
+
+
+def rule_text(experiment: Experiment) -> str:
+    rule = experiment.rule
+    if rule is None:
+        return (
+            "Verdict rule: a difference between two methods is *clear* when every seed (paired: same seed, same "
+            "prompts) agrees on its sign and the mean is more than two standard errors and more than 1 point (0.01 "
+            "for entropy and diversity) from 0; *yes*/*no* need clear differences, otherwise *unclear*. "
+            "Differences are in percentage points of the average over the held-out sizes."
+        )
+    c = f"{100 * rule.confidence:.0f}"
+    return (
+        f"Verdict rule (fixed in the experiment file before the run): each difference between two methods is "
+        f"paired by seed (same seed, same prompts, same evaluation) and gets a two-sided {c}% confidence interval "
+        f"from the t distribution over its seeds. It is *the same* when the interval lies inside ±margin (no "
+        f"effect that matters), else *higher* when the interval lies above 0, *lower* when below, else "
+        f"*unclear*. Margins, the smallest effects that matter: {100 * rule.margin:.1f} points of pass@k and "
+        f"pass@1, {rule.margin_entropy} nats of entropy, {rule.margin_diversity} of negative-answer diversity, "
+        f"{rule.margin_share} of group accuracy for where η sits. A claim that one method beats another is *yes* "
+        f"when every difference it needs is higher and *no* when one is lower or the same. An interval whose "
+        f"half-width is below margin/2 always decides; the seeds were sized for that from the pilot's spread "
+        f"({rule.pilot_source or 'no pilot named'}). Differences are in percentage points unless marked."
+    )
+
+
+def larger_sizes(s: StartResults, experiment: Experiment, k: int) -> list[int]:
+    """Held-out sizes above every training size on which the start solved something (pass@k > 0)."""
+    top = max(experiment.train_sizes)
+    return [n for n in sorted(experiment.test_sizes) if n > top and s.start.get(n, {}).get(f"pass@{k}", 0) > 0]
+
+
+def design_table(s: StartResults, experiment: Experiment, k: int) -> str:
+    """For the headline pair (analytic Pass@k − Pass@1, training sizes): the standard error of each
+    paired difference the pilot predicted for this many seeds, the largest that always decides, and
+    the one the run got."""
+    from services.experiment.results import decisive_se, paired, window_mean
+
+    rule = experiment.rule
+    assert rule is not None
+    if not all(m in s.runs for m in ("passk_analytic", "grpo")):
+        return "(needs grpo and passk_analytic)\n"
+    train = sorted(experiment.train_sizes)
+    a, b = s.runs["passk_analytic"], s.runs["grpo"]
+    judge = Judge(rule)
+    rows = []
+    for measure, scale, values in (
+        (f"pass@{k}", 100.0, lambda rs: per_seed(rs, f"pass@{k}", train)),
+        ("pass@1", 100.0, lambda rs: per_seed(rs, "pass@1", train)),
+        ("entropy", 1.0, lambda rs: {r.seed: window_mean(r.steps, "entropy", 0.8, 1.0) for r in rs}),
+        ("diversity", 1.0, lambda rs: {r.seed: window_mean(r.steps, "negative_diversity", 0.8, 1.0) for r in rs}),
+    ):
+        d = paired(values(a), values(b))
+        n = len(d.values)
+        if n < 2:
+            continue
+        margin = judge.margin(measure)
+        sd = rule.pilot.get(measure)
+        expected = f"{scale * sd / n**0.5:.3g}" if sd is not None else "–"
+        pilot = f"{scale * sd:.3g}" if sd is not None else "–"
+        rows.append(f"| {measure} | {n} | {pilot} | {expected} | {scale * decisive_se(margin, rule.confidence, n):.3g} "
+                    f"| {scale * d.se:.3g} | {judge(d, measure)} |")  # fmt: skip
+    head = ("| Pass@k (AD) − Pass@1 on the training sizes | seeds | pilot sd | SE expected | SE that always "
+            "decides | SE obtained | decision |")  # fmt: skip
+    return "\n".join([head, "|---|---|---|---|---|---|---|", *rows]) + "\n"
 
 
 # -- figures ---------------------------------------------------------------------------------------

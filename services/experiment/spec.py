@@ -38,6 +38,51 @@ class Start(BaseModel):
     """Methods trained from this start; empty: all of the experiment's."""
 
 
+class Variant(BaseModel):
+    """A method that is more than an estimator name: an estimator with other settings (another k),
+    or a schedule of stages (Pass@k training, then Pass@1 training). Named in ``methods`` like an
+    estimator."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,47}$")
+    """The method's name in ``methods``, run directories and the report's tables."""
+    label: str = Field("", max_length=60)
+    """How the report names it (empty: the name)."""
+    estimator: str | None = None
+    """The estimator (None: the base preset's, or the stages' own)."""
+    set: list[str] = []
+    """``key=value`` overrides on top of the base preset, as `passk train --set` takes them."""
+
+
+class Rule(BaseModel):
+    """The verdict rule, fixed in the experiment file before the run. Each paired difference A − B
+    (same seed, same prompts, same evaluation) gets a two-sided ``confidence`` interval from the
+    t distribution over the seeds; it is *the same* when the interval lies inside ±margin (no
+    effect that matters), else *higher* when it lies above 0, *lower* when below, else *unclear*.
+    An interval narrower than the margin in each direction (half-width < margin / 2) always
+    decides: the design sizes the seeds for that from a pilot's spread."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Two-sided confidence of the interval."""
+    margin: float = Field(gt=0, le=1)
+    """Pass@k and pass@1 (fractions): the smallest difference that matters, and the equivalence margin."""
+    margin_entropy: float = Field(0.02, gt=0)
+    """The same for policy entropy (nats)."""
+    margin_diversity: float = Field(0.03, gt=0, le=1)
+    """The same for negative-answer diversity (distinct wrong answers per wrong answer)."""
+    margin_share: float = Field(0.03, gt=0, le=1)
+    """The same for shares of η (the advantage mass on the hard prompts)."""
+    pilot: dict[str, float] = {}
+    """Standard deviations over seeds of paired differences, measured in a pilot before the run
+    (name: sd, in the measure's units): the report sets the standard error they predict for this
+    design beside the one it got."""
+    pilot_source: str = ""
+    """Where the pilot numbers come from."""
+
+
 class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -55,7 +100,13 @@ class Experiment(BaseModel):
     seeds: list[int] = Field(min_length=1, max_length=64)
     """Training seeds, the same for every method."""
     methods: list[str] = Field(min_length=1)
-    """Advantage estimators compared (registry names; the trainer's settings check them)."""
+    """Methods compared: estimator registry names (the trainer's settings check them) or variants."""
+    method_seeds: dict[str, list[int]] = {}
+    """Seeds of particular methods instead of ``seeds`` (e.g. more for the headline pair)."""
+    variants: list[Variant] = []
+    """Methods with settings of their own, named in ``methods``."""
+    rule: Rule | None = None
+    """The verdict rule (claims experiments); none: the sign rule of the first reproduction."""
     starts: list[Start] = Field(min_length=1)
     """Starting models."""
     archive: str = ""
@@ -87,6 +138,17 @@ class Experiment(BaseModel):
             raise ValueError(f"seeds repeat: {self.seeds}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeat: {self.methods}")
+        for method, seeds in self.method_seeds.items():
+            if method not in self.methods:
+                raise ValueError(f"method_seeds: {method!r} is not in experiment.methods")
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"method_seeds: {method!r} needs distinct seeds, got {seeds}")
+        variants = [v.name for v in self.variants]
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"variant names repeat: {variants}")
+        unused = sorted(set(variants) - set(self.methods))
+        if unused:
+            raise ValueError(f"variants {unused} are not in experiment.methods")
         names = [s.name for s in self.starts]
         if len(set(names)) != len(names):
             raise ValueError(f"start names repeat: {names}")
@@ -109,6 +171,19 @@ class Experiment(BaseModel):
     def methods_of(self, start: Start) -> list[str]:
         return list(start.methods) or list(self.methods)
 
+    def seeds_of(self, method: str) -> list[int]:
+        return list(self.method_seeds.get(method, self.seeds))
+
+    def variant(self, method: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == method), None)
+
+    def label(self, method: str) -> str:
+        """The report's name of a method: the variant's label, else the estimator's."""
+        from services.experiment.report import NAMES
+
+        variant = self.variant(method)
+        return (variant.label or variant.name) if variant is not None else NAMES.get(method, method)
+
 
 @dataclass(frozen=True)
 class Run:
@@ -119,19 +194,22 @@ class Run:
     seed: int
     model_dir: str
     run_dir: Path
+    variant: Variant | None = None
 
     @property
     def name(self) -> str:
         return self.run_dir.name
 
     def overrides(self) -> list[str]:
-        """`--set` values on top of the base preset."""
+        """`--set` values on top of the base preset (a variant's last: they win)."""
+        estimator = self.method if self.variant is None else self.variant.estimator
         return [
             f"model_dir='{self.model_dir}'",
             f"run_dir='{self.run_dir}'",
-            f"estimator='{self.method}'",
+            *([f"estimator='{estimator}'"] if estimator is not None else []),
             f"seed={self.seed}",
             "eval_at_start=false",  # the start's own evaluation run holds it: identical for every run
+            *(self.variant.set if self.variant is not None else []),
         ]
 
 
@@ -162,8 +240,9 @@ def load(path: Path, out: str | None = None, seeds: list[int] | None = None) -> 
     table = dict(raw["experiment"])
     if out is not None:
         table["out"] = out
-    if seeds is not None:
+    if seeds is not None:  # every method on these seeds
         table["seeds"] = seeds
+        table.pop("method_seeds", None)
     try:
         experiment = Experiment.model_validate(table)
     except ValidationError as err:
@@ -189,9 +268,10 @@ def plan(experiment: Experiment) -> tuple[list[StartEval], list[Run]]:
     root = Path(experiment.out)
     evals = [StartEval(s.name, s.model_dir, root / f"{s.name}-start") for s in experiment.starts]
     runs = [
-        Run(start.name, str(method), seed, start.model_dir, root / f"{start.name}-{method}-s{seed}")
-        for seed in experiment.seeds
+        Run(start.name, m, seed, start.model_dir, root / f"{start.name}-{m}-s{seed}", experiment.variant(m))
+        for seed in sorted({seed for m in experiment.methods for seed in experiment.seeds_of(m)})
         for start in experiment.starts
-        for method in experiment.methods_of(start)
+        for m in experiment.methods_of(start)
+        if seed in experiment.seeds_of(m)
     ]
     return evals, runs

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.experiment.report import claims, collect, table7, write_report
+from services.experiment.claims import Judge, claims
+from services.experiment.report import collect, table7, write_report
 from services.experiment.spec import Experiment, load, plan
 from services.trainer.config import TrainerSettings
 
@@ -69,7 +70,7 @@ def test_table_cells_are_seed_means_and_verdicts_follow_the_numbers(tmp_path):
     assert "| start (no RL) | 10.0/30.0 | 10.0/30.0 | 10.0/30.0 | 10.0/30.0 |" in text
     assert "| + P@k T. w/ AD | 36.0/61.0 | 36.0/61.0 | 36.0/61.0 | **36.0/61.0** |" in text  # seeds +0, +1, +2
 
-    got = [c.verdict for c in claims(warm, 8)]
+    got = [c.verdict for c in claims(warm, 8, None, Judge(None), [])]
     # analytic > grpo on both; BS < FS on pass@8; AD best but FS/BS tie on spread (identical offsets)
     assert got[0] == "yes", got
     assert got[1] == "no"
@@ -84,7 +85,7 @@ def test_unfinished_runs_are_left_out_and_the_report_is_written_with_figures(tmp
     (Path(exp.out) / "warm-grpo-s2" / "done.json").unlink()
     [warm] = collect(exp)
     assert [r.seed for r in warm.runs["grpo"]] == [0, 1]
-    verdicts = [c.verdict for c in claims(warm, 8)]
+    verdicts = [c.verdict for c in claims(warm, 8, None, Judge(None), [])]
     assert verdicts[0] == "unclear"  # equal methods
     assert verdicts[1] == "not run"
 
@@ -134,6 +135,6 @@ def test_claims_can_be_judged_on_a_subset_of_sizes(tmp_path):
             rows[-1]["table"][size]["pass@8"] -= 0.20
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     [warm] = collect(exp)
-    assert claims(warm, 8)[0].verdict == "no"  # over all sizes pass@8 is clearly lower
-    assert claims(warm, 8, [7])[0].verdict == "yes"
-    assert "+11.0" in claims(warm, 8, [7])[0].evidence
+    assert claims(warm, 8, None, Judge(None), [])[0].verdict == "no"  # over all sizes pass@8 is clearly lower
+    assert claims(warm, 8, [7], Judge(None), [])[0].verdict == "yes"
+    assert "+11.0" in claims(warm, 8, [7], Judge(None), [])[0].evidence
