@@ -89,6 +89,37 @@ def eta_centroid(result: RunResult) -> float | None:
     return sum(b / 8 * eta for b, eta in means.items()) / total if total > 0 else None
 
 
+def theory_eta_by_bucket(n: int, k: int) -> dict[int, float]:
+    """The analytic estimator's η (Eq. 16) of a group of n with N_pos correct, averaged over the
+    N_pos of each accuracy bucket 1/8..7/8 (floor(8 N_pos / n) = b): Figure 9's curve, bucketed
+    as the training measures it."""
+    import torch
+
+    from services.trainer.advantage import analytic_response_advantages
+
+    n_pos = torch.arange(n + 1, dtype=torch.float64)
+    a_pos, a_neg = analytic_response_advantages(torch.full((n + 1,), n), n_pos, k)
+    eta = n_pos * a_pos.abs() + (n - n_pos) * a_neg.abs()
+    out: dict[int, list[float]] = {}
+    for count in range(n + 1):
+        b = min(8 * count // n, 8)
+        if 1 <= b <= 7:
+            out.setdefault(b, []).append(float(eta[count]))
+    return {b: sum(v) / len(v) for b, v in sorted(out.items())}
+
+
+def measured_eta_by_bucket(results: list[RunResult]) -> dict[int, float]:
+    """The runs' η per bucket 1/8..7/8: the mean over every step (and seed) that had the bucket."""
+    values: dict[int, list[float]] = {}
+    for result in results:
+        for row in result.steps:
+            for bucket, eta in (row.get("eta_by_accuracy") or {}).items():
+                b = int(bucket.split("/")[0])
+                if 1 <= b <= 7:
+                    values.setdefault(b, []).append(float(eta))
+    return {b: sum(v) / len(v) for b, v in sorted(values.items())}
+
+
 def k_runs(s: StartResults, base_k: int) -> dict[int, str]:
     """{k: method} of the analytic estimator's runs at each k."""
     out = {base_k: "passk_analytic"} if "passk_analytic" in s.runs else {}

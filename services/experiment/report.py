@@ -122,6 +122,7 @@ def markdown(
         f"# {experiment.name}: {experiment.title}",
         "",
         f"Command: `{command}`  ",
+        progress_text(experiment, starts),
         f"Seeds: {seeds_text(experiment)}; starts: {starts_text}.",
         "",
         f"Every training: {t.steps} steps of {t.prompts_per_step} prompts × "
@@ -160,6 +161,15 @@ def markdown(
         for caption, name in figures.get(s.name, []):
             lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)
+
+
+def progress_text(experiment: Experiment, starts: list[StartResults]) -> str:
+    """How much of the plan the report covers: a report of an unfinished run says so up front."""
+    planned = len(plan(experiment)[1])
+    done = sum(len(results) for s in starts for results in s.runs.values())
+    if done == planned:
+        return f"All {planned} trainings finished.  "
+    return f"**Partial: {done} of {planned} trainings finished**; the rest run with the same command.  "
 
 
 def seeds_text(experiment: Experiment) -> str:
@@ -301,13 +311,45 @@ def _save(fig, axes, path: Path) -> str:
     return path.name
 
 
+def draw_k(s: StartResults, k: int, n: int, out: Path) -> list[tuple[str, str]]:
+    """η by accuracy bucket at each k of the analytic estimator, measured on the training batches,
+    beside the analytic curve of Figure 9 for groups of n; each normalized to sum 1 over the
+    buckets, so that the figure compares where the mass sits, not how much there is."""
+    from services.experiment.claims import k_runs, measured_eta_by_bucket, theory_eta_by_bucket
+
+    ks = k_runs(s, k)
+    if len(ks) < 2:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (kk, method) in enumerate(ks.items()):
+        color = colors(i / max(len(ks) - 1, 1))
+        for ax, curve in ((axes[0], measured_eta_by_bucket(s.runs[method])), (axes[1], theory_eta_by_bucket(n, kk))):
+            total = sum(curve.values()) or 1.0
+            ax.plot([b / 8 for b in curve], [v / total for v in curve.values()], marker="o", ms=3, color=color,
+                    label=f"k = {kk}")  # fmt: skip
+    axes[0].set(
+        xlabel="group accuracy N_pos/N (bucket start)", ylabel="share of η", title="measured (training batches)"
+    )
+    axes[1].set(
+        xlabel="group accuracy N_pos/N (bucket start)", ylabel="share of η", title=f"analytic, N = {n} (Fig. 9)"
+    )
+    name = _save(fig, axes, out / f"{s.name}-eta-by-k.png")
+    return [(f"{s.name}: where η sits at each k, measured and analytic (each normalized over buckets 1/8-7/8)", name)]
+
+
 def write_report(path: Path, experiment: Experiment, trainer: TrainerSettings, command: str | None = None) -> Path:
     """REPORT.md and the PNGs in the run directory, copied to ``experiment.docs`` when set."""
     out = Path(experiment.out)
     out.mkdir(parents=True, exist_ok=True)
     starts = collect(experiment)
     k = max(trainer.eval_k)
-    figures = {s.name: draw(s, k, out) for s in starts if s.runs}
+    figures = {s.name: draw(s, k, out) + draw_k(s, trainer.k, trainer.n_rollout, out) for s in starts if s.runs}
     command = command or f"passk experiment {experiment.name} --spec {path}"
     report = out / "REPORT.md"
     if experiment.kind == "comparison":

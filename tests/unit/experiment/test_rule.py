@@ -191,3 +191,30 @@ def test_a_bad_variant_setting_is_refused_before_anything_runs(tmp_path):
     exp, _ = load(spec)
     with pytest.raises(ValueError, match="k=64"):
         check(spec, *plan(exp))
+
+
+def test_the_analytic_eta_curve_at_k_1_is_grpos_and_moves_to_harder_groups_as_k_grows():
+    from services.experiment.claims import theory_eta_by_bucket
+
+    n = 32
+    grpo = theory_eta_by_bucket(n, 1)
+    for b, eta in grpo.items():  # GRPO on binary rewards: η = 2 N sqrt(p (1 - p)), averaged in the bucket
+        counts = [c for c in range(1, n) if 8 * c // n == b]
+        assert eta == pytest.approx(statistics.fmean(2 * n * math.sqrt(c / n * (1 - c / n)) for c in counts))
+
+    def centroid(curve):
+        return sum(b / 8 * v for b, v in curve.items()) / sum(curve.values())
+
+    centroids = [centroid(theory_eta_by_bucket(n, k)) for k in (1, 2, 4, 8, 16)]
+    assert centroids == sorted(centroids, reverse=True) and centroids[0] > centroids[-1] + 0.1
+
+
+def test_the_report_draws_eta_by_k_and_says_how_much_of_the_plan_it_covers(tmp_path):
+    exp = experiment(tmp_path)
+    fill(exp)
+    (Path(exp.out) / "tiny-grpo-s4" / "done.json").unlink()
+    spec = tmp_path / "exp.toml"
+    spec.write_text('[experiment]\nname = "power"\n[trainer]\neval_k = [1, 8]\n')
+    text = write_report(spec, exp, TrainerSettings(eval_k=[1, 8], steps=10)).read_text()
+    assert "**Partial: 18 of 19 trainings finished**" in text
+    assert "(tiny-eta-by-k.png)" in text and (Path(exp.docs) / "tiny-eta-by-k.png").read_bytes()[:4] == b"\x89PNG"
