@@ -43,7 +43,8 @@ class Judge:
 
     def margin(self, measure: str) -> float:
         assert self.rule is not None
-        return {"entropy": self.rule.margin_entropy, "diversity": self.rule.margin_diversity,
+        pass1 = self.rule.margin_pass1 if self.rule.margin_pass1 is not None else self.rule.margin
+        return {"pass@1": pass1, "entropy": self.rule.margin_entropy, "diversity": self.rule.margin_diversity,
                 "share": self.rule.margin_share}.get(measure, self.rule.margin)  # fmt: skip
 
     def __call__(self, d: Difference, measure: str) -> str:

@@ -68,7 +68,9 @@ class Rule(BaseModel):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     """Two-sided confidence of the interval."""
     margin: float = Field(gt=0, le=1)
-    """Pass@k and pass@1 (fractions): the smallest difference that matters, and the equivalence margin."""
+    """Pass@k (a fraction): the smallest difference that matters, and the equivalence margin."""
+    margin_pass1: float | None = Field(None, gt=0, le=1)
+    """The same for pass@1 (None: ``margin``)."""
     margin_entropy: float = Field(0.02, gt=0)
     """The same for policy entropy (nats)."""
     margin_diversity: float = Field(0.03, gt=0, le=1)

@@ -100,7 +100,7 @@ def test_unfinished_runs_are_left_out_and_the_report_is_written_with_figures(tmp
 
 def test_the_experiment_file_is_checked(tmp_path):
     spec = tmp_path / "exp.toml"
-    base = Path("configs/experiments/maze-repro.toml").read_text()
+    base = Path("configs/experiments/maze-repro-2026-11-28.toml").read_text()
     spec.write_text(base)
     exp, trainer = load(spec, out=str(tmp_path / "o"), seeds=[5])
     assert exp.seeds == [5] and exp.out == str(tmp_path / "o") and trainer.steps >= 1

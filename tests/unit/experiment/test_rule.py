@@ -218,3 +218,12 @@ def test_the_report_draws_eta_by_k_and_says_how_much_of_the_plan_it_covers(tmp_p
     text = write_report(spec, exp, TrainerSettings(eval_k=[1, 8], steps=10)).read_text()
     assert "**Partial: 18 of 19 trainings finished**" in text
     assert "(tiny-eta-by-k.png)" in text and (Path(exp.docs) / "tiny-eta-by-k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_measure_has_its_own_margin():
+    judge = Judge(Rule(margin=0.07, margin_pass1=0.01, margin_entropy=0.5))
+    d = difference([0.02, 0.025, 0.03, 0.022, 0.028])  # 2.5 points, tight
+    assert judge(d, "pass@1") == "higher"  # beyond a 1-point margin
+    assert judge(d, "pass@8") == "same"  # inside a 7-point one
+    assert judge(d, "entropy") == "same"
+    assert Judge(Rule(margin=0.01))(d, "pass@1") == "higher"  # pass@1 falls back to the pass@k margin
