@@ -243,8 +243,12 @@ def _require_binary(groups: Groups, name: str) -> None:
 
 def _check_binary(values: Tensor, name: str) -> None:
     # v - v*v is 0 exactly for v in {0, 1} and for nothing else (NaN and inf give NaN; a tiny v
-    # squares to 0; the square of any other v rounds away from v), in one fused pass; padding holds 0
-    if torch.count_nonzero(torch.addcmul(values, values, values, value=-1)):
+    # squares to 0; the square of any other v rounds away from v), in one fused pass; padding holds
+    # 0. Its min and max are both 0 only then (aminmax propagates NaN), in one more pass.
+    if values.numel() == 0:  # nothing to check (and aminmax refuses an empty tensor)
+        return
+    low, high = torch.aminmax(torch.addcmul(values, values, values, value=-1))
+    if low.item() != 0 or high.item() != 0:
         binary = (values == 0) | (values == 1)
         b, i = (int(x) for x in torch.nonzero(~binary)[0])
         if not math.isfinite(values[b, i].item()):  # the same message as every other estimator's
@@ -334,13 +338,16 @@ def _analytic(groups: Groups, k: int) -> Tensor:
     n_pos = groups.n_pos.round().to(torch.int64)
     if groups.full:
         a_pos, a_neg = _analytic_table_as(groups.values.shape[1], k, device, dtype)[:, n_pos]
-        return torch.lerp(a_neg.unsqueeze(1), a_pos.unsqueeze(1), groups.values)
-    sizes, which = torch.unique(groups.n, return_inverse=True)
-    tables = torch.zeros((len(sizes), 2, int(sizes[-1]) + 1), dtype=torch.float64, device=device)
-    for row, size in enumerate(sizes.tolist()):  # one per distinct group size, not per group
-        tables[row, :, : size + 1] = _analytic_table(size, k, device)
-    a_pos, a_neg = tables[which, 0, n_pos], tables[which, 1, n_pos]
-    return torch.lerp(a_neg.to(dtype).unsqueeze(1), a_pos.to(dtype).unsqueeze(1), groups.values)
+    else:
+        sizes, which = torch.unique(groups.n, return_inverse=True)
+        tables = torch.zeros((len(sizes), 2, int(sizes[-1]) + 1), dtype=torch.float64, device=device)
+        for row, size in enumerate(sizes.tolist()):  # one per distinct group size, not per group
+            tables[row, :, : size + 1] = _analytic_table(size, k, device)
+        a_pos, a_neg = tables[which, 0, n_pos].to(dtype), tables[which, 1, n_pos].to(dtype)
+    # lerp_ into a full-size copy of A_neg: the same arithmetic as torch.lerp(A_neg, A_pos, r) with
+    # broadcast ends, about 3x faster on CPU (torch's broadcast path for lerp is not vectorized)
+    start = a_neg.unsqueeze(1).expand_as(groups.values).clone()
+    return start.lerp_(a_pos.unsqueeze(1), groups.values)
 
 
 def _grpo(groups: Groups, std_normalize: bool = True) -> Tensor:

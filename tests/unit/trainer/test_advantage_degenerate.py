@@ -141,3 +141,26 @@ def test_integer_rewards_give_float32_advantages_equal_to_float_rewards():
         got = compute_advantages(name, rewards, k=2)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, compute_advantages(name, rewards.double(), k=2).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_analytic_advantages_are_the_table_values_exactly(dtype, masked):
+    # the fast path (a copy of A_neg, lerped in place) must give each response exactly its
+    # group's A_pos or A_neg, rounded once to the output dtype, as the float64 formulas say
+    from services.trainer.advantage import analytic_response_advantages
+
+    gen = torch.Generator().manual_seed(3)
+    rewards = (torch.rand(64, 16, generator=gen) < torch.rand(64, 1, generator=gen)).to(dtype)
+    mask = torch.rand(64, 16, generator=gen) > 0.2 if masked else None
+    if mask is not None:
+        mask[:, :2] = True  # every group keeps at least 2 responses
+    got = compute_advantages("passk_analytic", rewards, k=4, mask=mask)
+    valid = mask if mask is not None else torch.ones_like(rewards, dtype=torch.bool)
+    n = valid.sum(1)
+    n_pos = (rewards.double() * valid).sum(1)
+    a_pos, a_neg = analytic_response_advantages(n, n_pos, 4)
+    computed = torch.float32 if dtype == torch.bfloat16 else dtype  # half precision is computed in float32
+    want = torch.where(rewards == 1, a_pos.unsqueeze(1), a_neg.unsqueeze(1)).to(computed)
+    want = want.masked_fill(~valid, 0.0).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
