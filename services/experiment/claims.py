@@ -76,24 +76,24 @@ def per_seed(results: list[RunResult], metric: str, sizes: list[int] | None = No
     return {r.seed: average(r.final(), metric, sizes) for r in results}
 
 
+def centroid(eta_by_bucket: dict[int, float]) -> float | None:
+    """The mean group accuracy weighted by η per bucket (bucket b: accuracy in [b/8, (b+1)/8),
+    counted at its middle)."""
+    total = sum(eta_by_bucket.values())
+    return sum((b + 0.5) / 8 * eta for b, eta in eta_by_bucket.items()) / total if total > 0 else None
+
+
 def eta_centroid(result: RunResult) -> float | None:
-    """Where a training put its advantage mass: the mean group accuracy (bucket starts 1/8..7/8)
-    weighted by the run's mean η in each bucket. All-wrong and all-right groups carry none."""
-    sums: dict[int, list[float]] = {}
-    for row in result.steps:
-        for bucket, eta in (row.get("eta_by_accuracy") or {}).items():
-            b = int(bucket.split("/")[0])
-            if 1 <= b <= 7:
-                sums.setdefault(b, []).append(float(eta))
-    means = {b: sum(v) / len(v) for b, v in sums.items()}
-    total = sum(means.values())
-    return sum(b / 8 * eta for b, eta in means.items()) / total if total > 0 else None
+    """Where a training put its advantage mass: ``centroid`` of the run's mean η per bucket 0/8..7/8
+    (8/8, the all-right groups, carries none)."""
+    return centroid(measured_eta_by_bucket([result]))
 
 
 def theory_eta_by_bucket(n: int, k: int) -> dict[int, float]:
     """The analytic estimator's η (Eq. 16) of a group of n with N_pos correct, averaged over the
-    N_pos of each accuracy bucket 1/8..7/8 (floor(8 N_pos / n) = b): Figure 9's curve, bucketed
-    as the training measures it."""
+    N_pos of each accuracy bucket 0/8..7/8 (floor(8 N_pos / n) = b): Figure 9's curve, bucketed
+    as the training measures it. (The training's bucket means weigh each N_pos by how often it
+    came up, this one equally: bucket 0/8 holds the all-wrong groups, with η = 0, in both.)"""
     import torch
 
     from services.trainer.advantage import analytic_response_advantages
@@ -104,19 +104,19 @@ def theory_eta_by_bucket(n: int, k: int) -> dict[int, float]:
     out: dict[int, list[float]] = {}
     for count in range(n + 1):
         b = min(8 * count // n, 8)
-        if 1 <= b <= 7:
+        if b <= 7:
             out.setdefault(b, []).append(float(eta[count]))
     return {b: sum(v) / len(v) for b, v in sorted(out.items())}
 
 
 def measured_eta_by_bucket(results: list[RunResult]) -> dict[int, float]:
-    """The runs' η per bucket 1/8..7/8: the mean over every step (and seed) that had the bucket."""
+    """The runs' η per bucket 0/8..7/8: the mean over every step (and seed) that had the bucket."""
     values: dict[int, list[float]] = {}
     for result in results:
         for row in result.steps:
             for bucket, eta in (row.get("eta_by_accuracy") or {}).items():
                 b = int(bucket.split("/")[0])
-                if 1 <= b <= 7:
+                if b <= 7:
                     values.setdefault(b, []).append(float(eta))
     return {b: sum(v) / len(v) for b, v in sorted(values.items())}
 

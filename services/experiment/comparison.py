@@ -124,7 +124,7 @@ def _mean_sd_text(values: list[float], digits: int) -> str:
 def markdown(
     experiment: Experiment, trainer: TrainerSettings, starts: list[StartResults], command: str, figures: dict
 ) -> str:
-    from services.experiment.report import seeds_text
+    from services.experiment.report import progress_text, seeds_text
 
     t, k = trainer, max(trainer.eval_k)
     baseline = experiment.methods[0]
@@ -134,6 +134,7 @@ def markdown(
         f"# {experiment.name}: {experiment.title}",
         "",
         f"Command: `{command}`  ",
+        progress_text(experiment, starts),
         f"Seeds: {seeds_text(experiment)}; methods: {', '.join(f'{_name(m)} (`{m}`)' for m in experiment.methods)}.",
         "",
         f"The same budget for every method: {t.steps} steps of {t.prompts_per_step} prompts × N_rollout "

@@ -332,16 +332,16 @@ def draw_k(s: StartResults, k: int, n: int, out: Path) -> list[tuple[str, str]]:
         color = colors(i / max(len(ks) - 1, 1))
         for ax, curve in ((axes[0], measured_eta_by_bucket(s.runs[method])), (axes[1], theory_eta_by_bucket(n, kk))):
             total = sum(curve.values()) or 1.0
-            ax.plot([b / 8 for b in curve], [v / total for v in curve.values()], marker="o", ms=3, color=color,
+            ax.plot([(b + 0.5) / 8 for b in curve], [v / total for v in curve.values()], marker="o", ms=3, color=color,
                     label=f"k = {kk}")  # fmt: skip
     axes[0].set(
-        xlabel="group accuracy N_pos/N (bucket start)", ylabel="share of η", title="measured (training batches)"
+        xlabel="group accuracy N_pos/N (bucket middle)", ylabel="share of η", title="measured (training batches)"
     )
     axes[1].set(
-        xlabel="group accuracy N_pos/N (bucket start)", ylabel="share of η", title=f"analytic, N = {n} (Fig. 9)"
+        xlabel="group accuracy N_pos/N (bucket middle)", ylabel="share of η", title=f"analytic, N = {n} (Fig. 9)"
     )
     name = _save(fig, axes, out / f"{s.name}-eta-by-k.png")
-    return [(f"{s.name}: where η sits at each k, measured and analytic (each normalized over buckets 1/8-7/8)", name)]
+    return [(f"{s.name}: where η sits at each k, measured and analytic (each normalized over buckets 0/8-7/8)", name)]
 
 
 def write_report(path: Path, experiment: Experiment, trainer: TrainerSettings, command: str | None = None) -> Path:

@@ -141,8 +141,11 @@ def test_the_new_claims_follow_their_numbers(tmp_path):
 
 
 def test_eta_centroid_is_the_eta_weighted_mean_accuracy():
-    run = RunResult("x", 0, {}, [{"eta_by_accuracy": {"0/8": 5.0, "2/8": 1.0, "6/8": 3.0, "8/8": 9.0}}])
-    assert eta_centroid(run) == pytest.approx((2 / 8 * 1.0 + 6 / 8 * 3.0) / 4.0)  # 0/8 and 8/8 left out
+    run = RunResult("x", 0, {}, [{"eta_by_accuracy": {"0/8": 5.0, "2/8": 1.0, "6/8": 3.0, "8/8": 9.0}},
+                                 {"eta_by_accuracy": {"0/8": 3.0}}])  # fmt: skip
+    # bucket middles; 0/8 averaged over the two steps; 8/8 (all right) left out
+    want = (0.5 / 8 * 4.0 + 2.5 / 8 * 1.0 + 6.5 / 8 * 3.0) / 8.0
+    assert eta_centroid(run) == pytest.approx(want)
 
 
 def test_the_report_states_the_rule_and_the_power_of_the_design(tmp_path):
@@ -199,11 +202,10 @@ def test_the_analytic_eta_curve_at_k_1_is_grpos_and_moves_to_harder_groups_as_k_
     n = 32
     grpo = theory_eta_by_bucket(n, 1)
     for b, eta in grpo.items():  # GRPO on binary rewards: η = 2 N sqrt(p (1 - p)), averaged in the bucket
-        counts = [c for c in range(1, n) if 8 * c // n == b]
+        counts = [c for c in range(n) if 8 * c // n == b]
         assert eta == pytest.approx(statistics.fmean(2 * n * math.sqrt(c / n * (1 - c / n)) for c in counts))
 
-    def centroid(curve):
-        return sum(b / 8 * v for b, v in curve.items()) / sum(curve.values())
+    from services.experiment.claims import centroid
 
     centroids = [centroid(theory_eta_by_bucket(n, k)) for k in (1, 2, 4, 8, 16)]
     assert centroids == sorted(centroids, reverse=True) and centroids[0] > centroids[-1] + 0.1
