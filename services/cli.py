@@ -501,6 +501,20 @@ def experiment_maze_repro(
     _experiment(spec, out, seeds, lanes, report_only)
 
 
+@experiment_app.command("mixed-repro")
+def experiment_mixed_repro(
+    spec: SpecOption = Path("configs/experiments/mixed-repro.toml"),
+    out: OutOption = None,
+    seeds: SeedsOption = None,
+    lanes: LanesOption = None,
+    report_only: ReportOnlyOption = False,
+) -> None:
+    """The paper's headline and staged results on the task mixture (Table 2 at CPU scale): Pass@1,
+    analytic Pass@k and Pass@k then Pass@1 training from the tiny mixture model, 5 seeds each, then
+    REPORT.md with a verdict per claim under the file's rule. Finished trainings are kept."""
+    _experiment(spec, out, seeds, lanes, report_only)
+
+
 @experiment_app.command("objective-family")
 def experiment_objective_family(
     spec: SpecOption = Path("configs/experiments/objective-family.toml"),

@@ -71,10 +71,10 @@ def collect(experiment: Experiment) -> list[StartResults]:
 
 
 # -- Markdown -------------------------------------------------------------------------------------
-def table7(s: StartResults, sizes: list[int], k: int) -> str:
-    """Mean over seeds of pass@1/pass@k (%) per maze size and the average, as Table 7."""
+def table7(s: StartResults, sizes: list, k: int, experiment: Experiment | None = None) -> str:
+    """Mean over seeds of pass@1/pass@k (%) per row (maze size or task) and the average, as Table 7."""
     pk = f"pass@{k}"
-    head = "| | " + " | ".join(f"{n}×{n}" for n in sizes) + " | Avg. |"
+    head = "| | " + " | ".join(row_label(n) for n in sizes) + " | Avg. |"
     lines = [head, "|---|" + "---|" * (len(sizes) + 1)]
     start_cells = [f"{100 * s.start[n]['pass@1']:.1f}/{100 * s.start[n][pk]:.1f}" for n in sizes]
     start_avg = f"{100 * average(s.start, 'pass@1', sizes):.1f}/{100 * average(s.start, pk, sizes):.1f}"
@@ -87,37 +87,54 @@ def table7(s: StartResults, sizes: list[int], k: int) -> str:
             cells.append(f"{100 * p1:.1f}/{100 * pkv:.1f}")
         p1 = mean_sd(list(per_seed(results, "pass@1", sizes).values()))[0]
         pkv = mean_sd(list(per_seed(results, pk, sizes).values()))[0]
-        lines.append(f"| + {NAMES.get(method, method)} | {' | '.join(cells)} | **{100 * p1:.1f}/{100 * pkv:.1f}** |")
+        name = experiment.label(method) if experiment is not None else NAMES.get(method, method)
+        lines.append(f"| + {name} | {' | '.join(cells)} | **{100 * p1:.1f}/{100 * pkv:.1f}** |")
     return "\n".join(lines) + "\n"
 
 
-def spread_table(s: StartResults, k: int, train_sizes: list[int]) -> str:
-    """Per method: the average pass@1 and pass@k, mean ± sd over seeds and each seed's value."""
+def spread_table(s: StartResults, k: int, train_sizes: list | None, experiment: Experiment | None = None) -> str:
+    """Per method: the average pass@1 and pass@k (and on the training sizes, when they are not
+    every row), mean ± sd over seeds and each seed's value."""
     pk = f"pass@{k}"
+    train = [] if train_sizes is None else [("pass@1", train_sizes), (pk, train_sizes)]
     lines = [
-        f"| method | seeds | avg. pass@1 | avg. {pk} | train-size pass@1 | train-size {pk} | "
-        f"avg. {pk} per seed | minutes per training |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | seeds | avg. pass@1 | avg. {pk} | "
+        + ("" if train_sizes is None else f"train-size pass@1 | train-size {pk} | ")
+        + f"avg. {pk} per seed | minutes per training |",
+        "|---|---|---|---|" + ("" if train_sizes is None else "---|---|") + "---|---|",
     ]
     for method, results in s.runs.items():
         cells = []
-        for metric, sizes in (("pass@1", None), (pk, None), ("pass@1", train_sizes), (pk, train_sizes)):
+        for metric, sizes in (("pass@1", None), (pk, None), *train):
             mean, sd = mean_sd(list(per_seed(results, metric, sizes).values()))
             cells.append(f"{100 * mean:.1f} ± {100 * sd:.1f}")
         seeds = ", ".join(f"s{r.seed} {100 * average(r.final(), pk):.1f}" for r in results)
         minutes = mean_sd([r.seconds / 60 for r in results])[0]
-        name = NAMES.get(method, method)
+        name = experiment.label(method) if experiment is not None else NAMES.get(method, method)
         lines.append(f"| {name} | {len(results)} | {' | '.join(cells)} | {seeds} | {minutes:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def row_label(key: int | str) -> str:
+    """A table row: a maze size as 7×7, a mixture row by its name."""
+    return f"{key}×{key}" if isinstance(key, int) else str(key)
 
 
 def markdown(
     experiment: Experiment, trainer: TrainerSettings, starts: list[StartResults], command: str, figures: dict
 ) -> str:
     t, k = trainer, max(trainer.eval_k)
-    sizes = sorted(experiment.test_sizes)
-    starts_text = "; ".join(f"{s.name} ({s.model_dir}, {s.warmup_steps} of {s.horizon} warm-up steps)"
-                            for s in experiment.starts)  # fmt: skip
+    mixture = bool(trainer.mixture)
+    starts_text = "; ".join(
+        f"{s.name} ({s.model_dir}, " + (f"{s.warmup_steps} of {s.horizon} warm-up steps)" if s.horizon else "shipped)")
+        for s in experiment.starts
+    )
+    if mixture:
+        data = (f"trained on the mixture's {len(trainer.mixture)} tasks. Held-out: up to {t.eval_mazes} items per "
+                f"row × {t.eval_n} samples")  # fmt: skip
+    else:
+        data = (f"trained on {', '.join(row_label(n) for n in experiment.train_sizes)} mazes. Held-out: "
+                f"{t.eval_mazes} mazes per size × {t.eval_n} samples")  # fmt: skip
     lines = [
         f"# {experiment.name}: {experiment.title}",
         "",
@@ -128,39 +145,75 @@ def markdown(
         f"Every training: {t.steps} steps of {t.prompts_per_step} prompts × "
         f"N_rollout {t.n_rollout}, k = {t.k}, lr {t.lr}, "
         f"{t.loss_aggregation}-level loss, clip {t.clip_low}/{t.clip_high}, "
-        f"temperature {t.temperature}; trained on {', '.join(f'{n}×{n}' for n in experiment.train_sizes)} "
-        f"mazes. Held-out: {t.eval_mazes} mazes per size × {t.eval_n} samples "
-        f"(unbiased pass@k, evaluation seed {t.eval_seed}, the same for every run) every "
-        f"{t.eval_every} steps. Each number is the mean over the seeds unless marked.",
+        f"temperature {t.temperature}; {data} "
+        f"(unbiased pass@k, evaluation seed {t.eval_seed}, the same for every run)"
+        + (f", every {t.eval_every} steps" if t.eval_every else ", before and after")
+        + ". Each number is the mean over the seeds unless marked.",
         "",
         rule_text(experiment),
         "",
     ]
     for s in starts:
-        lines += [f"## Start: {s.name}", "", f"### Pass@1/Pass@{k} (%) per maze size (Table 7)", "",
-                  table7(s, sizes, k), "", "### Spread over seeds", "",
-                  spread_table(s, k, sorted(experiment.train_sizes)), "", "### The paper's claims", ""]  # fmt: skip
-        train = sorted(experiment.train_sizes)
-        over = ", ".join(f"{n}×{n}" for n in train)
-        lines += [
-            f"Each claim is judged twice: on the average over all {len(sizes)} held-out sizes (Table 7's "
-            f"Avg.) and on the average over the training sizes ({over}), where the model has some skill.",
-            "",
-            f"| claim | paper | all sizes | numbers (all sizes) | {over} | numbers ({over}) |",
-            "|---|---|---|---|---|---|",
-        ]
+        if not s.runs:
+            continue
+        rows = sorted(experiment.test_sizes) or sorted(s.start)
+        train = sorted(experiment.train_sizes) or None
+        what = "per task category (Table 2)" if mixture else "per maze size (Table 7)"
+        lines += [f"## Start: {s.name}", "", f"### Pass@1/Pass@{k} (%) {what}", "",
+                  table7(s, rows, k, experiment), "", "### Spread over seeds", "",
+                  spread_table(s, k, train, experiment), "", "### The paper's claims", ""]  # fmt: skip
         judge, larger = Judge(experiment.rule), larger_sizes(s, experiment, k)
-        for every, trained in zip(claims(s, k, None, judge, larger), claims(s, k, train, judge, larger), strict=True):
-            if every.verdict == "not run":  # e.g. a control start that trains two methods only
-                continue
-            second = f"**{trained.verdict}** | {trained.evidence}" if every.per_size else "(the same) | (the same)"
-            lines.append(f"| {every.title} | {every.paper} | **{every.verdict}** | {every.evidence} | {second} |")
-        lines.append("")
+        if experiment.rule is not None or train is None:
+            # the rule names one average: the training sizes of a maze run, every row of a mixture
+            over = "the average over " + (", ".join(row_label(n) for n in train) if train else "every row")
+            lines += [f"Judged on {over}.", "", "| claim | paper | verdict | numbers |", "|---|---|---|---|"]
+            for claim in claims(s, k, train, judge, larger):
+                if claim.verdict != "not run":
+                    lines.append(f"| {claim.title} | {claim.paper} | **{claim.verdict}** | {claim.evidence} |")
+            lines.append("")
+            if train is None:
+                lines += ["### Per row (no verdict: the rule judges the average)", "", per_row_table(s, k, rows, judge),
+                          ""]  # fmt: skip
+        else:
+            over = ", ".join(row_label(n) for n in train)
+            lines += [
+                f"Each claim is judged twice: on the average over all {len(rows)} held-out sizes (Table 7's "
+                f"Avg.) and on the average over the training sizes ({over}), where the model has some skill.",
+                "",
+                f"| claim | paper | all sizes | numbers (all sizes) | {over} | numbers ({over}) |",
+                "|---|---|---|---|---|---|",
+            ]
+            for every, trained in zip(claims(s, k, None, judge, larger), claims(s, k, train, judge, larger),
+                                      strict=True):  # fmt: skip
+                if every.verdict == "not run":  # e.g. a control start that trains two methods only
+                    continue
+                second = f"**{trained.verdict}** | {trained.evidence}" if every.per_size else "(the same) | (the same)"
+                lines.append(f"| {every.title} | {every.paper} | **{every.verdict}** | {every.evidence} | {second} |")
+            lines.append("")
         if experiment.rule is not None:
-            lines += ["### The design's power", "", design_table(s, experiment, k), ""]
+            lines += ["### The design's power", "", design_table(s, experiment, k, train), ""]
         for caption, name in figures.get(s.name, []):
             lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)
+
+
+def per_row_table(s: StartResults, k: int, rows: list, judge: Judge) -> str:
+    """Each row's paired differences from Pass@1 training: analytic Pass@k and the staged schedule."""
+    from services.experiment.claims import STAGED
+    from services.experiment.results import paired
+
+    pk = f"pass@{k}"
+    pairs = [(m, "grpo") for m in ("passk_analytic", STAGED) if m in s.runs and "grpo" in s.runs]
+    head = "| row | " + " | ".join(f"{NAMES.get(a, a)} − Pass@1: {m}" for a, _ in pairs for m in (pk, "pass@1")) + " |"
+    lines = [head, "|---|" + "---|" * (2 * len(pairs))]
+    for row in rows:
+        cells = []
+        for a, b in pairs:
+            for metric in (pk, "pass@1"):
+                d = paired(per_seed(s.runs[a], metric, [row]), per_seed(s.runs[b], metric, [row]))
+                cells.append(judge.text(d, metric))
+        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def progress_text(experiment: Experiment, starts: list[StartResults]) -> str:
@@ -206,11 +259,13 @@ def rule_text(experiment: Experiment) -> str:
 
 def larger_sizes(s: StartResults, experiment: Experiment, k: int) -> list[int]:
     """Held-out sizes above every training size on which the start solved something (pass@k > 0)."""
+    if not experiment.train_sizes:  # a mixture: no sizes beyond the trained ones
+        return []
     top = max(experiment.train_sizes)
     return [n for n in sorted(experiment.test_sizes) if n > top and s.start.get(n, {}).get(f"pass@{k}", 0) > 0]
 
 
-def design_table(s: StartResults, experiment: Experiment, k: int) -> str:
+def design_table(s: StartResults, experiment: Experiment, k: int, train: list | None) -> str:
     """For the headline pair (analytic Pass@k − Pass@1, training sizes): the standard error of each
     paired difference the pilot predicted for this many seeds, the largest that always decides, and
     the one the run got."""
@@ -220,7 +275,6 @@ def design_table(s: StartResults, experiment: Experiment, k: int) -> str:
     assert rule is not None
     if not all(m in s.runs for m in ("passk_analytic", "grpo")):
         return "(needs grpo and passk_analytic)\n"
-    train = sorted(experiment.train_sizes)
     a, b = s.runs["passk_analytic"], s.runs["grpo"]
     judge = Judge(rule)
     rows = []
@@ -240,7 +294,7 @@ def design_table(s: StartResults, experiment: Experiment, k: int) -> str:
         pilot = f"{scale * sd:.3g}" if sd is not None else "–"
         rows.append(f"| {measure} | {n} | {pilot} | {expected} | {scale * decisive_se(margin, rule.confidence, n):.3g} "
                     f"| {scale * d.se:.3g} | {judge(d, measure)} |")  # fmt: skip
-    head = ("| Pass@k (AD) − Pass@1 on the training sizes | seeds | pilot sd | SE expected | SE that always "
+    head = ("| Pass@k (AD) − Pass@1, as judged | seeds | pilot sd | SE expected | SE that always "
             "decides | SE obtained | decision |")  # fmt: skip
     return "\n".join([head, "|---|---|---|---|---|---|---|", *rows]) + "\n"
 

@@ -14,24 +14,25 @@ from pathlib import Path
 
 @dataclass
 class RunResult:
-    """One training: its held-out evaluations {version: {size: {"pass@k": value}}} (version 0 is
-    the start's) and its per-step metrics."""
+    """One training: its held-out evaluations {version: {row: {"pass@k": value}}} (version 0 is
+    the start's; a row is a maze size, or a mixture's row name) and its per-step metrics."""
 
     method: str
     seed: int
-    evals: dict[int, dict[int, dict[str, float]]]
+    evals: dict[int, dict]
     steps: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
-    def final(self) -> dict[int, dict[str, float]]:
+    def final(self) -> dict:
         return self.evals[max(self.evals)]
 
 
-def read_evals(path: Path) -> dict[int, dict[int, dict[str, float]]]:
+def read_evals(path: Path) -> dict[int, dict]:
     out = {}
     for line in path.read_text().splitlines():
         entry = json.loads(line)
-        out[int(entry["version"])] = {int(size): row for size, row in entry["table"].items()}
+        # a maze run's rows are its sizes ("7"), a mixture's their names ("puzzle/arithmetic")
+        out[int(entry["version"])] = {int(key) if key.isdigit() else key: row for key, row in entry["table"].items()}
     return out
 
 
@@ -45,7 +46,7 @@ def read_steps(path: Path) -> list[dict]:
     return [rows[step] for step in sorted(rows)]
 
 
-def read_run(run_dir: Path, method: str, seed: int, start: dict[int, dict[int, dict[str, float]]]) -> RunResult:
+def read_run(run_dir: Path, method: str, seed: int, start: dict[int, dict]) -> RunResult:
     evals = {**start, **read_evals(run_dir / "eval.jsonl")}
     steps = read_steps(run_dir / "metrics.jsonl")
     done = json.loads((run_dir / "done.json").read_text())
@@ -83,8 +84,8 @@ def archive_run(run_dir: Path, archive: Path) -> Path:
     return target
 
 
-def average(table: dict[int, dict[str, float]], metric: str, sizes: list[int] | None = None) -> float:
-    """The mean of ``metric`` over the table's maze sizes (Table 7's "Avg." column), or over ``sizes``."""
+def average(table: dict, metric: str, sizes: list | None = None) -> float:
+    """The mean of ``metric`` over the table's rows (Table 7's "Avg." column), or over ``sizes``."""
     rows = [table[s] for s in (sizes if sizes is not None else sorted(table))]
     return sum(row[metric] for row in rows) / len(rows)
 

@@ -32,7 +32,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from services.common.redis_server import RedisServer
 from services.experiment.results import archive_run, finished
 from services.experiment.spec import Experiment, Run, StartEval, check, plan
-from services.launcher import Cluster, ensure_data, preset_rollout_options, start_services
+from services.launcher import (
+    Cluster,
+    ensure_data,
+    ensure_preset_data,
+    preset_data,
+    preset_rollout_options,
+    start_services,
+)
 from services.trainer import checkpoint
 
 if TYPE_CHECKING:
@@ -41,13 +48,22 @@ if TYPE_CHECKING:
 console = Console()
 
 
-def ensure_inputs(experiment: Experiment, trainer: TrainerSettings) -> None:
+def ensure_inputs(path: Path, experiment: Experiment, trainer: TrainerSettings) -> None:
     """The data splits and the start models, built (seeded) when missing."""
+    missing = [s for s in experiment.starts if not (Path(s.model_dir) / "config.json").exists()]
+    if trainer.mixture:  # the file's [[data]] steps; the mixture model is shipped (its build takes 40 minutes)
+        ensure_preset_data(preset_data(path))
+        if missing:
+            names = ", ".join(s.model_dir for s in missing)
+            raise ValueError(f"start models missing: {names} (passk model build-tiny --task mixture --out DIR)")
+        return
     ensure_data(
         Path(trainer.train_data), Path(trainer.test_data), experiment.data_seed, experiment.train_sizes,
         experiment.test_sizes, experiment.train_per_size, experiment.test_per_size,
     )  # fmt: skip
-    missing = [s for s in experiment.starts if not (Path(s.model_dir) / "config.json").exists()]
+    shipped = [s.model_dir for s in missing if s.horizon is None]
+    if shipped:
+        raise ValueError(f"start models missing: {', '.join(shipped)} (shipped models: no warm-up to rebuild them)")
     if not missing:
         return
     import torch
@@ -56,7 +72,7 @@ def ensure_inputs(experiment: Experiment, trainer: TrainerSettings) -> None:
 
     for horizon in sorted({s.horizon for s in missing}):
         # starts on one schedule are one warm-up, saved at each start's step
-        group = sorted((s for s in experiment.starts if s.horizon == horizon), key=lambda s: s.warmup_steps)
+        group = sorted((s for s in experiment.starts if s.horizon == horizon), key=lambda s: s.warmup_steps or 0)
         console.print("building " + ", ".join(f"{s.name} ({s.warmup_steps} steps)" for s in group)
                       + f" of one {horizon}-step warm-up on {experiment.model_sizes} mazes")  # fmt: skip
         torch.set_num_threads(experiment.build_threads)  # the numbers depend on the thread count
@@ -166,7 +182,7 @@ def run(path: Path, experiment: Experiment, trainer: TrainerSettings, lanes: int
 
     evals, runs = plan(experiment)
     check(path, evals, runs)
-    ensure_inputs(experiment, trainer)
+    ensure_inputs(path, experiment, trainer)
     root = Path(experiment.out)
     root.mkdir(parents=True, exist_ok=True)
     archive = Path(experiment.archive) if experiment.archive else None

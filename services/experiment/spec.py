@@ -29,10 +29,10 @@ class Start(BaseModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
     """Short name, used in run directories and the report."""
     model_dir: str
-    """The model; built when it holds no config.json."""
-    warmup_steps: int = Field(ge=0, le=100_000)
-    """Supervised warm-up steps of the build."""
-    horizon: int = Field(ge=1, le=100_000)
+    """The model; built when it holds no config.json (a maze model with warm-up steps and horizon)."""
+    warmup_steps: int | None = Field(None, ge=0, le=100_000)
+    """Supervised warm-up steps of the build (None: a shipped model the runner does not build)."""
+    horizon: int | None = Field(None, ge=1, le=100_000)
     """Cosine schedule length of the build: steps < horizon leaves it under-trained (not annealed)."""
     methods: list[str] = []
     """Methods trained from this start; empty: all of the experiment's."""
@@ -120,15 +120,17 @@ class Experiment(BaseModel):
     checkpoint instead of starting over (0: no checkpoints)."""
     lanes: int = Field(2, ge=1, le=64)
     """Trainings run at once, each on its own Redis, verifier and replica (one core each)."""
-    model_sizes: list[int] = Field(min_length=1)
-    """Maze sizes of the models' supervised warm-up."""
+    model_sizes: list[int] = []
+    """Maze sizes of the models' supervised warm-up (a maze experiment; empty for a mixture)."""
     max_positions: int = Field(1024, ge=64, le=65536)
     """Context length of the built models."""
     build_threads: int = Field(2, ge=1, le=256)
     """torch threads of the models' build (its numbers depend on it)."""
-    train_sizes: list[int] = Field(min_length=1)
-    """Maze sizes of the RL training split (data built when missing)."""
-    test_sizes: list[int] = Field(min_length=1)
+    train_sizes: list[int] = []
+    """Maze sizes of the RL training split (data built when missing). A mixture experiment (its
+    [trainer] has a mixture) leaves the sizes empty: its data come from the file's [[data]] steps
+    and its rows from the mixture."""
+    test_sizes: list[int] = []
     """Maze sizes of the held-out split: the report's table rows."""
     train_per_size: int = Field(5000, ge=1)
     test_per_size: int = Field(100, ge=1)
@@ -158,9 +160,11 @@ class Experiment(BaseModel):
             extra = set(start.methods) - set(self.methods)
             if extra:
                 raise ValueError(f"start {start.name}: methods {sorted(extra)} are not in experiment.methods")
-            if start.warmup_steps < 1 or start.warmup_steps > start.horizon:
+            if (start.warmup_steps is None) != (start.horizon is None):
+                raise ValueError(f"start {start.name}: warmup_steps and horizon go together (or neither: shipped)")
+            if start.horizon is not None and not 1 <= start.warmup_steps <= start.horizon:
                 raise ValueError(f"start {start.name}: warmup_steps must be within 1..horizon={start.horizon}")
-        for horizon in {s.horizon for s in self.starts}:
+        for horizon in {s.horizon for s in self.starts if s.horizon is not None}:
             steps = [s.warmup_steps for s in self.starts if s.horizon == horizon]
             if len(set(steps)) != len(steps):
                 raise ValueError(f"two starts stop the {horizon}-step warm-up at the same step: they are one model")
@@ -236,9 +240,11 @@ def load(path: Path, out: str | None = None, seeds: list[int] | None = None) -> 
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ValueError(f"{path}: {err}") from None
-    unknown = sorted(set(raw) - {"experiment", "trainer", "rollout"})
+    unknown = sorted(set(raw) - {"experiment", "trainer", "rollout", "data"})
     if unknown or "experiment" not in raw or "trainer" not in raw:
-        raise ValueError(f"{path}: needs [experiment] and [trainer] tables (and maybe [rollout]), got {sorted(raw)}")
+        raise ValueError(
+            f"{path}: needs [experiment] and [trainer] tables (and maybe [rollout], [[data]]), got {sorted(raw)}"
+        )
     table = dict(raw["experiment"])
     if out is not None:
         table["out"] = out
@@ -249,7 +255,14 @@ def load(path: Path, out: str | None = None, seeds: list[int] | None = None) -> 
         experiment = Experiment.model_validate(table)
     except ValidationError as err:
         raise ValueError(f"{path} [experiment]: {err}") from None
-    return experiment, load_settings(path)
+    trainer = load_settings(path)
+    sizes = (experiment.model_sizes, experiment.train_sizes, experiment.test_sizes)
+    if trainer.mixture and any(sizes):
+        raise ValueError(f"{path}: a mixture experiment takes its rows from [trainer] mixture and its data from "
+                         "[[data]]: drop model_sizes, train_sizes and test_sizes")  # fmt: skip
+    if not trainer.mixture and not all(sizes):
+        raise ValueError(f"{path}: a maze experiment needs model_sizes, train_sizes and test_sizes")
+    return experiment, trainer
 
 
 def check(path: Path, evals: list[StartEval], runs: list[Run]) -> None:
