@@ -162,3 +162,69 @@ def test_an_interrupted_training_continues_from_its_checkpoint_and_a_clean_clone
     assert "(2 already done)" in " ".join(third.stdout.split())
     assert not run.exists()  # nothing trained again
     assert (tmp_path / "docs" / "REPORT.md").read_text() == report
+
+
+def test_a_mixture_experiment_trains_through_the_lanes_and_reports_per_task_category(tiny_model, tmp_path):
+    from tests.helpers.cluster import maze_data
+    from tests.integration.test_mixture_loop import short_tasks
+
+    maze_data(tmp_path, test_per_size=2, seed=9)
+    short_tasks(tmp_path)
+    data = tmp_path / "data"
+    for task, name in (("maze", "maze"), ("math", "math"), ("puzzle", "puzzle")):
+        (data / task).mkdir(parents=True)
+        for split in ("train", "test"):
+            source = tmp_path / (f"{split}.jsonl" if task == "maze" else f"{name}-{split}.jsonl")
+            (data / task / f"{split}.jsonl").write_text(source.read_text())
+    mixture = ", ".join(f"{{task = '{t}', train = '{data / t / 'train.jsonl'}', test = '{data / t / 'test.jsonl'}'}}"
+                        for t in ("maze", "math", "puzzle"))  # fmt: skip
+    path = tmp_path / "mix.toml"
+    path.write_text(f"""
+[experiment]
+name = "mix"
+title = "a toy mixture"
+out = "{tmp_path / "runs"}"
+docs = "{tmp_path / "docs"}"
+archive = "{tmp_path / "archive"}"
+seeds = [0]
+methods = ["grpo", "pk-then-p1"]
+lanes = 2
+
+[experiment.rule]
+margin = 0.05
+
+[[experiment.variants]]
+name = "pk-then-p1"
+set = ["stages=[{{estimator='passk_analytic', k=2, steps=1}}, {{estimator='grpo', k=1, steps=1}}]"]
+
+[[experiment.starts]]
+name = "mixture"
+model_dir = "{tiny_model}"
+
+[trainer]
+model_dir = "{tiny_model}"
+run_dir = "{tmp_path / "runs" / "single"}"
+mixture = [{mixture}]
+k = 2
+n_rollout = 4
+prompts_per_step = 3
+steps = 2
+max_tokens = 8
+eval_every = 0
+eval_mazes = 2
+eval_n = 4
+eval_k = [1, 2]
+""")
+    done = passk("experiment", "mixed-repro", "--spec", str(path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    staged = [json.loads(line) for line in (tmp_path / "runs" / "mixture-pk-then-p1-s0" / "metrics.jsonl")
+              .read_text().splitlines()]  # fmt: skip
+    assert [s["estimator"] for s in staged] == ["passk_analytic", "grpo"]  # the variant's two stages
+    final = json.loads((tmp_path / "runs" / "mixture-grpo-s0" / "eval.jsonl").read_text().splitlines()[-1])["table"]
+    assert {"maze/7x7", "math/sums", "puzzle/arithmetic"} <= set(final)
+    report = (tmp_path / "docs" / "REPORT.md").read_text()
+    assert "per task category (Table 2)" in report and "| maze/7x7 |" in report
+    # the table's cell is the run's own evaluation (one seed)
+    cell = f"{100 * final['math/sums']['pass@1']:.1f}/{100 * final['math/sums']['pass@2']:.1f}"
+    assert f"| + P@1 T. (GRPO) | {cell} |" in report
+    assert (tmp_path / "archive" / "mixture-pk-then-p1-s0" / "done.json").exists()
