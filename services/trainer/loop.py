@@ -34,12 +34,12 @@ from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
 from services.common.streams import StreamConsumer, claim_once, publish, trim_consumed
 from services.common.weights import push
 from services.tasks.maze import read_jsonl
-from services.trainer import checkpoint, distributed, evaluate, held_out, outcome_bonus, task_figures
-from services.trainer.batch import Batch, from_groups
+from services.trainer import checkpoint, distributed, evaluate, held_out, task_figures
+from services.trainer.batch import from_groups
 from services.trainer.config import TrainerSettings, stage_at
 from services.trainer.held_out import HeldOut
 from services.trainer.mixture import Mixture, Prompt
-from services.trainer.outcome_bonus import OutcomeCounts
+from services.trainer.outcome_bonus import RunBonus
 from services.trainer.prometheus import TrainerMetrics
 from services.trainer.step import Optimization, train_on
 
@@ -113,14 +113,10 @@ class Trainer:
         )
         self.consumer = StreamConsumer(self.client, self.streams.scored, "trainer", "trainer", claim_idle_ms=600_000)
         self.epoch = registry.new_epoch(self.client)
-        self.outcomes = None  # N(x, a) for the historical outcome bonus, in Redis
-        if settings.outcome_bonus in ("ucb", "ucb_mean", "ucb_con"):
-            self.outcomes = OutcomeCounts(self.client, settings.run_dir)
-            if self.resumed:  # the steps after the checkpoint are trained again: their answers too
-                undone = self.outcomes.rewind(self.first_step - 1)
-                log.info("outcome counts: undid %d steps after the checkpoint", undone)
-            else:
-                self.outcomes.reset()
+        self.bonus = None  # outcome-based exploration (outcome_bonus.py)
+        if settings.outcome_bonus != "off":
+            self.bonus = RunBonus(settings.outcome_bonus, settings.outcome_bonus_b0, self.client, settings.run_dir,
+                                  resumed_at=self.first_step - 1 if self.resumed else None)  # fmt: skip
         self.published: int | None = None  # the last version pushed
         self.snapshot: tuple[int, Payload] | None = None  # a copy of it for late joiners, taken when one shows up
         self.catching_up: set[str] = set()
@@ -215,8 +211,8 @@ class Trainer:
         if self.s.mode == "async" and step < self.s.steps:
             next_jobs = self.schedule(step + 1)
         batch = from_groups(groups, self.s.n_rollout)
-        if self.s.outcome_bonus != "off":
-            batch = dataclasses.replace(batch, bonus=self.outcome_bonus(step, groups, batch))
+        if self.bonus is not None:
+            batch = dataclasses.replace(batch, bonus=self.bonus(step, groups, batch.valid))
         distributed.broadcast((step, self.version, batch), self.ranks)
         stage = stage_at(self.s, step)
         rows = [self.rows.pop(job.job_id) for job in jobs]
@@ -239,19 +235,6 @@ class Trainer:
         )  # fmt: skip
         self.log_metrics(metrics, step)
         return metrics, next_jobs
-
-    def outcome_bonus(self, step: int, groups: list[ScoredGroup], batch: Batch) -> torch.Tensor:
-        """(G, N) exploration bonus before its factor c: from the run's counts before this step, which
-        then take this step's answers (historical modes), or from repeats within each group (batch)."""
-        outcomes = [[v.outcome for v in scored.verdicts] for scored in groups]
-        answered = batch.valid & torch.tensor([[bool(o) for o in row] for row in outcomes])
-        if self.outcomes is None:
-            return outcome_bonus.batch(outcomes, answered)
-        prompts = [f"{g.group.job.task}/{g.group.job.prompt_id}" for g in groups]  # ids are unique per task
-        keys = outcome_bonus.keys_of(prompts, outcomes, answered)
-        counts = self.outcomes.lookup(keys)
-        self.outcomes.add(step, keys)
-        return outcome_bonus.historical(self.s.outcome_bonus, counts, answered, self.s.outcome_bonus_b0)
 
     def trim_streams(self) -> dict[str, int]:
         """Drop what every consumer is done with, so that Redis holds at most a few steps of work
@@ -287,8 +270,8 @@ class Trainer:
         )
         whole = state if self.s.fsdp else None  # unsharded, the model saves itself (tied weights once)
         checkpoint.save(self.run_dir, self.model, self.tokenizer, record, self.s.keep_checkpoints, model_state=whole)
-        if self.outcomes is not None:  # a resume starts here now: the counts so far are final
-            self.outcomes.finalize(step)
+        if self.bonus is not None:
+            self.bonus.checkpointed(step)
 
     # -- rollouts ------------------------------------------------------------
     def schedule(self, step: int) -> list[PromptJob]:

@@ -28,8 +28,16 @@ makes them final), so no step's answers are ever counted twice.
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import torch
 from redis import Redis
+
+if TYPE_CHECKING:
+    from services.common.schemas import ScoredGroup
+
+log = logging.getLogger(__name__)
 
 SEP = "\x1f"  # between prompt id and outcome in a count's field name: neither contains it
 
@@ -132,3 +140,39 @@ def keys_of(prompt_ids: list[str], outcomes: list[list[str]], answered: torch.Te
         [f"{prompt}{SEP}{outcome}" if answered[g, i] else None for i, outcome in enumerate(row)]
         for g, (prompt, row) in enumerate(zip(prompt_ids, outcomes, strict=True))
     ]
+
+
+class RunBonus:
+    """A run's outcome bonus: which variant, and for the historical ones the counts in Redis and
+    their life across restarts (reset for a fresh run, rewound to the checkpoint on a resume,
+    final at each checkpoint). The trainer asks it for each step's bonus."""
+
+    def __init__(self, mode: str, b0: float, client: Redis, run_dir: str, *, resumed_at: int | None) -> None:
+        """``resumed_at``: the checkpoint's step when the run resumes, None for a fresh run."""
+        self.mode, self.b0 = mode, b0
+        self.counts: OutcomeCounts | None = None  # N(x, a) for the historical modes
+        if mode in ("ucb", "ucb_mean", "ucb_con"):
+            self.counts = OutcomeCounts(client, run_dir)
+            if resumed_at is not None:  # the steps after the checkpoint are trained again: their answers too
+                undone = self.counts.rewind(resumed_at)
+                log.info("outcome counts: undid %d steps after the checkpoint", undone)
+            else:
+                self.counts.reset()
+
+    def __call__(self, step: int, groups: list[ScoredGroup], valid: torch.Tensor) -> torch.Tensor:
+        """(G, N) bonus before its factor c: from the run's counts before this step, which then take
+        this step's answers (historical modes), or from repeats within each group (batch)."""
+        outcomes = [[v.outcome for v in scored.verdicts] for scored in groups]
+        answered = valid & torch.tensor([[bool(o) for o in row] for row in outcomes])
+        if self.counts is None:
+            return batch(outcomes, answered)
+        prompts = [f"{g.group.job.task}/{g.group.job.prompt_id}" for g in groups]  # ids are unique per task
+        keys = keys_of(prompts, outcomes, answered)
+        counts = self.counts.lookup(keys)
+        self.counts.add(step, keys)
+        return historical(self.mode, counts, answered, self.b0)
+
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint of ``step`` is written: a resume starts there now, so the counts so far are final."""
+        if self.counts is not None:
+            self.counts.finalize(step)
