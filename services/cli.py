@@ -487,46 +487,38 @@ LanesOption = Annotated[int | None, typer.Option(min=1, max=64, help="Trainings 
 ReportOnlyOption = Annotated[bool, typer.Option(help="Only (re)write the report from finished trainings.")]
 
 
-@experiment_app.command("maze-repro")
-def experiment_maze_repro(
-    spec: SpecOption = Path("configs/experiments/maze-repro.toml"),
-    out: OutOption = None,
-    seeds: SeedsOption = None,
-    lanes: LanesOption = None,
-    report_only: ReportOnlyOption = False,
-) -> None:
-    """The paper's maze findings at CPU scale: every method from each start model, for each seed,
-    through the real local cluster; then REPORT.md and PNGs (Table 7, curves, a verdict per claim).
-    Finished trainings are kept: running it again does the rest."""
-    _experiment(spec, out, seeds, lanes, report_only)
+# The experiments shipped in configs/experiments/: one command each, its file the default --spec.
+EXPERIMENTS = {
+    "maze-repro": """The paper's maze claims at CPU scale: every method from each start model, for each
+    seed, through the real local cluster; then REPORT.md and PNGs (Table 7, curves, a verdict per
+    claim under the file's rule). Finished trainings are kept: running it again does the rest.""",
+    "mixed-repro": """The paper's headline and staged results on the task mixture (Table 2 at CPU
+    scale): Pass@1, analytic Pass@k and Pass@k then Pass@1 training from the tiny mixture model, 5
+    seeds each, then REPORT.md with a verdict per claim under the file's rule. Finished trainings
+    are kept.""",
+    "objective-family": """GRPO, analytic Pass@k, PKPO, MaxRL, Tang's pass@n and W-REINFORCE on
+    maze-tiny, the same budget and seeds for each; then REPORT.md and PNGs (held-out pass@1/pass@k,
+    paired differences from GRPO, and where each puts its advantage). Finished trainings are kept.""",
+}
 
 
-@experiment_app.command("mixed-repro")
-def experiment_mixed_repro(
-    spec: SpecOption = Path("configs/experiments/mixed-repro.toml"),
-    out: OutOption = None,
-    seeds: SeedsOption = None,
-    lanes: LanesOption = None,
-    report_only: ReportOnlyOption = False,
-) -> None:
-    """The paper's headline and staged results on the task mixture (Table 2 at CPU scale): Pass@1,
-    analytic Pass@k and Pass@k then Pass@1 training from the tiny mixture model, 5 seeds each, then
-    REPORT.md with a verdict per claim under the file's rule. Finished trainings are kept."""
-    _experiment(spec, out, seeds, lanes, report_only)
+def _experiment_command(name: str, doc: str) -> None:
+    def command(
+        spec: SpecOption = Path(f"configs/experiments/{name}.toml"),
+        out: OutOption = None,
+        seeds: SeedsOption = None,
+        lanes: LanesOption = None,
+        report_only: ReportOnlyOption = False,
+    ) -> None:
+        _experiment(spec, out, seeds, lanes, report_only)
+
+    command.__doc__ = " ".join(doc.split())  # one paragraph: the help wraps it
+    command.__name__ = f"experiment_{name.replace('-', '_')}"
+    experiment_app.command(name)(command)
 
 
-@experiment_app.command("objective-family")
-def experiment_objective_family(
-    spec: SpecOption = Path("configs/experiments/objective-family.toml"),
-    out: OutOption = None,
-    seeds: SeedsOption = None,
-    lanes: LanesOption = None,
-    report_only: ReportOnlyOption = False,
-) -> None:
-    """GRPO, analytic Pass@k, PKPO, MaxRL, Tang's pass@n and W-REINFORCE on maze-tiny, the same
-    budget and seeds for each; then REPORT.md and PNGs (held-out pass@1/pass@k, paired differences
-    from GRPO, and where each puts its advantage). Finished trainings are kept."""
-    _experiment(spec, out, seeds, lanes, report_only)
+for _name, _doc in EXPERIMENTS.items():
+    _experiment_command(_name, _doc)
 
 
 def _experiment(spec: Path, out: str | None, seeds: list[int] | None, lanes: int | None, report_only: bool) -> None:

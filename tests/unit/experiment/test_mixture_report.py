@@ -1,7 +1,6 @@
 """A mixture experiment: rows are task categories (strings), the claims are judged on their
 average, each row's differences are reported beside them; its file is checked like a maze one's."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from services.experiment.report import collect, per_row_table, write_report
 from services.experiment.results import read_evals
 from services.experiment.spec import Experiment, load, plan
 from services.trainer.config import TrainerSettings
+from tests.helpers.experiment_runs import write_run
 
 ROWS = ["maze/7x7", "math/linear", "puzzle/arithmetic"]
 # final (pass@1, pass@8) per method and row; the seeds add +-0.2 points
@@ -34,23 +34,13 @@ def experiment(tmp_path: Path) -> Experiment:
 def fill(exp: Experiment) -> None:
     evals, runs = plan(exp)
     for e in evals:
-        write(e.run_dir, {0: {row: (0.05, 0.2) for row in ROWS}}, None)
+        write_run(e.run_dir, {0: {row: (0.05, 0.2) for row in ROWS}}, None, seconds=600.0)
     for run in runs:
         jitter = 0.002 * (-1) ** run.seed
         table = {row: (p1 + jitter, p8 + jitter) for row, (p1, p8) in FINAL[run.method].items()}
         entropy = 0.6 if run.method == "passk_analytic" else 0.5
         steps = [{"step": t, "entropy": entropy, "negative_diversity": entropy} for t in range(1, 11)]
-        write(run.run_dir, {10: table}, steps)
-
-
-def write(run_dir: Path, tables: dict, steps: list | None) -> None:
-    run_dir.mkdir(parents=True)
-    lines = [{"version": v, "table": {row: {"pass@1": a, "pass@8": b} for row, (a, b) in t.items()}}
-             for v, t in tables.items()]  # fmt: skip
-    (run_dir / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    if steps is not None:
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
-    (run_dir / "done.json").write_text(json.dumps({"seconds": 600.0}))
+        write_run(run.run_dir, {10: table}, steps, seconds=600.0)
 
 
 def test_rows_keep_their_names_and_the_claims_judge_their_average(tmp_path):

@@ -2,7 +2,6 @@
 difference whose interval is narrow enough, and the claims of issue 21 (staged training, the
 effect of k, larger mazes) follow their numbers."""
 
-import json
 import math
 import random
 import statistics
@@ -15,6 +14,7 @@ from services.experiment.report import collect, larger_sizes, write_report
 from services.experiment.results import Difference, RunResult, decide, decisive_se, t_cdf, t_quantile
 from services.experiment.spec import Experiment, Rule, load, plan
 from services.trainer.config import TrainerSettings
+from tests.helpers.experiment_runs import write_run
 
 
 @pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995])
@@ -86,24 +86,14 @@ ETA = {"passk_analytic-k2": {"1/8": 4.0, "4/8": 8.0, "7/8": 12.0}, "passk_analyt
 def fill(exp: Experiment) -> None:
     evals, runs = plan(exp)
     for e in evals:
-        write(e.run_dir, {0: {7: (0.1, 0.3), 9: (0.02, 0.1), 11: (0.0, 0.0)}}, None)
+        write_run(e.run_dir, {0: {7: (0.1, 0.3), 9: (0.02, 0.1), 11: (0.0, 0.0)}}, None)
     for run in runs:
         jitter = 0.002 * (-1) ** run.seed
         p1, p8 = FINAL[run.method]
         final = {7: (p1 + jitter, p8 + jitter), 9: (p1 / 2 + jitter, p8 / 2 + jitter), 11: (0.0, 0.0)}
         eta = ETA.get(run.method, {"4/8": 8.0})
         steps = [{"step": t, "entropy": 0.5, "negative_diversity": 0.5, "eta_by_accuracy": eta} for t in range(1, 11)]
-        write(run.run_dir, {10: final}, steps)
-
-
-def write(run_dir: Path, tables: dict, steps: list | None) -> None:
-    run_dir.mkdir(parents=True)
-    lines = [{"version": v, "table": {str(n): {"pass@1": a, "pass@8": b} for n, (a, b) in t.items()}}
-             for v, t in tables.items()]  # fmt: skip
-    (run_dir / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    if steps is not None:
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
-    (run_dir / "done.json").write_text(json.dumps({"seconds": 120.0}))
+        write_run(run.run_dir, {10: final}, steps)
 
 
 def test_the_plan_gives_the_headline_pair_more_seeds_and_variants_their_settings(tmp_path):
