@@ -15,7 +15,17 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from services.experiment.results import Difference, average, decide, mean_sd, paired, t_quantile, window_mean
+from services.experiment.names import method_name
+from services.experiment.results import (
+    Difference,
+    decide,
+    end_of_training,
+    eta_by_bucket,
+    interval,
+    mean_sd,
+    paired,
+    per_seed,
+)
 
 if TYPE_CHECKING:
     from services.experiment.report import StartResults
@@ -56,9 +66,8 @@ class Judge:
         """The difference, its interval, the standard error the pilot predicted, and the decision."""
         out = d.text(scale, digits)
         if self.rule is not None and len(d.values) > 1:
-            half = t_quantile((1 + self.rule.confidence) / 2, len(d.values) - 1) * d.se
-            out += f", {100 * self.rule.confidence:.0f}% CI [{scale * (d.mean - half):+.{digits}f}, "
-            out += f"{scale * (d.mean + half):+.{digits}f}]"
+            low, high = interval(d, self.rule.confidence)
+            out += f", {100 * self.rule.confidence:.0f}% CI [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
             sd = self.rule.pilot.get(measure)
             if sd is not None:
                 out += f", SE expected {scale * sd / len(d.values) ** 0.5:.{digits}f}"
@@ -72,8 +81,21 @@ def better(decisions: list[str]) -> str:
     return "yes" if all(d == "higher" for d in decisions) else "unclear"
 
 
-def per_seed(results: list[RunResult], metric: str, sizes: list[int] | None = None) -> dict[int, float]:
-    return {r.seed: average(r.final(), metric, sizes) for r in results}
+# the end-of-training figures of the entropy and diversity claims: (metrics.jsonl key, measure)
+EXPLORATION = (("entropy", "entropy"), ("negative_diversity", "diversity"))
+
+
+def headline(runs: dict[str, list[RunResult]], k: int, sizes: list[int] | None) -> dict[str, Difference]:
+    """Analytic Pass@k − Pass@1 per measure, paired by seed: held-out pass@k and pass@1 (average
+    over ``sizes``), and entropy and wrong-answer diversity over the last fifth of the training
+    (left out where a run did not measure them)."""
+    a, b = runs["passk_analytic"], runs["grpo"]
+    out = {m: paired(per_seed(a, m, sizes), per_seed(b, m, sizes)) for m in (f"pass@{k}", "pass@1")}
+    for key, measure in EXPLORATION:
+        ends = end_of_training(a, key), end_of_training(b, key)
+        if all(v is not None for table in ends for v in table.values()):
+            out[measure] = paired(*ends)
+    return out
 
 
 def centroid(eta_by_bucket: dict[int, float]) -> float | None:
@@ -110,15 +132,8 @@ def theory_eta_by_bucket(n: int, k: int) -> dict[int, float]:
 
 
 def measured_eta_by_bucket(results: list[RunResult]) -> dict[int, float]:
-    """The runs' η per bucket 0/8..7/8: the mean over every step (and seed) that had the bucket."""
-    values: dict[int, list[float]] = {}
-    for result in results:
-        for row in result.steps:
-            for bucket, eta in (row.get("eta_by_accuracy") or {}).items():
-                b = int(bucket.split("/")[0])
-                if b <= 7:
-                    values.setdefault(b, []).append(float(eta))
-    return {b: sum(v) / len(v) for b, v in sorted(values.items())}
+    """The runs' η per bucket 0/8..7/8 (``results.eta_by_bucket`` without the all-right groups)."""
+    return {b: eta for b, eta in eta_by_bucket(results).items() if b <= 7}
 
 
 def k_runs(s: StartResults, base_k: int) -> dict[int, str]:
@@ -144,8 +159,9 @@ def claims(s: StartResults, k: int, sizes: list[int] | None, judge: Judge, large
 
     title = f"Pass@k Training raises pass@{k} without hurting pass@1"
     paper = "Sec. 2.2, Table 7: analytic Pass@k training beats Pass@1 training on both (avg. 47.7/65.0 vs 13.9/14.4)"
-    if have("passk_analytic", "grpo"):
-        d_k, d_1 = diff("passk_analytic", "grpo", pk), diff("passk_analytic", "grpo", "pass@1")
+    pair = headline(runs, k, sizes) if have("passk_analytic", "grpo") else {}
+    if pair:
+        d_k, d_1 = pair[pk], pair["pass@1"]
         on_k, on_1 = judge(d_k, pk), judge(d_1, "pass@1")
         not_hurt = on_1 in ("higher", "same") or (judge.rule is None and on_1 == "unclear")
         verdict = "no" if on_k in ("lower", "same") or on_1 == "lower" else ("yes" if on_k == "higher" and not_hurt
@@ -180,38 +196,37 @@ def claims(s: StartResults, k: int, sizes: list[int] | None, judge: Judge, large
     else:
         out.append(Claim(title, paper, "not run", "needs passk_full, passk_bootstrap and passk_analytic"))
 
-    for key, measure, label, paper in (
-        ("entropy", "entropy", "policy entropy",
-         "Sec. 3.2, Figure 7b: entropy converges low under Pass@1, higher under Pass@k"),
-        ("negative_diversity", "diversity", "negative-answer diversity",
-         "Sec. 3.2, Figure 7a: the ratio of distinct wrong answers stays flat under Pass@1, rises under Pass@k"),
-    ):  # fmt: skip
+    papers = {
+        "entropy": ("policy entropy", "Sec. 3.2, Figure 7b: entropy converges low under Pass@1, higher under Pass@k"),
+        "diversity": ("negative-answer diversity", "Sec. 3.2, Figure 7a: the ratio of distinct wrong answers "
+                      "stays flat under Pass@1, rises under Pass@k"),
+    }  # fmt: skip
+    for key, measure in EXPLORATION:
+        label, paper = papers[measure]
         title = f"Pass@k training keeps {label} higher than Pass@1 training"
-        if not have("passk_analytic", "grpo"):
+        if not pair:
             out.append(Claim(title, paper, "not run", "needs grpo and passk_analytic", per_size=False))
             continue
-        pair = ("passk_analytic", "grpo")
-        last = {m: {r.seed: window_mean(r.steps, key, 0.8, 1.0) for r in runs[m]} for m in pair}
-        first = {m: {r.seed: window_mean(r.steps, key, 0.0, 0.1) for r in runs[m]} for m in pair}
-        if any(v is None for table in (*last.values(), *first.values()) for v in table.values()):
+        methods = ("passk_analytic", "grpo")
+        first = {m: end_of_training(runs[m], key, 0.0, 0.1) for m in methods}
+        last = {m: end_of_training(runs[m], key) for m in methods}
+        if measure not in pair or any(v is None for table in first.values() for v in table.values()):
             out.append(Claim(title, paper, "unclear", f"{label}: not measured in every run", per_size=False))
             continue
-        d = paired(last["passk_analytic"], last["grpo"])  # type: ignore[arg-type]
-        at = {m: (mean_sd(list(first[m].values()))[0], mean_sd(list(last[m].values()))[0]) for m in pair}
-        evidence = (f"mean over the first tenth of the steps → the last fifth: Pass@k {at[pair[0]][0]:.3f} → "
-                    f"{at[pair[0]][1]:.3f}, Pass@1 {at['grpo'][0]:.3f} → {at['grpo'][1]:.3f}; at the end "
+        d = pair[measure]
+        at = {m: (mean_sd(list(first[m].values()))[0], mean_sd(list(last[m].values()))[0]) for m in methods}
+        evidence = (f"mean over the first tenth of the steps → the last fifth: Pass@k {at[methods[0]][0]:.3f} → "
+                    f"{at[methods[0]][1]:.3f}, Pass@1 {at['grpo'][0]:.3f} → {at['grpo'][1]:.3f}; at the end "
                     f"Pass@k − Pass@1 {judge.text(d, measure, 1.0, 3)}")  # fmt: skip
         out.append(Claim(title, paper, better([judge(d, measure)]), evidence, per_size=False))
 
     for method, section in (("passk_combination", "Sec. 4.2.2, Eq. 18"), ("passk_adaptive", "Sec. 4.2.3")):
-        from services.experiment.report import NAMES
-
-        title = f"{NAMES[method]} beats Pass@1 and Pass@k training alone"
+        title = f"{method_name(method)} beats Pass@1 and Pass@k training alone"
         paper = f"{section}: better than either alone"
         if have(method, "grpo", "passk_analytic"):
             ds = {(other, m): diff(method, other, m) for other in ("grpo", "passk_analytic") for m in ("pass@1", pk)}
             verdict = better([judge(d, m) for (_, m), d in ds.items()])
-            evidence = "; ".join(f"{m} vs {NAMES[o]}: {judge.text(d, m)}" for (o, m), d in ds.items())
+            evidence = "; ".join(f"{m} vs {method_name(o)}: {judge.text(d, m)}" for (o, m), d in ds.items())
             out.append(Claim(title, paper, verdict, evidence))
         else:
             out.append(Claim(title, paper, "not run", f"needs {method}, grpo and passk_analytic"))

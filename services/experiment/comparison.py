@@ -12,7 +12,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.experiment.results import RunResult, mean_sd, paired, window_mean
+from services.experiment.names import method_name
+from services.experiment.results import RunResult, eta_by_bucket, mean_sd, paired, per_seed, window_mean
 
 if TYPE_CHECKING:
     from services.experiment.report import StartResults
@@ -35,33 +36,16 @@ def run_mean(result: RunResult, key: str) -> float | None:
     return window_mean(result.steps, key, 0.0, 1.0)
 
 
-def eta_by_bucket(results: list[RunResult]) -> dict[str, float]:
-    """η (Eq. 16) per accuracy bucket: the mean over every step of every seed in which the bucket
-    had groups (a step's value is already the mean over its groups in the bucket)."""
-    values: dict[str, list[float]] = {}
-    for result in results:
-        for row in result.steps:
-            for bucket, eta in (row.get("eta_by_accuracy") or {}).items():
-                values.setdefault(bucket, []).append(float(eta))
-    return {b: statistics.fmean(values[b]) for b in BUCKETS if b in values}
-
-
-def _name(method: str) -> str:
-    from services.experiment.report import NAMES
-
-    return NAMES.get(method, method)
-
-
-def _seed_values(results: list[RunResult], metric: str) -> dict[int, float]:
-    return {r.seed: statistics.fmean(row[metric] for row in r.final().values()) for r in results}
+def eta_table_row(results: list[RunResult]) -> dict[str, float]:
+    """``results.eta_by_bucket`` keyed as the table's columns ("3/8")."""
+    return {BUCKETS[b]: eta for b, eta in eta_by_bucket(results).items()}
 
 
 def outcome_table(s: StartResults, k: int, baseline: str) -> str:
     """Held-out pass@1 and pass@k after training, and the paired difference from the baseline."""
-    pk = f"pass@{k}"
+    pk, base = f"pass@{k}", method_name(baseline)
     lines = [
-        f"| method | seeds | pass@1 | {pk} | {pk} per seed | pass@1 − {_name(baseline)} | {pk} − {_name(baseline)} "
-        "| minutes per training |",
+        f"| method | seeds | pass@1 | {pk} | {pk} per seed | pass@1 − {base} | {pk} − {base} | minutes per training |",
         "|---|---|---|---|---|---|---|---|",
     ]
     start_1 = statistics.fmean(row["pass@1"] for row in s.start.values())
@@ -70,17 +54,17 @@ def outcome_table(s: StartResults, k: int, baseline: str) -> str:
     for method, results in s.runs.items():
         cells = []
         for metric in ("pass@1", pk):
-            mean, sd = mean_sd(list(_seed_values(results, metric).values()))
+            mean, sd = mean_sd(list(per_seed(results, metric).values()))
             cells.append(f"{100 * mean:.1f} ± {100 * sd:.1f}")
-        seeds = ", ".join(f"s{seed} {100 * v:.1f}" for seed, v in sorted(_seed_values(results, pk).items()))
+        seeds = ", ".join(f"s{seed} {100 * v:.1f}" for seed, v in sorted(per_seed(results, pk).items()))
         diffs = []
         for metric in ("pass@1", pk):
             if method == baseline or baseline not in s.runs:
                 diffs.append("")
                 continue
-            diffs.append(paired(_seed_values(results, metric), _seed_values(s.runs[baseline], metric)).text())
+            diffs.append(paired(per_seed(results, metric), per_seed(s.runs[baseline], metric)).text())
         minutes = mean_sd([r.seconds / 60 for r in results])[0]
-        lines.append(f"| {_name(method)} | {len(results)} | {' | '.join(cells)} | {seeds} | {' | '.join(diffs)} "
+        lines.append(f"| {method_name(method)} | {len(results)} | {' | '.join(cells)} | {seeds} | {' | '.join(diffs)} "
                      f"| {minutes:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -101,7 +85,7 @@ def diagnostics_table(s: StartResults) -> str:
         diversity = [window_mean(r.steps, "negative_diversity", 0.8, 1.0) for r in results]
         diversity = [v for v in diversity if v is not None]
         cells.append(_mean_sd_text(diversity, 3))
-        lines.append(f"| {_name(method)} | {' | '.join(cells)} |")
+        lines.append(f"| {method_name(method)} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -109,8 +93,10 @@ def eta_table(s: StartResults) -> str:
     """η per accuracy bucket (N_pos/N in eighths), the paper's Figure 4 measured on the batches."""
     lines = ["| method | " + " | ".join(BUCKETS) + " |", "|---|" + "---|" * len(BUCKETS)]
     for method, results in s.runs.items():
-        eta = eta_by_bucket(results)
-        lines.append(f"| {_name(method)} | " + " | ".join(f"{eta[b]:.2f}" if b in eta else "–" for b in BUCKETS) + " |")
+        eta = eta_table_row(results)
+        lines.append(
+            f"| {method_name(method)} | " + " | ".join(f"{eta[b]:.2f}" if b in eta else "–" for b in BUCKETS) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +121,8 @@ def markdown(
         "",
         f"Command: `{command}`  ",
         progress_text(experiment, starts),
-        f"Seeds: {seeds_text(experiment)}; methods: {', '.join(f'{_name(m)} (`{m}`)' for m in experiment.methods)}.",
+        f"Seeds: {seeds_text(experiment)}; methods: "
+        f"{', '.join(f'{method_name(m)} (`{m}`)' for m in experiment.methods)}.",
         "",
         f"The same budget for every method: {t.steps} steps of {t.prompts_per_step} prompts × N_rollout "
         f"{t.n_rollout} ({samples:,} graded samples), k = {t.k} where the method has a k, lr {t.lr}, "
@@ -144,7 +131,7 @@ def markdown(
         f"mazes per size ({sizes}) × {t.eval_n} samples, unbiased pass@k, evaluation seed {t.eval_seed} (the "
         f"same items and sampling seed for every run), every {t.eval_every} steps. A comparison, not a test: "
         f"no verdict. Differences are paired by seed (same prompts, same evaluation), in percentage points, "
-        f"mean ± standard error over the seeds; the baseline is {_name(baseline)}.",
+        f"mean ± standard error over the seeds; the baseline is {method_name(baseline)}.",
         "",
     ]
     for s in starts:
@@ -184,18 +171,18 @@ def draw_diagnostics(s: StartResults, out: Path, width: int = 9) -> list[tuple[s
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     flat = axes.ravel()
     for i, (method, results) in enumerate(s.runs.items()):
-        eta = eta_by_bucket(results)
+        eta = eta_table_row(results)
         present = [b for b in BUCKETS if b in eta]
         flat[0].plot([BUCKETS.index(b) / 8 for b in present], [eta[b] for b in present], marker="o", ms=3,
-                     color=colors(i), label=_name(method))  # fmt: skip
+                     color=colors(i), label=method_name(method))  # fmt: skip
         for ax, key in zip(flat[1:3], ("all_wrong_fraction", "alpha_k_mean"), strict=True):
             series = [smooth([row.get(key) for row in r.steps], width) for r in results]
             length = min(len(x) for x in series)
-            _band(ax, list(range(1, length + 1)), [x[:length] for x in series], _name(method), colors(i))
+            _band(ax, list(range(1, length + 1)), [x[:length] for x in series], method_name(method), colors(i))
         correct = [run_mean(r, "adv_abs_mean_correct") for r in results]
         wrong = [run_mean(r, "adv_abs_mean_wrong") for r in results]
         if all(v is not None for v in (*correct, *wrong)):
-            flat[3].scatter(wrong, correct, color=colors(i), label=_name(method), s=18)
+            flat[3].scatter(wrong, correct, color=colors(i), label=method_name(method), s=18)
     flat[0].set(xlabel="group accuracy N_pos/N (bucket start)", ylabel="η = sum of abs(A) in the group",
                 title="η by accuracy bucket (Figure 4)")  # fmt: skip
     flat[1].set(xlabel="training step", ylabel="share of groups", title="all-wrong groups (no gradient)")

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.experiment.claims import Judge, claims, per_seed
+from services.experiment.claims import Judge, claims
+from services.experiment.names import method_name
 from services.experiment.results import (
     RunResult,
     average,
     finished,
     mean_sd,
+    per_seed,
     read_evals,
     read_run,
     smooth,
@@ -24,23 +26,6 @@ from services.experiment.spec import Experiment, plan
 
 if TYPE_CHECKING:
     from services.trainer.config import TrainerSettings
-
-NAMES = {
-    "grpo": "P@1 T. (GRPO)",
-    "passk_full": "P@k T. w/ FS",
-    "passk_bootstrap": "P@k T. w/ BS",
-    "passk_analytic": "P@k T. w/ AD",
-    "passk_combination": "Combination (Eq. 18)",
-    "passk_exceeding": "Exceeding (Eq. 17)",
-    "passk_adaptive": "Adaptive (entropy)",
-    "pkpo": "PKPO",
-    "tang_passn": "Tang pass@n",
-    "maxrl": "MaxRL",
-    "rs_grpo": "RS-GRPO",
-    "w_reinforce": "W-REINFORCE",
-    "nsr": "NSR",
-    "psr": "PSR",
-}
 
 
 @dataclass
@@ -87,7 +72,7 @@ def table7(s: StartResults, sizes: list, k: int, experiment: Experiment | None =
             cells.append(f"{100 * p1:.1f}/{100 * pkv:.1f}")
         p1 = mean_sd(list(per_seed(results, "pass@1", sizes).values()))[0]
         pkv = mean_sd(list(per_seed(results, pk, sizes).values()))[0]
-        name = experiment.label(method) if experiment is not None else NAMES.get(method, method)
+        name = experiment.label(method) if experiment is not None else method_name(method)
         lines.append(f"| + {name} | {' | '.join(cells)} | **{100 * p1:.1f}/{100 * pkv:.1f}** |")
     return "\n".join(lines) + "\n"
 
@@ -110,7 +95,7 @@ def spread_table(s: StartResults, k: int, train_sizes: list | None, experiment: 
             cells.append(f"{100 * mean:.1f} ± {100 * sd:.1f}")
         seeds = ", ".join(f"s{r.seed} {100 * average(r.final(), pk):.1f}" for r in results)
         minutes = mean_sd([r.seconds / 60 for r in results])[0]
-        name = experiment.label(method) if experiment is not None else NAMES.get(method, method)
+        name = experiment.label(method) if experiment is not None else method_name(method)
         lines.append(f"| {name} | {len(results)} | {' | '.join(cells)} | {seeds} | {minutes:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -204,7 +189,7 @@ def per_row_table(s: StartResults, k: int, rows: list, judge: Judge) -> str:
 
     pk = f"pass@{k}"
     pairs = [(m, "grpo") for m in ("passk_analytic", STAGED) if m in s.runs and "grpo" in s.runs]
-    head = "| row | " + " | ".join(f"{NAMES.get(a, a)} − Pass@1: {m}" for a, _ in pairs for m in (pk, "pass@1")) + " |"
+    head = "| row | " + " | ".join(f"{method_name(a)} − Pass@1: {m}" for a, _ in pairs for m in (pk, "pass@1")) + " |"
     lines = [head, "|---|" + "---|" * (2 * len(pairs))]
     for row in rows:
         cells = []
@@ -269,22 +254,17 @@ def design_table(s: StartResults, experiment: Experiment, k: int, train: list | 
     """For the headline pair (analytic Pass@k − Pass@1, training sizes): the standard error of each
     paired difference the pilot predicted for this many seeds, the largest that always decides, and
     the one the run got."""
-    from services.experiment.results import decisive_se, paired, window_mean
+    from services.experiment.claims import headline
+    from services.experiment.results import decisive_se
 
     rule = experiment.rule
     assert rule is not None
     if not all(m in s.runs for m in ("passk_analytic", "grpo")):
         return "(needs grpo and passk_analytic)\n"
-    a, b = s.runs["passk_analytic"], s.runs["grpo"]
     judge = Judge(rule)
     rows = []
-    for measure, scale, values in (
-        (f"pass@{k}", 100.0, lambda rs: per_seed(rs, f"pass@{k}", train)),
-        ("pass@1", 100.0, lambda rs: per_seed(rs, "pass@1", train)),
-        ("entropy", 1.0, lambda rs: {r.seed: window_mean(r.steps, "entropy", 0.8, 1.0) for r in rs}),
-        ("diversity", 1.0, lambda rs: {r.seed: window_mean(r.steps, "negative_diversity", 0.8, 1.0) for r in rs}),
-    ):
-        d = paired(values(a), values(b))
+    for measure, d in headline(s.runs, k, train).items():
+        scale = 1.0 if measure in ("entropy", "diversity") else 100.0
         n = len(d.values)
         if n < 2:
             continue
@@ -334,7 +314,7 @@ def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, 
         versions = sorted(set.intersection(*(set(r.evals) for r in results)))
         for ax, metric in zip(axes, ("pass@1", pk), strict=True):
             series = [[100 * average(r.evals[v], metric, common) for v in versions] for r in results]
-            _band(ax, versions, series, NAMES.get(method, method), colors(i))
+            _band(ax, versions, series, method_name(method), colors(i))
     over = ", ".join(f"{n}×{n}" for n in common)
     for ax, metric in zip(axes, ("pass@1", pk), strict=True):
         ax.set(xlabel="training step", ylabel=f"held-out {metric} (%), avg. over {over}", title=f"held-out {metric}")
@@ -346,7 +326,7 @@ def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, 
         for ax, key in zip(axes, ("entropy", "negative_diversity"), strict=True):
             series = [smooth([row.get(key) for row in r.steps], width) for r in results]
             length = min(len(x) for x in series)
-            _band(ax, list(range(1, length + 1)), [x[:length] for x in series], NAMES.get(method, method), colors(i))
+            _band(ax, list(range(1, length + 1)), [x[:length] for x in series], method_name(method), colors(i))
     axes[0].set(xlabel="training step", ylabel="mean token entropy (nats)", title="policy entropy")
     axes[1].set(xlabel="training step", ylabel="distinct / wrong answers", title="negative-answer diversity")
     name = _save(fig, axes, out / f"{s.name}-exploration.png")

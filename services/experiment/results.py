@@ -90,6 +90,28 @@ def average(table: dict, metric: str, sizes: list | None = None) -> float:
     return sum(row[metric] for row in rows) / len(rows)
 
 
+def per_seed(results: list[RunResult], metric: str, sizes: list | None = None) -> dict[int, float]:
+    """{seed: the final evaluation's ``average`` of ``metric``} over the runs of one method."""
+    return {r.seed: average(r.final(), metric, sizes) for r in results}
+
+
+def end_of_training(results: list[RunResult], key: str, first: float = 0.8, last: float = 1.0) -> dict:
+    """{seed: ``window_mean`` of a per-step figure} (by default over the last fifth of the steps)."""
+    return {r.seed: window_mean(r.steps, key, first, last) for r in results}
+
+
+def eta_by_bucket(results: list[RunResult]) -> dict[int, float]:
+    """η (Eq. 16) per accuracy bucket b (N_pos/N in [b/8, (b+1)/8); 8: the all-right groups): the
+    mean over every step of every run in which the bucket had groups (a step's value is already
+    the mean over its groups in the bucket)."""
+    values: dict[int, list[float]] = {}
+    for result in results:
+        for row in result.steps:
+            for bucket, eta in (row.get("eta_by_accuracy") or {}).items():
+                values.setdefault(int(bucket.split("/")[0]), []).append(float(eta))
+    return {b: statistics.fmean(v) for b, v in sorted(values.items())}
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -157,13 +179,18 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
+def interval(d: Difference, confidence: float) -> tuple[float, float]:
+    """The two-sided t confidence interval of a paired difference's mean (needs two seeds)."""
+    half = t_quantile((1 + confidence) / 2, len(d.values) - 1) * d.se
+    return d.mean - half, d.mean + half
+
+
 def decide(d: Difference, margin: float, confidence: float) -> str:
     """The rule of ``spec.Rule`` on one paired difference: "same" when its confidence interval
     lies inside ±margin, else "higher" when above 0, "lower" when below, else "unclear"."""
     if len(d.values) < 2:
         return "unclear"
-    half = t_quantile((1 + confidence) / 2, len(d.values) - 1) * d.se
-    low, high = d.mean - half, d.mean + half
+    low, high = interval(d, confidence)
     if -margin < low and high < margin:
         return "same"
     if low > 0:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.experiment.names import method_name
+
 if TYPE_CHECKING:
     from services.trainer.config import TrainerSettings
 
@@ -185,10 +187,8 @@ class Experiment(BaseModel):
 
     def label(self, method: str) -> str:
         """The report's name of a method: the variant's label, else the estimator's."""
-        from services.experiment.report import NAMES
-
         variant = self.variant(method)
-        return (variant.label or variant.name) if variant is not None else NAMES.get(method, method)
+        return (variant.label or variant.name) if variant is not None else method_name(method)
 
 
 @dataclass(frozen=True)

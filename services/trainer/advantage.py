@@ -237,10 +237,6 @@ def _check_options(name: str | Estimator, spec: _Spec, options: dict[str, object
         raise ValueError(f"unknown option(s) {unknown} for estimator {Estimator(name).value!r}; accepted: {allowed}")
 
 
-def _require_binary(groups: Groups, name: str) -> None:
-    _check_binary(groups.values, name)
-
-
 def _check_binary(values: Tensor, name: str) -> None:
     # v - v*v is 0 exactly for v in {0, 1} and for nothing else (NaN and inf give NaN; a tiny v
     # squares to 0; the square of any other v rounds away from v), in one fused pass; padding holds
@@ -607,7 +603,7 @@ def pkpo(
     if reward_type not in ("binary", "continuous"):
         raise ValueError(f"reward_type must be 'binary' or 'continuous', got {reward_type!r}")
     if reward_type == "binary":
-        _require_binary(groups, Estimator.PKPO)
+        _check_binary(groups.values, Estimator.PKPO)
     return pkpo_weights(groups.values.to(torch.float64), groups.mask, k, baseline=baseline)
 
 

@@ -64,7 +64,7 @@ def test_cells_are_seed_means_and_differences_are_paired_by_seed(tmp_path):
     assert "-11.0 ± 0.6 (per seed -10.0, -11.0, -12.0)" in tang
 
     # η: bucket 4/8 is 10 + base + t on the odd steps and 20 on the even ones; 0/8 only on odd steps
-    eta = comparison.eta_by_bucket(tiny.runs["maxrl"])
+    eta = comparison.eta_table_row(tiny.runs["maxrl"])
     odd = [10.0 + 1 + t for t in (1, 3, 5, 7, 9)]
     assert eta == {"0/8": 0.0, "4/8": (sum(odd) + 5 * 20.0) / 10}
     rows = comparison.diagnostics_table(tiny).splitlines()
