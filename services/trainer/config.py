@@ -207,6 +207,10 @@ class TrainerSettings(BaseModel):
     """Where the trainer's Prometheus metrics are served (rank 0)."""
     metrics_port: int = Field(0, ge=0, le=65535)
     """Port of the trainer's Prometheus metrics; 0: not served."""
+    metrics_linger_s: float = Field(0.0, ge=0, le=600)
+    """After the last step, keep /metrics up until Prometheus has scraped it once more, at most
+    this long (0: exit at once). The compose and Kubernetes deployments set it above the scrape
+    interval, so that a short run's final values are recorded."""
     stream_keep: int = Field(64, ge=0)
     """The newest entries of each stream kept for inspection after every consumer is done with them;
     older consumed entries are trimmed each step (pending and unread ones never are)."""

@@ -170,6 +170,8 @@ class Trainer:
                     self.record_eval(self.s.eval_every_sizes)
             if self.s.steps and self.first_step <= self.s.steps:
                 self.record_eval()
+            if self.s.metrics_linger_s and not self.prometheus.linger(self.s.metrics_linger_s):
+                log.warning("no scrape of /metrics within %.0f s of the last step", self.s.metrics_linger_s)
         finally:
             distributed.broadcast(None, self.ranks)  # the other ranks stop
             self.writer.close()

@@ -4,6 +4,9 @@ held-out pass@k of the latest evaluation."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # per-step values exported as gauges: metrics.jsonl key -> (metric name, help)
@@ -66,9 +69,41 @@ TASK_FIGURES = {
 }
 
 
+class ScrapeCounter:
+    """A collector with no metrics that counts the scrapes: the registry collects it on every
+    request to /metrics, so a waiter can tell that Prometheus has read the latest values."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def describe(self) -> list:  # no names: registering it does not collect it
+        return []
+
+    def collect(self) -> list:
+        with self.changed:
+            self.count += 1
+            self.changed.notify_all()
+        return []
+
+    def wait_past(self, count: int, timeout_s: float) -> bool:
+        """Wait until a scrape after the ``count``-th one, at most ``timeout_s``; True if it came."""
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while self.count <= count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+        return True
+
+
 class TrainerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.scrapes = ScrapeCounter()
+        self.registry.register(self.scrapes)
+        self.serving = False
         self.gauges = {key: Gauge(name, text, registry=self.registry) for key, (name, text) in GAUGES.items()}
         self.batch_pass = Gauge("passk_trainer_batch_pass_at_k", "Pass@k of the latest step's groups", ["k"],
                                 registry=self.registry)  # fmt: skip
@@ -94,6 +129,15 @@ class TrainerMetrics:
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
+        self.serving = True
+
+    def linger(self, timeout_s: float) -> bool:
+        """Keep serving until one scrape has read the values as they are now (at most
+        ``timeout_s``): a run shorter than the scrape interval would otherwise end unseen.
+        True when a scrape came, False when nothing is served or none came in time."""
+        if not self.serving or timeout_s <= 0:
+            return False
+        return self.scrapes.wait_past(self.scrapes.count, timeout_s)
 
     def record_step(self, metrics: dict) -> None:
         for key, gauge in self.gauges.items():

@@ -215,8 +215,11 @@ def test_the_stack_comes_up_trains_and_survives_a_killed_replica(engine, compose
     checkpoints = engine.docker("run", "--rm", "-v", f"{PROJECT}_runs:/runs", image, "ls",
                                 "/runs/maze-tiny/checkpoints").stdout.split()  # fmt: skip
     assert f"step-{STEPS:06d}" in checkpoints, checkpoints
-    # the trainer was scraped while it ran (it has exited now: its target is down)
+    # the trainer was scraped while it ran (it has exited now: its target is down), and after its
+    # last step: it stays up until one scrape has read the final values (metrics_linger_s)
     assert "trainer" in jobs_up("max_over_time(up[30m]) == 1")
+    last = query("max_over_time(passk_trainer_step[30m])")
+    assert [float(r["value"][1]) for r in last] == [STEPS], last
 
     # the killed replica came back (restart: unless-stopped) and, like the other, serves the final version
     def versions():
