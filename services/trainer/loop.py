@@ -20,7 +20,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import redis
@@ -28,11 +27,9 @@ import torch
 
 from services.common import redis_client, registry
 from services.common.config import StreamNames
-from services.common.payload import Payload
 from services.common.registry import Policy
 from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
 from services.common.streams import StreamConsumer, claim_once, publish, trim_consumed
-from services.common.weights import push
 from services.tasks.maze import read_jsonl
 from services.trainer import checkpoint, distributed, evaluate, held_out, task_figures
 from services.trainer.batch import from_groups
@@ -41,6 +38,7 @@ from services.trainer.held_out import HeldOut
 from services.trainer.mixture import Mixture, Prompt
 from services.trainer.outcome_bonus import RunBonus
 from services.trainer.prometheus import TrainerMetrics
+from services.trainer.publisher import Publisher
 from services.trainer.step import Optimization, train_on
 
 log = logging.getLogger(__name__)
@@ -117,12 +115,9 @@ class Trainer:
         if settings.outcome_bonus != "off":
             self.bonus = RunBonus(settings.outcome_bonus, settings.outcome_bonus_b0, self.client, settings.run_dir,
                                   resumed_at=self.first_step - 1 if self.resumed else None)  # fmt: skip
-        self.published: int | None = None  # the last version pushed
-        self.snapshot: tuple[int, Payload] | None = None  # a copy of it for late joiners, taken when one shows up
-        self.catching_up: set[str] = set()
-        self.catch_up_pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
-        self.last_catch_up = 0.0
-        self.tls_ca = Path(settings.weights_tls_ca).read_bytes() if settings.weights_tls_ca else None
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        self.publisher = Publisher(settings, self.client, self.epoch, tied_embeddings=tied)
+        self.full_state: dict[str, torch.Tensor] | None = None  # FSDP2: the last published state, on the host
         self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = checkpoint.directory(self.run_dir)
         if not self.resumed and previous.exists():  # a fresh run: an older run's checkpoints must not be resumed
@@ -158,7 +153,7 @@ class Trainer:
         try:
             state = self.gather()  # first, so that no rank waits in this collective while rank 0 waits below
             self.wait_for_replicas()
-            self.publish_weights(state)  # the starting (or restored) version, in this trainer's epoch
+            self.publish(state)  # the starting (or restored) version, in this trainer's epoch
             if not self.resumed and (self.s.eval_at_start or not self.s.steps):
                 self.record_eval()
             jobs = None
@@ -175,7 +170,7 @@ class Trainer:
         finally:
             distributed.broadcast(None, self.ranks)  # the other ranks stop
             self.writer.close()
-            self.catch_up_pool.shutdown(wait=False, cancel_futures=True)
+            self.publisher.close()
             self.metrics_file.close()
             distributed.close()
         return self.held_out.entries
@@ -226,7 +221,7 @@ class Trainer:
         staleness = [self.version - v for v in batch.policy_versions]
         self.version += 1
         state = self.gather()
-        metrics["weight_sync_s"] = self.publish_weights(state)
+        metrics["weight_sync_s"] = self.publish(state)
         if self.checkpoint_due(step):
             self.save_checkpoint(step, sampler, state)
         metrics.update(
@@ -341,7 +336,7 @@ class Trainer:
                 raise RuntimeError(f"{len(waiting)} scored groups missing: none came in {self.s.group_timeout_s} s")
             start = time.monotonic()
             try:
-                self.catch_up()
+                self.publisher.catch_up(self.published_state, copied=self.full_state is not None)
                 deliveries = self.consumer.read(32)
             except (redis.ConnectionError, redis.TimeoutError) as err:  # Redis restarting: the groups wait there
                 log.warning("redis unavailable while collecting: %s", err)
@@ -381,69 +376,15 @@ class Trainer:
         return retry
 
     # -- weights -------------------------------------------------------------
-    def weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What the replicas load: the state without a tied output layer."""
-        state = dict(state)
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # the same tensor as the embeddings
-        return state
-
-    def publish_weights(self, state: dict[str, torch.Tensor]) -> float:
-        """Push the new version to every live replica, then announce it. The chunks are cut from the
-        parameters themselves, which stay put until every push has answered."""
-        start = time.monotonic()
-        payload = Payload.of_tensors(self.weights(state))
+    def publish(self, state: dict[str, torch.Tensor]) -> float:
+        """The new version to the replicas (``publisher.Publisher``); returns the seconds it took."""
         self.full_state = state if self.s.fsdp else None  # a host copy already: late joiners get it
-        replicas = registry.live_replicas(self.client)
-        version = self.version
-        with ThreadPoolExecutor(max(1, len(replicas))) as pool:
-            replies = list(pool.map(lambda r: self._push(r.grpc, version, payload), replicas))
-        accepted = sum(replies)
-        if replicas and not accepted:
-            raise RuntimeError(f"no replica accepted policy version {version}")
-        self.published, self.snapshot = version, None
-        registry.set_current_policy(self.client, self.policy)
-        return time.monotonic() - start
+        return self.publisher.publish(self.version, state)
 
-    def catch_up(self) -> None:
-        """Push the current version to replicas that joined late or missed it (they take no jobs until
-        they serve it), in the background, at most once a second. Called while collecting rollouts,
-        when the parameters are still the published version: the pushes send a copy taken then, since
-        they may outlast the collection."""
-        if self.published is None or time.monotonic() - self.last_catch_up < 1.0:
-            return
-        self.last_catch_up = time.monotonic()
-        version = self.published
-        for replica in registry.live_replicas(self.client):
-            if replica.policy < Policy(self.epoch, version) and replica.grpc not in self.catching_up:
-                log.info("replica %s serves version %d: pushing %d", replica.replica, replica.version, version)
-                if self.snapshot is None or self.snapshot[0] != version:
-                    if self.full_state is not None:
-                        self.snapshot = (version, Payload.of_tensors(self.weights(self.full_state)))
-                    else:
-                        self.snapshot = (version, Payload.snapshot(self.weights(self.model.state_dict())))
-                self.catching_up.add(replica.grpc)
-                self.catch_up_pool.submit(self._catch_up_one, replica.grpc, version, self.snapshot[1])
-
-    def _catch_up_one(self, address: str, version: int, payload: Payload) -> None:
-        try:
-            self._push(address, version, payload)
-        finally:
-            self.catching_up.discard(address)
-
-    def _push(self, address: str, version: int, payload: Payload) -> bool:
-        try:
-            token = self.s.weights_token.get_secret_value() or None
-            reply = push(
-                address, version, payload, epoch=self.epoch, token=token, tls_ca=self.tls_ca,
-                timeout_s=self.s.push_timeout_s,
-            )  # fmt: skip
-        except Exception as err:  # a replica that died mid-push: it drops out of the registry
-            log.warning("weight push to %s failed: %s", address, err)
-            return False
-        if not reply.accepted:
-            log.warning("replica %s refused version %d: %s", address, version, reply.error)
-        return bool(reply.accepted)
+    def published_state(self) -> dict[str, torch.Tensor]:
+        """The parameters of the published version: the host copy under FSDP2, else the live model's
+        (unchanged until the next step)."""
+        return self.full_state if self.full_state is not None else self.model.state_dict()
 
     # -- evaluation and logs ---------------------------------------------------
     def eval_model(self) -> torch.nn.Module:
