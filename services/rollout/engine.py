@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from services.common.hf_sampling import Generation, encode_prompt, sample
+from services.common.payload import SERVING_DTYPES
 from services.common.registry import Policy
 from services.common.schemas import SamplingParams
 from services.common.weights import WeightTransferError
@@ -24,6 +25,7 @@ class Engine(ABC):
     version: int = 0  # the policy version served, and its trainer epoch
     epoch: int = 0
     context_length: int = 0  # prompt plus generated tokens, at most
+    dtype: str = "float32"  # what the weights are served in (payload.SERVING_DTYPES): pushes come in it
     tokenizer = None  # a transformers tokenizer
 
     def count_tokens(self, prompt: str) -> int:
@@ -54,13 +56,16 @@ class Engine(ABC):
 
 
 class HFEngine(Engine):
-    def __init__(self, model_dir: Path, *, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, *, device: str = "cpu", threads: int | None = None, dtype: str = "float32"
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        self.dtype = dtype
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=SERVING_DTYPES[dtype]).to(device).eval()
         self.lock = threading.Lock()
         self.version = 0
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))

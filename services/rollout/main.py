@@ -18,7 +18,7 @@ from services.rollout.weight_receiver import WeightReceiver, serve
 
 def make_engine(settings: RolloutSettings) -> Engine:
     if settings.backend == "hf":
-        return HFEngine(Path(settings.model_dir), threads=settings.threads)
+        return HFEngine(Path(settings.model_dir), threads=settings.threads, dtype=settings.hf_dtype)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_cpu_kv_cache_gb))
     if settings.vllm_cpu_threads_bind:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.vllm_cpu_threads_bind)

@@ -108,6 +108,7 @@ class Rollout:
             grpc=self.grpc_address,
             version=self.engine.version,
             epoch=self.engine.epoch,
+            dtype=self.engine.dtype,
             heartbeat=time.time(),
         )
         registry.register(self.client, info)

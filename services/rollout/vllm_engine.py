@@ -61,6 +61,8 @@ class VLLMEngine(Engine):
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
+        # "auto" resolved to what vLLM loaded (the checkpoint's own dtype, or float16 for float32 on GPU)
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.lock = threading.Lock()
         self.version = 0
 

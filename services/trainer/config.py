@@ -214,6 +214,10 @@ class TrainerSettings(BaseModel):
     stream_keep: int = Field(64, ge=0)
     """The newest entries of each stream kept for inspection after every consumer is done with them;
     older consumed entries are trimmed each step (pending and unread ones never are)."""
+    weights_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype of the weights pushed to the replicas: "auto" pushes each replica the dtype it
+    reports serving in (a bfloat16 vLLM replica gets half the bytes of the float32 master weights);
+    the floating-point tensors are cast once per version and dtype, before the pushes."""
     push_timeout_s: float = Field(300, gt=0)
     """How long one weight push to a replica may take; a replica that stops answering is given up
     on after it (and leaves the registry once its heartbeats stop)."""

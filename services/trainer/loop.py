@@ -222,6 +222,7 @@ class Trainer:
         self.version += 1
         state = self.gather()
         metrics["weight_sync_s"] = self.publish(state)
+        metrics["weight_sync_bytes"] = self.publisher.bytes_sent
         if self.checkpoint_due(step):
             self.save_checkpoint(step, sampler, state)
         metrics.update(

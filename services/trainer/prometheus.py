@@ -31,6 +31,10 @@ GAUGES = {
     "grad_norm": ("passk_trainer_grad_norm", "Gradient norm before clipping, mean over the step's updates"),
     "kl": ("passk_trainer_kl", "KL estimate to the reference policy (0 without one)"),
     "lr": ("passk_trainer_learning_rate", "Learning rate after the latest update"),
+    "weight_sync_bytes": (
+        "passk_trainer_weight_sync_bytes",
+        "Bytes pushed for the latest version, summed over the replicas that took it",
+    ),
     "staleness_mean": ("passk_trainer_staleness_mean", "Mean versions between sampling and training"),
     "all_wrong_fraction": (
         "passk_trainer_all_wrong_fraction",

@@ -19,7 +19,7 @@ import redis
 import torch
 
 from services.common import registry
-from services.common.payload import Payload
+from services.common.payload import Payload, in_dtype
 from services.common.registry import Policy
 from services.common.weights import push
 from services.trainer.config import TrainerSettings
@@ -36,7 +36,9 @@ class Publisher:
         self.token = settings.weights_token.get_secret_value() or None
         self.tls_ca = Path(settings.weights_tls_ca).read_bytes() if settings.weights_tls_ca else None
         self.published: int | None = None  # the last version pushed
-        self.snapshot: tuple[int, Payload] | None = None  # a copy of it for late joiners, taken when one shows up
+        # copies of it for late joiners, per serving dtype, taken when one shows up: (version, {dtype: payload})
+        self.snapshot: tuple[int, dict[str, Payload]] | None = None
+        self.bytes_sent = 0  # by the last publish, to every replica that took it
         self.catching_up: set[str] = set()
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
         self.last_catch_up = 0.0
@@ -49,16 +51,28 @@ class Publisher:
             state.pop("lm_head.weight", None)
         return state
 
+    def dtype_of(self, replica: registry.ReplicaInfo) -> str:
+        return replica.dtype if self.s.weights_dtype == "auto" else self.s.weights_dtype
+
+    def payload(self, state: State, dtype: str, *, copy: bool) -> Payload:
+        """One version in one serving dtype: the tensors themselves where no cast is needed (unless
+        ``copy``), else their cast, made once for every replica serving in that dtype."""
+        served = in_dtype(self.weights(state), dtype)
+        make = Payload.snapshot if copy else Payload.of_tensors
+        return make(served, {"dtype": dtype})
+
     def publish(self, version: int, state: State) -> float:
-        """Push ``version`` (the parameters ``state``) to every live replica, then announce it;
-        returns the seconds it took. RuntimeError when replicas are registered and none took it."""
+        """Push ``version`` (the parameters ``state``) to every live replica, in the dtype it serves
+        in, then announce it; returns the seconds it took. RuntimeError when replicas are registered
+        and none took it."""
         start = time.monotonic()
-        payload = Payload.of_tensors(self.weights(state))
         replicas = registry.live_replicas(self.client)
+        payloads = {dtype: self.payload(state, dtype, copy=False) for dtype in {self.dtype_of(r) for r in replicas}}
         with ThreadPoolExecutor(max(1, len(replicas))) as pool:
-            replies = list(pool.map(lambda r: self.push(r.grpc, version, payload), replicas))
+            replies = list(pool.map(lambda r: self.push(r.grpc, version, payloads[self.dtype_of(r)]), replicas))
         if replicas and not any(replies):
             raise RuntimeError(f"no replica accepted policy version {version}")
+        self.bytes_sent = sum(len(payloads[self.dtype_of(r)]) for r, ok in zip(replicas, replies, strict=True) if ok)
         self.published, self.snapshot = version, None
         registry.set_current_policy(self.client, Policy(self.epoch, version))
         return time.monotonic() - start
@@ -76,10 +90,12 @@ class Publisher:
             if replica.policy < Policy(self.epoch, version) and replica.grpc not in self.catching_up:
                 log.info("replica %s serves version %d: pushing %d", replica.replica, replica.version, version)
                 if self.snapshot is None or self.snapshot[0] != version:
-                    state = self.weights(current())
-                    self.snapshot = (version, Payload.of_tensors(state) if copied else Payload.snapshot(state))
+                    self.snapshot = (version, {})
+                dtype, copies = self.dtype_of(replica), self.snapshot[1]
+                if dtype not in copies:
+                    copies[dtype] = self.payload(current(), dtype, copy=not copied)
                 self.catching_up.add(replica.grpc)
-                self.pool.submit(self._catch_up_one, replica.grpc, version, self.snapshot[1])
+                self.pool.submit(self._catch_up_one, replica.grpc, version, copies[dtype])
 
     def _catch_up_one(self, address: str, version: int, payload: Payload) -> None:
         try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from services.common.payload import Payload, checksum
+from services.common.payload import Payload, checksum, in_dtype
 from services.common.weights import chunks, decode_chunk
 
 
@@ -73,3 +73,23 @@ def test_pushes_racing_over_the_same_payload_agree_on_every_byte_and_the_checksu
 def test_a_tensor_safetensors_cannot_hold_is_refused():
     with pytest.raises(ValueError, match="complex"):
         Payload.of_tensors({"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_a_payload_in_the_serving_dtype_casts_floats_only_and_says_which_it_is(tmp_path):
+    from safetensors import safe_open
+
+    tensors = {name: t for name, t in state().items() if name != "fp8"}
+    served = in_dtype(tensors, "bfloat16")
+    assert served["steps"] is tensors["steps"] and served["bytes"] is tensors["bytes"]  # integers: untouched
+    assert served["norm.weight"] is tensors["norm.weight"]  # already bfloat16: no copy
+    raw, _ = streamed(Payload.of_tensors(served, {"dtype": "bfloat16"}), 4096)
+    (tmp_path / "v.safetensors").write_bytes(raw)
+    with safe_open(tmp_path / "v.safetensors", framework="pt") as f:
+        assert f.metadata() == {"dtype": "bfloat16"}
+        assert f.get_tensor("embed.weight").dtype == torch.bfloat16
+        assert torch.equal(f.get_tensor("embed.weight"), tensors["embed.weight"].to(torch.bfloat16))
+        assert torch.equal(f.get_tensor("steps"), tensors["steps"]) and f.get_tensor("mask").dtype == torch.bool
+    full, _ = streamed(Payload.of_tensors(tensors), 4096)
+    assert len(raw) < 0.55 * len(full)  # the float32 embedding dominates: about half the bytes
+    with pytest.raises(ValueError, match="serving dtype must be one of float32, bfloat16, float16, got 'float8'"):
+        in_dtype(tensors, "float8")
