@@ -126,12 +126,15 @@ class RolloutSettings(ConsumerSettings):
     """PEM certificate of the weight service; with weights_tls_key it serves TLS only."""
     weights_tls_key: str = ""
     """PEM private key of the weight service."""
+    weights_tls_ca: str = ""
+    """PEM certificate(s) to trust when relaying a version on to other replicas (relay fan-out):
+    their weight services serve TLS. Empty: relay pushes go in plain text."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> RolloutSettings:
         if bool(self.weights_tls_cert) != bool(self.weights_tls_key):
             raise ValueError("weights_tls_cert and weights_tls_key go together")
-        for path in (self.weights_tls_cert, self.weights_tls_key):
+        for path in (self.weights_tls_cert, self.weights_tls_key, self.weights_tls_ca):
             if path and not Path(path).is_file():
                 raise ValueError(f"TLS file {path} does not exist")
         return self

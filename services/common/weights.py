@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import torch
@@ -69,6 +70,8 @@ class Chunk:
     checksum: str
     data: bytes | memoryview
     epoch: int = 0
+    relay: tuple[str, ...] = ()  # first chunk: the replicas to pass the version on to (``fanout.subtrees``)
+    fanout: int = 0
 
 
 def decode_chunk(raw: bytes) -> Chunk:
@@ -82,19 +85,29 @@ def decode_chunk(raw: bytes) -> Chunk:
         if at + length == len(raw):
             return Chunk(0, 0, "", memoryview(raw)[at:])
     message = pb.WeightChunk.FromString(raw)
-    return Chunk(message.version, message.total_bytes, message.checksum, message.data, message.epoch)
+    return Chunk(message.version, message.total_bytes, message.checksum, message.data, message.epoch,
+                 tuple(message.relay), message.fanout)  # fmt: skip
 
 
 def chunks(
-    version: int, payload: Payload | bytes, chunk_bytes: int = CHUNK_BYTES, *, epoch: int = 0
+    version: int,
+    payload: Payload | bytes,
+    chunk_bytes: int = CHUNK_BYTES,
+    *,
+    epoch: int = 0,
+    relay: list[str] | None = None,
+    fanout: int = 0,
 ) -> Iterator[bytes]:
     """The Push stream, serialized by hand from the payload's memory (one copy a chunk, where
     protobuf would make three): the version and size with the first bytes, data-only chunks, then
-    the checksum, computed on the way."""
+    the checksum, computed on the way. ``relay``: the replicas the receiver passes it on to."""
     if not isinstance(payload, Payload):
         payload = Payload.of_bytes(payload)
     for start in range(0, len(payload), chunk_bytes):
-        yield payload.framed(version, start, chunk_bytes, epoch=epoch)
+        raw = payload.framed(version, start, chunk_bytes, epoch=epoch)
+        if start == 0 and relay:  # serialized messages concatenated are merged: the relay fields join the first
+            raw += pb.WeightChunk(relay=relay, fanout=fanout).SerializeToString()
+        yield raw
     yield pb.WeightChunk(checksum=payload.digest()).SerializeToString()
 
 
@@ -109,9 +122,24 @@ class Received:
     values_checked: bool
 
 
-def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = None) -> Received:
+class Progress(Protocol):
+    """Who follows a version's file as ``receive`` writes it (a relay passing it on)."""
+
+    def opened(self, first: Chunk, path: Path) -> None: ...  # the first chunk came; the file exists
+
+    def wrote(self, end: int) -> None: ...  # bytes [0, end) are in the file
+
+    def arrived(self, checksum: str) -> None: ...  # every byte is in, and the checksum sent with them
+
+    def failed(self, reason: str) -> None: ...  # the stream broke or was refused: nothing more comes
+
+
+def receive(
+    stream: Iterable[object], max_bytes: int, directory: Path | None = None, progress: Progress | None = None
+) -> Received:
     """The verified safetensors file of a chunk stream, written as it arrives; WeightTransferError,
-    and no file left behind, if anything is off. The caller removes the file."""
+    and no file left behind, if anything is off. The caller removes the file. ``progress`` hears
+    of the file as it grows (it may read the file until ``receive`` returns or fails)."""
     iterator = iter(stream)
     try:
         first = next(iterator)
@@ -122,6 +150,8 @@ def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = N
         raise WeightTransferError(f"declared size {total} bytes is outside 1..{max_bytes}")
     fd, name = tempfile.mkstemp(prefix=f"passk-v{version}-", suffix=".safetensors", dir=directory or scratch_dir())
     try:
+        if progress is not None:
+            progress.opened(first, Path(name))
         hasher, scan, offset = xxhash.xxh3_128(), FiniteScan(first.data), 0
         with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1) as sink:
             pending = None  # write, hash and scan one chunk while gRPC receives the next (all release the GIL)
@@ -134,12 +164,14 @@ def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = N
                     raise WeightTransferError(f"stream longer than its declared {total} bytes")
                 if pending is not None:
                     pending.result()
-                pending = sink.submit(_absorb, f, hasher, scan, offset, data)
+                pending = sink.submit(_absorb, f, hasher, scan, offset, data, progress)
                 offset = end
             if pending is not None:
                 pending.result()
         if offset != total:
             raise WeightTransferError(f"truncated stream: {offset} of {total} bytes arrived")
+        if progress is not None:
+            progress.arrived(expected)  # the children check it themselves, while this replica does
         if len(expected) != 32:
             raise WeightTransferError("the last chunk must carry the payload's XXH3-128 checksum (32 hex digits)")
         digest = hasher.hexdigest()
@@ -153,14 +185,19 @@ def receive(stream: Iterable[object], max_bytes: int, directory: Path | None = N
         scan.finish()
         if scan.bad is not None:
             raise WeightTransferError(f"{scan.bad}: NaN or inf values")
-    except BaseException:
+    except BaseException as err:
+        if progress is not None:
+            progress.failed(str(err) or type(err).__name__)
         os.unlink(name)
         raise
     return Received(version, first.epoch, Path(name), scan.complete)
 
 
-def _absorb(f, hasher, scan: FiniteScan, offset: int, data: bytes) -> None:
+def _absorb(f, hasher, scan: FiniteScan, offset: int, data: bytes, progress: Progress | None) -> None:
     f.write(data)
+    if progress is not None:
+        f.flush()  # in the file, where a relay reads it
+        progress.wrote(offset + len(data))
     hasher.update(data)
     scan.feed(offset, data)
 
@@ -204,10 +241,14 @@ def push(
     token: str | None = None,
     tls_ca: bytes | None = None,
     timeout_s: float = 120.0,
+    relay: list[str] | None = None,
+    fanout: int = 0,
 ) -> object:
-    """Push one version to one replica; returns its PushReply (grpc.RpcError on transport failure)."""
+    """Push one version to one replica, which passes it on to ``relay`` (a tree of ``fanout``);
+    returns its PushReply (grpc.RpcError on transport failure)."""
+    stream = chunks(version, payload, epoch=epoch, relay=relay, fanout=fanout)
     with channel(address, tls_ca) as channel_:
-        return push_call(channel_)(chunks(version, payload, epoch=epoch), timeout=timeout_s, metadata=_metadata(token))
+        return push_call(channel_)(stream, timeout=timeout_s, metadata=_metadata(token))
 
 
 def status(address: str, *, token: str | None = None, tls_ca: bytes | None = None, timeout_s: float = 5.0) -> object:

@@ -54,6 +54,7 @@ def run(settings: RolloutSettings) -> None:
         on_swap=rollout.swapped,
         on_error=rollout.refused,
         ready=rollout.ready,
+        relay_tls_ca=Path(settings.weights_tls_ca).read_bytes() if settings.weights_tls_ca else None,
     )
     rollout.receiver_swapping = lambda: receiver.swapping
     tls = None

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.common.registry import Policy
 from services.common.weights import WeightTransferError, check_token, decode_chunk, pb, pb_grpc, receive
 from services.rollout.engine import Engine
+from services.rollout.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,13 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         on_swap: Callable[[int, float, float], None],
         on_error: Callable[[str], None],
         ready: Callable[[], bool],
+        relay_tls_ca: bytes | None = None,
+        relay_timeout_s: float = 300.0,
     ) -> None:
+        """``relay_tls_ca``: the PEM to trust when passing a version on to other replicas over TLS;
+        ``relay_timeout_s``: how long that may take when the push that asks for it has no deadline."""
         self.engine, self.replica, self.token, self.max_bytes = engine, replica, token, max_bytes
+        self.relay_tls_ca, self.relay_timeout_s = relay_tls_ca, relay_timeout_s
         self.on_swap, self.on_error, self.ready = on_swap, on_error, ready
         self.swapping = False
         self.order = threading.Lock()
@@ -40,8 +46,24 @@ class WeightReceiver(pb_grpc.WeightsServicer):
     def Push(self, request_iterator, context):
         check_token(context, self.token)
         start = time.monotonic()
+        relay = Relay(token=self.token, tls_ca=self.relay_tls_ca, deadline=start + self._relay_time(context),
+                      replica=self.replica)  # fmt: skip
         try:
-            got = receive(request_iterator, self.max_bytes)
+            reply = self._take(request_iterator, relay, start)
+        finally:
+            relayed = relay.wait()  # the children answered, or gave up when this stream broke
+        reply.relayed.extend(relayed)
+        return reply
+
+    def _relay_time(self, context) -> float:
+        """What the children may take: the push's own deadline, less a margin to answer in."""
+        left = context.time_remaining()
+        left = self.relay_timeout_s if left is None else left
+        return max(0.0, left - min(1.0, 0.1 * left))
+
+    def _take(self, request_iterator, relay: Relay, start: float):
+        try:
+            got = receive(request_iterator, self.max_bytes, progress=relay)
             pushed = Policy(got.epoch, got.version)
             received = time.monotonic() - start
             try:

@@ -218,6 +218,10 @@ class TrainerSettings(BaseModel):
     """The dtype of the weights pushed to the replicas: "auto" pushes each replica the dtype it
     reports serving in (a bfloat16 vLLM replica gets half the bytes of the float32 master weights);
     the floating-point tensors are cast once per version and dtype, before the pushes."""
+    weights_fanout: int = Field(0, ge=0, le=64)
+    """0: the trainer pushes each version to every replica itself (a star). f >= 1: it pushes to f
+    replicas (of each serving dtype) and each relays it on to f more as it arrives, so the trainer's
+    link carries each version f times however many replicas there are (1: a chain)."""
     push_timeout_s: float = Field(300, gt=0)
     """How long one weight push to a replica may take; a replica that stops answering is given up
     on after it (and leaves the registry once its heartbeats stop)."""

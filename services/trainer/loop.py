@@ -223,6 +223,7 @@ class Trainer:
         state = self.gather()
         metrics["weight_sync_s"] = self.publish(state)
         metrics["weight_sync_bytes"] = self.publisher.bytes_sent
+        metrics["weight_relay_depth"] = self.publisher.relay_depth
         if self.checkpoint_due(step):
             self.save_checkpoint(step, sampler, state)
         metrics.update(

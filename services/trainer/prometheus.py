@@ -33,7 +33,11 @@ GAUGES = {
     "lr": ("passk_trainer_learning_rate", "Learning rate after the latest update"),
     "weight_sync_bytes": (
         "passk_trainer_weight_sync_bytes",
-        "Bytes pushed for the latest version, summed over the replicas that took it",
+        "Bytes the trainer sent for the latest version (its answered pushes; relays send the rest)",
+    ),
+    "weight_relay_depth": (
+        "passk_trainer_weight_relay_depth",
+        "Links from the trainer to the farthest replica in the latest push (1: a star; weights_fanout)",
     ),
     "staleness_mean": ("passk_trainer_staleness_mean", "Mean versions between sampling and training"),
     "all_wrong_fraction": (

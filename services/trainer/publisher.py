@@ -19,9 +19,10 @@ import redis
 import torch
 
 from services.common import registry
+from services.common.fanout import depth, subtrees
 from services.common.payload import Payload, in_dtype
 from services.common.registry import Policy
-from services.common.weights import push
+from services.common.weights import pb, push
 from services.trainer.config import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class Publisher:
         self.published: int | None = None  # the last version pushed
         # copies of it for late joiners, per serving dtype, taken when one shows up: (version, {dtype: payload})
         self.snapshot: tuple[int, dict[str, Payload]] | None = None
-        self.bytes_sent = 0  # by the last publish, to every replica that took it
+        self.bytes_sent = 0  # by the last publish, in the pushes the trainer made that were answered
+        self.relay_depth = 0  # of the last publish: links from the trainer to the farthest replica
         self.catching_up: set[str] = set()
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
         self.last_catch_up = 0.0
@@ -64,15 +66,40 @@ class Publisher:
     def publish(self, version: int, state: State) -> float:
         """Push ``version`` (the parameters ``state``) to every live replica, in the dtype it serves
         in, then announce it; returns the seconds it took. RuntimeError when replicas are registered
-        and none took it."""
+        and none took it.
+
+        With ``weights_fanout`` f > 0 the trainer pushes to f replicas of each dtype and they relay
+        it on (``fanout.subtrees``); replicas that a dead or stalled relay left without an answer
+        are then pushed to directly, so a failed relay costs its subtree at most ``push_timeout_s``."""
         start = time.monotonic()
         replicas = registry.live_replicas(self.client)
-        payloads = {dtype: self.payload(state, dtype, copy=False) for dtype in {self.dtype_of(r) for r in replicas}}
-        with ThreadPoolExecutor(max(1, len(replicas))) as pool:
-            replies = list(pool.map(lambda r: self.push(r.grpc, version, payloads[self.dtype_of(r)]), replicas))
-        if replicas and not any(replies):
+        groups: dict[str, list[str]] = {}
+        for replica in replicas:
+            groups.setdefault(self.dtype_of(replica), []).append(replica.grpc)
+        payloads = {dtype: self.payload(state, dtype, copy=False) for dtype in groups}
+        fanout = self.s.weights_fanout
+        plan = [(payloads[dtype], child, rest) for dtype, members in groups.items()
+                for child, rest in (subtrees(members, fanout) if fanout else [(m, []) for m in members])]  # fmt: skip
+        self.relay_depth = max((depth(len(m), fanout or len(m)) for m in groups.values()), default=0)
+        self.bytes_sent, accepted, answered = 0, set(), set()
+        for round_ in range(2):
+            with ThreadPoolExecutor(max(1, len(plan))) as pool:
+                outcomes = list(pool.map(lambda p: self.push_tree(p[1], version, p[0], p[2]), plan))
+            for (payload, _, _), (sent, results) in zip(plan, outcomes, strict=True):
+                self.bytes_sent += len(payload) if sent else 0
+                for result in results:
+                    answered.add(result.address)
+                    if result.accepted:
+                        accepted.add(result.address)
+            # the second round: straight to every replica a failed relay left without an answer
+            plan = [(payloads[d], m, []) for d, members in groups.items() for m in members if m not in answered]
+            if not plan:
+                break
+            if round_ == 0:
+                log.warning("%d replicas missed version %d through a relay: pushing it to them directly",
+                            len(plan), version)  # fmt: skip
+        if replicas and not accepted:
             raise RuntimeError(f"no replica accepted policy version {version}")
-        self.bytes_sent = sum(len(payloads[self.dtype_of(r)]) for r, ok in zip(replicas, replies, strict=True) if ok)
         self.published, self.snapshot = version, None
         registry.set_current_policy(self.client, Policy(self.epoch, version))
         return time.monotonic() - start
@@ -105,15 +132,25 @@ class Publisher:
 
     def push(self, address: str, version: int, payload: Payload) -> bool:
         """One version to one replica; False (logged) when it failed or was refused."""
+        return any(r.accepted for r in self.push_tree(address, version, payload, [])[1])
+
+    def push_tree(self, address: str, version: int, payload: Payload, rest: list[str]) -> tuple[bool, list]:
+        """One version to one replica, which relays it on to ``rest``: (whether the push was
+        answered, the RelayResult of every replica of the subtree that answered; a transport
+        failure of a relay or of the replica itself leaves those out, to be pushed to again)."""
         try:
             reply = push(address, version, payload, epoch=self.epoch, token=self.token, tls_ca=self.tls_ca,
-                         timeout_s=self.s.push_timeout_s)  # fmt: skip
+                         timeout_s=self.s.push_timeout_s, relay=rest, fanout=self.s.weights_fanout)  # fmt: skip
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
-            return False
+            return False, []
         if not reply.accepted:
             log.warning("replica %s refused version %d: %s", address, version, reply.error)
-        return bool(reply.accepted)
+        own = pb.RelayResult(address=address, accepted=reply.accepted, version=reply.version, epoch=reply.epoch,
+                             error=reply.error)  # fmt: skip
+        # a child the relay could not reach, or that broke off, has no answer of its own
+        relayed = [r for r in reply.relayed if not r.error.startswith("relay from ")]
+        return True, [own, *relayed]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

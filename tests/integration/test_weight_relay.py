@@ -1,0 +1,88 @@
+"""Relay fan-out over loopback: the trainer pushes a version to ``weights_fanout`` replicas and
+they pass it on as it arrives; a relay that cannot be reached leaves its subtree to a direct push.
+(The same on emulated hosts with shaped links, and a relay killed mid-push: test_weight_relay_hosts.py.)"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+
+import pytest
+import redis
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from services.common import registry
+from services.common.redis_server import free_port
+from services.common.weights import status
+from services.trainer.config import TrainerSettings
+from services.trainer.publisher import Publisher
+from tests.helpers.procs import service, wait_for
+
+TOKEN = "relay-s3cret"
+NAMES = ("r-1", "r-3", "r-4", "r-5")
+
+
+@pytest.fixture(scope="module")
+def replicas(redis_server, tiny_model, tmp_path_factory):
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    logs = tmp_path_factory.mktemp("relay")
+    with ExitStack() as stack:
+        for name in NAMES:
+            args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", url, "--replica", name,
+                    "--weights-token", TOKEN]  # fmt: skip
+            stack.enter_context(service(args, logs / f"{name}.log"))
+        wait_for(lambda: len(registry.live_replicas(client)) == len(NAMES), what="every replica registered")
+        yield url, client
+
+
+def publisher(url: str, client, tiny_model, fanout: int, epoch: int) -> Publisher:
+    settings = TrainerSettings(redis_url=url, weights_token=TOKEN, push_timeout_s=60, weights_fanout=fanout)
+    return Publisher(
+        settings, client, epoch, tied_embeddings=bool(AutoConfig.from_pretrained(tiny_model).tie_word_embeddings)
+    )
+
+
+def served(client) -> dict[str, tuple[int, int]]:
+    """What each replica's weight service says it serves, asked directly (not its heartbeat)."""
+    out = {}
+    for r in registry.live_replicas(client):
+        reply = status(r.grpc, token=TOKEN)
+        out[r.replica] = (reply.epoch, reply.version)
+    return out
+
+
+@pytest.mark.parametrize(("fanout", "depth"), [(1, 4), (2, 2), (4, 1)])
+def test_every_replica_gets_the_version_and_the_trainer_sends_it_fanout_times(replicas, tiny_model, fanout, depth):
+    url, client = replicas
+    epoch = 10 + fanout  # a later epoch each case: every replica takes it, whatever it served before
+    pub = publisher(url, client, tiny_model, fanout, epoch)
+    state = {name: t * (1 + fanout / 100) for name, t in load_file(tiny_model / "model.safetensors").items()}
+    size = len(pub.payload(state, "float32", copy=False))
+    pub.publish(1, state)
+    pub.close()
+    assert served(client) == dict.fromkeys(NAMES, (epoch, 1))
+    assert pub.bytes_sent == min(fanout, len(NAMES)) * size
+    assert pub.relay_depth == depth
+
+
+def test_a_relay_that_cannot_be_reached_costs_its_subtree_one_direct_push(replicas, tiny_model):
+    url, client = replicas
+    # a registered replica with nothing behind its address, second in the chain: r-1 cannot relay
+    # to it, so r-3, r-4 and r-5 hear nothing through the chain
+    dead = registry.ReplicaInfo(replica="r-2-dead", http="http://127.0.0.1:1", grpc=f"127.0.0.1:{free_port()}",
+                                version=0, heartbeat=time.time())  # fmt: skip
+    registry.register(client, dead)
+    try:
+        pub = publisher(url, client, tiny_model, 1, epoch=20)
+        state = {name: t * 0.99 for name, t in load_file(tiny_model / "model.safetensors").items()}
+        size = len(pub.payload(state, "float32", copy=False))
+        pub.publish(1, state)
+        pub.close()
+    finally:
+        registry.unregister(client, "r-2-dead")
+    assert served(client) == dict.fromkeys(NAMES, (20, 1))
+    # the chain's head, then the three left without an answer (the dead one refuses every connection)
+    assert pub.bytes_sent == 4 * size
