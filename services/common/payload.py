@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
@@ -61,6 +62,40 @@ def in_dtype(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tens
         raise ValueError(f"serving dtype must be one of {', '.join(SERVING_DTYPES)}, got {dtype!r}")
     target = SERVING_DTYPES[dtype]
     return {name: t.to(target) if t.is_floating_point() else t for name, t in state.items()}
+
+
+def own_scratch() -> Path:
+    """This process's folder in ``scratch_dir`` (``passk-<pid>``), where the versions it receives
+    are written: a process killed mid-push leaves its file there, and ``sweep_scratch`` removes it."""
+    path = scratch_dir() / f"passk-{os.getpid()}"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def remove_own_scratch() -> None:
+    """This process's scratch folder, at a clean exit."""
+    shutil.rmtree(scratch_dir() / f"passk-{os.getpid()}", ignore_errors=True)
+
+
+def sweep_scratch() -> list[Path]:
+    """Remove the scratch folders of processes that no longer exist (each holds at most a model's
+    worth of shared memory); returns what was removed. Replicas call it when they start."""
+    removed = []
+    for path in scratch_dir().glob("passk-*"):
+        pid = path.name.removeprefix("passk-")
+        if path.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def checksum(data) -> str:

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from services.common.finite_scan import FiniteScan
-from services.common.payload import DATA_TAG, Payload, scratch_dir
+from services.common.payload import DATA_TAG, Payload, own_scratch
 from services.common.proto import load
 
 pb, pb_grpc = load("weights")
@@ -148,7 +148,7 @@ def receive(
     total, version, expected = first.total_bytes, first.version, ""
     if total == 0 or total > max_bytes:
         raise WeightTransferError(f"declared size {total} bytes is outside 1..{max_bytes}")
-    fd, name = tempfile.mkstemp(prefix=f"passk-v{version}-", suffix=".safetensors", dir=directory or scratch_dir())
+    fd, name = tempfile.mkstemp(prefix=f"passk-v{version}-", suffix=".safetensors", dir=directory or own_scratch())
     try:
         if progress is not None:
             progress.opened(first, Path(name))
@@ -243,10 +243,11 @@ def push(
     timeout_s: float = 120.0,
     relay: list[str] | None = None,
     fanout: int = 0,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> object:
     """Push one version to one replica, which passes it on to ``relay`` (a tree of ``fanout``);
     returns its PushReply (grpc.RpcError on transport failure)."""
-    stream = chunks(version, payload, epoch=epoch, relay=relay, fanout=fanout)
+    stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout)
     with channel(address, tls_ca) as channel_:
         return push_call(channel_)(stream, timeout=timeout_s, metadata=_metadata(token))
 

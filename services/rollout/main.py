@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -10,10 +11,13 @@ from pathlib import Path
 from services.common import http_server
 from services.common.config import RolloutSettings
 from services.common.logs import setup_logging
+from services.common.payload import remove_own_scratch, sweep_scratch
 from services.rollout.app import create_app
 from services.rollout.engine import Engine, HFEngine
 from services.rollout.service import Rollout
 from services.rollout.weight_receiver import WeightReceiver, serve
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(settings: RolloutSettings) -> Engine:
@@ -44,6 +48,8 @@ def advertised_host(advertise: str, bind: str) -> str:
 
 def run(settings: RolloutSettings) -> None:
     setup_logging("rollout")
+    for path in sweep_scratch():  # versions half-received by replicas killed before us
+        log.info("removed %s, left by a process that no longer runs", path)
     engine = make_engine(settings)
     rollout = Rollout(engine, settings)
     receiver = WeightReceiver(
@@ -76,5 +82,6 @@ def run(settings: RolloutSettings) -> None:
     finally:
         rollout.close()
         grpc_server.stop(grace=2)
+        remove_own_scratch()
         for thread in threads:
             thread.join(10)

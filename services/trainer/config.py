@@ -222,6 +222,9 @@ class TrainerSettings(BaseModel):
     """0: the trainer pushes each version to every replica itself (a star). f >= 1: it pushes to f
     replicas (of each serving dtype) and each relays it on to f more as it arrives, so the trainer's
     link carries each version f times however many replicas there are (1: a chain)."""
+    weights_chunk_bytes: int = Field(4 << 20, ge=16 << 10, le=8 << 20)
+    """Bytes per pushed chunk. A relay passes a chunk on once it has arrived whole, so a chain adds
+    one chunk's transfer time per hop (4 MiB: 0.3 ms at 100 Gbit/s, 34 ms at 1 Gbit/s)."""
     push_timeout_s: float = Field(300, gt=0)
     """How long one weight push to a replica may take; a replica that stops answering is given up
     on after it (and leaves the registry once its heartbeats stop)."""

@@ -140,7 +140,8 @@ class Publisher:
         failure of a relay or of the replica itself leaves those out, to be pushed to again)."""
         try:
             reply = push(address, version, payload, epoch=self.epoch, token=self.token, tls_ca=self.tls_ca,
-                         timeout_s=self.s.push_timeout_s, relay=rest, fanout=self.s.weights_fanout)  # fmt: skip
+                         timeout_s=self.s.push_timeout_s, relay=rest, fanout=self.s.weights_fanout,
+                         chunk_bytes=self.s.weights_chunk_bytes)  # fmt: skip
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
             return False, []

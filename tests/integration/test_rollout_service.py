@@ -257,7 +257,7 @@ def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica,
 
     _, url, address = replica
     served = status(address, token="s3cret").version
-    before = set(scratch_dir().glob("passk-v*"))
+    before = set(scratch_dir().glob("passk-*/passk-v*"))
     payload = encode(weights_of(tiny_model, 0.5))
     stream = list(chunks(served + 1, payload, chunk_bytes=len(payload) // 4))
 
@@ -270,7 +270,7 @@ def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica,
     reply = wait_for(lambda: (s := status(address, token="s3cret")) and s)
     assert reply.version == served
     assert httpx.get(f"{url}/healthz").json()["version"] == served
-    assert wait_for(lambda: set(scratch_dir().glob("passk-v*")) == before)  # the partial file is gone
+    assert wait_for(lambda: set(scratch_dir().glob("passk-*/passk-v*")) == before)  # the partial file is gone
 
 
 def test_the_weight_service_over_tls(redis_server, tiny_model, tmp_path):

@@ -93,3 +93,28 @@ def test_a_payload_in_the_serving_dtype_casts_floats_only_and_says_which_it_is(t
     assert len(raw) < 0.55 * len(full)  # the float32 embedding dominates: about half the bytes
     with pytest.raises(ValueError, match="serving dtype must be one of float32, bfloat16, float16, got 'float8'"):
         in_dtype(tensors, "float8")
+
+
+def test_the_sweep_removes_the_scratch_of_dead_and_zombie_processes_only():
+    import os
+    import subprocess
+
+    from services.common.payload import own_scratch, scratch_dir, sweep_scratch
+    from tests.helpers.procs import wait_for
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid is gone
+    zombie = subprocess.Popen(["true"])  # exits, and stays a zombie until waited for
+    wait_for(lambda: open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[-1].split()[0] == "Z", what="a zombie")
+    folders = {pid: scratch_dir() / f"passk-{pid}" for pid in (dead.pid, zombie.pid)}
+    for folder in folders.values():
+        folder.mkdir(exist_ok=True)
+        (folder / "passk-v1-x.safetensors").write_bytes(b"half a version")
+    mine = own_scratch()
+    (mine / "passk-v2-y.safetensors").write_bytes(b"being received")
+    removed = sweep_scratch()
+    zombie.wait()
+    assert set(folders.values()) <= set(removed) and mine not in removed
+    assert not any(f.exists() for f in folders.values()) and mine.name == f"passk-{os.getpid()}"
+    assert (mine / "passk-v2-y.safetensors").read_bytes() == b"being received"
+    (mine / "passk-v2-y.safetensors").unlink()

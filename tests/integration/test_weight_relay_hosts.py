@@ -1,0 +1,100 @@
+"""Relay fan-out between emulated hosts (tests/helpers/hosts.py): the trainer and each replica on
+a host of its own, every link limited to 8 Mbit/s, so a push of the tiny model (4.2 MB) takes
+seconds and a relay can be killed while it passes the version on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.common import registry
+from services.common.payload import scratch_dir, sweep_scratch
+from tests.helpers import hosts as emulated
+from tests.helpers.procs import wait_for
+
+pytestmark = pytest.mark.skipif(bool(emulated.unavailable()), reason=f"emulated hosts: {emulated.unavailable()}")
+
+TOKEN = "hosts-s3cret"
+RATE_MBIT = 8
+VERSION = 987_001  # no other run's files in /dev/shm carry it
+SCRATCH = scratch_dir()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    with emulated.Hosts() as hosts:
+        store = emulated.UnixRedis(tmp_path)
+        try:
+            yield hosts, store, tmp_path
+        finally:
+            store.close()
+    assert not hosts.leftovers()
+
+
+def start_replica(host: emulated.Host, model: Path, redis_url: str, log: Path) -> subprocess.Popen:
+    args = ["-m", "services.cli", "serve", "rollout", "--model-dir", str(model), "--redis-url", redis_url,
+            "--replica", host.name, "--host", host.address, "--port", "8200", "--grpc-port", "50051",
+            "--weights-token", TOKEN]  # fmt: skip
+    return host.python(args, log)
+
+
+def receiving(version: int) -> list[Path]:
+    """The files of ``version`` being received, in every replica's scratch folder."""
+    return sorted(SCRATCH.glob(f"passk-*/passk-v{version}-*.safetensors"))
+
+
+def test_a_relay_killed_mid_push_costs_its_child_one_direct_push(lab, tiny_model):
+    hosts, store, tmp = lab
+    trainer = hosts.add("trainer", RATE_MBIT)
+    replicas = {name: hosts.add(name, RATE_MBIT) for name in ("r1", "r2", "r3")}
+    processes = {name: start_replica(h, tiny_model, store.url, tmp / f"{name}.log") for name, h in replicas.items()}
+    client = redis.Redis.from_url(store.url)
+    wait_for(lambda: len(registry.live_replicas(client)) == 3, timeout_s=180, what="three replicas registered")
+
+    # the chain trainer -> r1 -> r2 -> r3 (fan-out 1: replicas in name order)
+    push_timeout_s = 60
+    driver = trainer.python(["-m", "tests.helpers.publish_once", "--redis-url", store.url, "--model", str(tiny_model),
+                             "--version", str(VERSION), "--epoch", "1", "--fanout", "1", "--scale", "1.01",
+                             "--token", TOKEN, "--timeout", str(push_timeout_s), "--chunk-bytes", str(64 << 10)],
+                            tmp / "driver.log")  # fmt: skip
+    # r2 is relaying once all three replicas have begun to write the version: kill it then
+    wait_for(lambda: len(receiving(VERSION)) == 3, timeout_s=60, interval_s=0.02, what="r3 receiving through r2")
+    partial = min(p.stat().st_size for p in receiving(VERSION))
+    os.killpg(processes["r2"].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    assert driver.wait(timeout=push_timeout_s + 30) == 0, (tmp / "driver.log").read_text()[-3000:]
+    took = time.monotonic() - killed
+    result = json.loads((tmp / "driver.log").read_text().strip().splitlines()[-1])
+
+    assert took < push_timeout_s  # r3 was fed again within the push's own deadline
+    served = wait_for(lambda: {r.replica: r.version for r in registry.live_replicas(client)
+                               if r.replica != "r2" and r.version == VERSION} or None, timeout_s=20)  # fmt: skip
+    assert set(served) == {"r1", "r3"}
+    # r3 dropped what came through r2 (the stream broke mid-way: the kill came after `partial` of
+    # 4.2 MB) and served only the version that arrived whole, straight from the trainer
+    assert 0 < partial < (tiny_model / "model.safetensors").stat().st_size
+    log = (tmp / "r3.log").read_text()
+    assert log.count(f"serving policy version {VERSION}") == 1
+    # the trainer sent it twice: to the chain's head, then to r3 (r2 refused the connection)
+    assert result["bytes_sent"] == 2 * result["payload_bytes"] and result["depth"] == 3
+    # nothing left behind but the killed relay's file, which the next replica to start removes
+    assert {p.parent.name for p in receiving(VERSION)} == {f"passk-{processes['r2'].pid}"}
+    assert f"passk-{processes['r2'].pid}" in [p.name for p in sweep_scratch()] and not receiving(VERSION)
+
+
+def test_hosts_remove_their_namespaces_even_when_the_test_fails():
+    hosts = emulated.Hosts(net=214)
+    host = hosts.add("a", 100)
+    made = hosts.namespaces()
+    assert made == [hosts.switch, host.namespace] and hosts.leftovers() == made
+    with pytest.raises(subprocess.CalledProcessError):
+        with hosts:
+            subprocess.run(host.argv(["ip", "link", "show", "no-such-device"]), check=True, capture_output=True)
+    assert hosts.leftovers() == []  # the namespaces went with the failing block
