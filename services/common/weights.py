@@ -120,6 +120,8 @@ class Received:
     epoch: int
     path: Path
     values_checked: bool
+    checksum: str = ""  # XXH3-128 of the file, verified
+    size: int = 0
 
 
 class Progress(Protocol):
@@ -190,7 +192,7 @@ def receive(
             progress.failed(str(err) or type(err).__name__)
         os.unlink(name)
         raise
-    return Received(version, first.epoch, Path(name), scan.complete)
+    return Received(version, first.epoch, Path(name), scan.complete, digest, total)
 
 
 def _absorb(f, hasher, scan: FiniteScan, offset: int, data: bytes, progress: Progress | None) -> None:
@@ -250,6 +252,24 @@ def push(
     stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout)
     with channel(address, tls_ca) as channel_:
         return push_call(channel_)(stream, timeout=timeout_s, metadata=_metadata(token))
+
+
+def forward(
+    address: str,
+    version: int,
+    relay: list[str],
+    *,
+    epoch: int = 0,
+    fanout: int = 0,
+    token: str | None = None,
+    tls_ca: bytes | None = None,
+    timeout_s: float = 120.0,
+) -> object:
+    """Ask the replica at ``address`` to push the version it serves, (epoch, version), on to
+    ``relay`` (a tree of ``fanout``; 0: to each itself); returns its PushReply."""
+    request = pb.ForwardRequest(version=version, epoch=epoch, relay=relay, fanout=fanout or len(relay))
+    with channel(address, tls_ca) as channel_:
+        return pb_grpc.WeightsStub(channel_).Forward(request, timeout=timeout_s, metadata=_metadata(token))
 
 
 def status(address: str, *, token: str | None = None, tls_ca: bytes | None = None, timeout_s: float = 5.0) -> object:

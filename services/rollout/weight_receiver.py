@@ -1,4 +1,5 @@
-"""The replica's gRPC weight service: Push (chunked, checksummed) and Status."""
+"""The replica's gRPC weight service: Push (chunked, checksummed; relayed on when asked), Forward
+(the kept version on to late joiners) and Status."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.payload import own_scratch
 from services.common.registry import Policy
-from services.common.weights import WeightTransferError, check_token, decode_chunk, pb, pb_grpc, receive
+from services.common.weights import (
+    Chunk,
+    Received,
+    WeightTransferError,
+    check_token,
+    decode_chunk,
+    pb,
+    pb_grpc,
+    receive,
+)
 from services.rollout.engine import Engine
 from services.rollout.relay import Relay
 
@@ -40,6 +51,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         self.on_swap, self.on_error, self.ready = on_swap, on_error, ready
         self.swapping = False
         self.order = threading.Lock()
+        self.kept: Received | None = None  # the version served, as its file: what Forward passes on
         # freeing a model-sized file takes 0.05-0.1 s: done after the reply, not before it
         self.cleanup = futures.ThreadPoolExecutor(1, thread_name_prefix="weights-cleanup")
 
@@ -77,9 +89,11 @@ class WeightReceiver(pb_grpc.WeightsServicer):
                     swap = self.engine.load_weights(
                         got.path, got.version, epoch=got.epoch, values_checked=got.values_checked
                     )
+                    got = self._keep(got)
             finally:
                 self.swapping = False
-                self.cleanup.submit(got.path.unlink, missing_ok=True)
+                if got is not self.kept:
+                    self.cleanup.submit(got.path.unlink, missing_ok=True)
         except WeightTransferError as err:
             log.error("refused a weight push: %s", err)
             self.on_error(str(err))
@@ -89,6 +103,35 @@ class WeightReceiver(pb_grpc.WeightsServicer):
                  got.version, got.epoch, received, swap, total)  # fmt: skip
         self.on_swap(got.version, swap, total)
         return pb.PushReply(accepted=True, version=got.version, epoch=got.epoch)
+
+    def _keep(self, got: Received) -> Received:
+        """Keep the version just swapped in as a file of its own (a peer may be asked to pass it on),
+        and drop the one before. Called under ``order``."""
+        path = own_scratch() / f"kept-e{got.epoch}-v{got.version}.safetensors"
+        got.path.rename(path)
+        previous, self.kept = self.kept, Received(got.version, got.epoch, path, True, got.checksum, got.size)
+        if previous is not None:
+            self.cleanup.submit(previous.path.unlink, missing_ok=True)
+        return self.kept
+
+    def Forward(self, request, context):
+        """Push the kept version on to ``request.relay``, as a relay does with a version arriving."""
+        check_token(context, self.token)
+        relay = Relay(token=self.token, tls_ca=self.relay_tls_ca, deadline=time.monotonic() + self._relay_time(context),
+                      replica=self.replica)  # fmt: skip
+        with self.order:  # the file stays readable through the relay's descriptor if a newer version replaces it
+            kept = self.kept
+            if kept is None or (kept.epoch, kept.version) != (request.epoch, request.version):
+                have = "nothing" if kept is None else f"version {kept.version} (epoch {kept.epoch})"
+                error = f"asked to forward version {request.version} (epoch {request.epoch}), but {have} is kept"
+                return pb.PushReply(accepted=False, version=self.engine.version, epoch=self.engine.epoch, error=error)
+            first = Chunk(kept.version, kept.size, "", b"", kept.epoch, tuple(request.relay), request.fanout)
+            relay.opened(first, kept.path)
+        relay.wrote(kept.size)
+        relay.arrived(kept.checksum)
+        reply = pb.PushReply(accepted=True, version=kept.version, epoch=kept.epoch)
+        reply.relayed.extend(relay.wait())
+        return reply
 
     def Status(self, request, context):
         check_token(context, self.token)
@@ -113,6 +156,11 @@ def serve(receiver: WeightReceiver, address: str, tls: tuple[bytes, bytes] | Non
     handlers = {  # the generated registration, but Push chunks decoded without extra copies
         "Push": grpc.stream_unary_rpc_method_handler(
             receiver.Push, request_deserializer=decode_chunk, response_serializer=pb.PushReply.SerializeToString
+        ),
+        "Forward": grpc.unary_unary_rpc_method_handler(
+            receiver.Forward,
+            request_deserializer=pb.ForwardRequest.FromString,
+            response_serializer=pb.PushReply.SerializeToString,
         ),
         "Status": grpc.unary_unary_rpc_method_handler(
             receiver.Status,

@@ -22,7 +22,7 @@ from services.common import registry
 from services.common.fanout import depth, subtrees
 from services.common.payload import Payload, in_dtype
 from services.common.registry import Policy
-from services.common.weights import pb, push
+from services.common.weights import forward, pb, push
 from services.trainer.config import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class Publisher:
         self.bytes_sent = 0  # by the last publish, in the pushes the trainer made that were answered
         self.relay_depth = 0  # of the last publish: links from the trainer to the farthest replica
         self.catching_up: set[str] = set()
+        self.peer_failed: set[str] = set()  # replicas a peer did not reach with the published version
+        self.catch_up_bytes = 0  # sent from here to late replicas, over the run
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
         self.last_catch_up = 0.0
 
@@ -100,35 +102,66 @@ class Publisher:
                             len(plan), version)  # fmt: skip
         if replicas and not accepted:
             raise RuntimeError(f"no replica accepted policy version {version}")
-        self.published, self.snapshot = version, None
+        self.published, self.snapshot, self.peer_failed = version, None, set()
         registry.set_current_policy(self.client, Policy(self.epoch, version))
         return time.monotonic() - start
 
     def catch_up(self, current: Callable[[], State], *, copied: bool) -> None:
-        """Push the published version to replicas that serve an older one (they take no jobs until
-        they serve it), in the background, at most once a second. ``current()`` gives the parameters
-        of the published version; unless ``copied`` (a host copy that no step changes), the pushes
-        send a copy taken now, since they may outlast the parameters."""
+        """Bring replicas that serve an older version (they take no jobs until they serve the
+        published one) up to it, in the background, at most once a second: from a peer that serves
+        it in the same dtype (``Forward``: the trainer's link is not used), else, or when that peer
+        failed them, from here. ``current()`` gives the parameters of the published version;
+        unless ``copied`` (a host copy that no step changes), the pushes from here send a copy taken
+        now, since they may outlast the parameters."""
         if self.published is None or time.monotonic() - self.last_catch_up < 1.0:
             return
         self.last_catch_up = time.monotonic()
-        version = self.published
-        for replica in registry.live_replicas(self.client):
-            if replica.policy < Policy(self.epoch, version) and replica.grpc not in self.catching_up:
-                log.info("replica %s serves version %d: pushing %d", replica.replica, replica.version, version)
-                if self.snapshot is None or self.snapshot[0] != version:
-                    self.snapshot = (version, {})
-                dtype, copies = self.dtype_of(replica), self.snapshot[1]
-                if dtype not in copies:
-                    copies[dtype] = self.payload(current(), dtype, copy=not copied)
-                self.catching_up.add(replica.grpc)
-                self.pool.submit(self._catch_up_one, replica.grpc, version, copies[dtype])
+        version, target = self.published, Policy(self.epoch, self.published)
+        replicas = registry.live_replicas(self.client)
+        sources = {self.dtype_of(r): r.grpc for r in replicas if r.policy == target}
+        from_peer: dict[str, list[str]] = {}
+        for replica in replicas:
+            if not replica.policy < target or replica.grpc in self.catching_up:
+                continue
+            source = sources.get(self.dtype_of(replica))
+            if source is not None and replica.grpc not in self.peer_failed:
+                from_peer.setdefault(source, []).append(replica.grpc)
+                continue
+            log.info("replica %s serves version %d: pushing %d", replica.replica, replica.version, version)
+            if self.snapshot is None or self.snapshot[0] != version:
+                self.snapshot = (version, {})
+            dtype, copies = self.dtype_of(replica), self.snapshot[1]
+            if dtype not in copies:
+                copies[dtype] = self.payload(current(), dtype, copy=not copied)
+            self.catching_up.add(replica.grpc)
+            self.pool.submit(self._catch_up_one, replica.grpc, version, copies[dtype])
+        for source, targets in from_peer.items():
+            log.info("replicas %s behind version %d: %s passes it on", ", ".join(targets), version, source)
+            self.catching_up.update(targets)
+            self.pool.submit(self._forward, source, targets, version)
 
     def _catch_up_one(self, address: str, version: int, payload: Payload) -> None:
         try:
-            self.push(address, version, payload)
+            if self.push(address, version, payload):
+                self.catch_up_bytes += len(payload)
         finally:
             self.catching_up.discard(address)
+
+    def _forward(self, source: str, targets: list[str], version: int) -> None:
+        """``source`` passes ``version`` on to ``targets``; those it did not reach are caught up
+        from here the next time round."""
+        reached: set[str] = set()
+        try:
+            reply = forward(source, version, targets, epoch=self.epoch, fanout=self.s.weights_fanout, token=self.token,
+                            tls_ca=self.tls_ca, timeout_s=self.s.push_timeout_s)  # fmt: skip
+            reached = {r.address for r in reply.relayed if r.accepted}
+            if not reply.accepted:
+                log.warning("replica %s could not pass version %d on: %s", source, version, reply.error)
+        except Exception as err:
+            log.warning("replica %s could not pass version %d on: %s", source, version, err)
+        finally:
+            self.peer_failed.update(set(targets) - reached)
+            self.catching_up.difference_update(targets)
 
     def push(self, address: str, version: int, payload: Payload) -> bool:
         """One version to one replica; False (logged) when it failed or was refused."""

@@ -86,3 +86,52 @@ def test_a_relay_that_cannot_be_reached_costs_its_subtree_one_direct_push(replic
     assert served(client) == dict.fromkeys(NAMES, (20, 1))
     # the chain's head, then the three left without an answer (the dead one refuses every connection)
     assert pub.bytes_sent == 4 * size
+
+
+def test_a_replica_that_joins_late_takes_its_first_version_from_a_peer(replicas, redis_server, tiny_model, tmp_path):
+    url, client = replicas
+    pub = publisher(url, client, tiny_model, 0, epoch=30)
+    state = {name: t * 1.03 for name, t in load_file(tiny_model / "model.safetensors").items()}
+    pub.publish(1, state)
+    args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", url, "--replica", "r-9-late",
+            "--weights-token", TOKEN]  # fmt: skip
+    with service(args, tmp_path / "late.log"):
+        late = wait_for(lambda: {r.replica: r for r in registry.live_replicas(client)}.get("r-9-late"))
+        assert late.version == 0
+
+        def caught_up():
+            pub.last_catch_up = 0.0  # no need to wait the second between rounds here
+            pub.catch_up(lambda: state, copied=True)
+            return status(late.grpc, token=TOKEN).version == 1
+
+        wait_for(caught_up, timeout_s=60, interval_s=0.5, what="the late replica on version 1")
+        pub.close()
+        assert pub.catch_up_bytes == 0  # not one byte of it from the trainer
+        assert status(late.grpc, token=TOKEN).epoch == 30
+
+
+def test_a_late_replica_whose_peer_fails_is_caught_up_from_the_trainer(redis_server, tiny_model, tmp_path):
+    url = redis_server.url.rsplit("/", 1)[0] + "/4"  # a database of its own: no other replica to serve as a peer
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    pub = publisher(url, client, tiny_model, 0, epoch=40)
+    state = {name: t * 1.04 for name, t in load_file(tiny_model / "model.safetensors").items()}
+    pub.publish(1, state)  # to no replica yet
+    args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", url, "--replica", "r-9-late",
+            "--weights-token", TOKEN]  # fmt: skip
+    with service(args, tmp_path / "late.log"):
+        late = wait_for(lambda: {r.replica: r for r in registry.live_replicas(client)}.get("r-9-late"))
+        # the only peer said to serve the version has nothing behind its address
+        ghost = registry.ReplicaInfo(replica="r-0-ghost", http="http://127.0.0.1:1", grpc=f"127.0.0.1:{free_port()}",
+                                     version=1, epoch=40, heartbeat=time.time())  # fmt: skip
+        registry.register(client, ghost)
+
+        def caught_up():
+            pub.last_catch_up = 0.0
+            pub.catch_up(lambda: state, copied=True)
+            return status(late.grpc, token=TOKEN).version == 1
+
+        wait_for(caught_up, timeout_s=60, interval_s=0.5, what="the late replica on version 1")
+        pub.close()
+        assert pub.peer_failed == {late.grpc}  # the ghost never reached it ...
+        assert pub.catch_up_bytes == len(pub.payload(state, "float32", copy=False))  # ... so the trainer did
