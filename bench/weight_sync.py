@@ -15,6 +15,7 @@ what the gRPC library itself costs over raw TCP.
 
     passk model import-smollm2 --out models/smollm2-135m     # once
     .venv/bin/python bench/weight_sync.py --repeat 3
+    .venv/bin/python bench/weight_sync.py --hosts --rate-mbit 200   # star vs relay, deltas: emulated hosts
 """
 
 from __future__ import annotations
@@ -122,6 +123,13 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("models/smollm2-135m"))
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    hosts = parser.add_argument_group("emulated hosts (bench/weight_sync_hosts.py)")
+    hosts.add_argument("--hosts", action="store_true", help="Star against relay, and deltas, between emulated hosts.")
+    hosts.add_argument("--rate-mbit", type=float, default=200.0, help="Every link's rate, each way.")
+    hosts.add_argument("--sizes", default="1,2,4,8", help="Replica counts R, comma-separated.")
+    hosts.add_argument("--fanout", type=int, default=2, help="The relays' fan-out.")
+    hosts.add_argument("--steps", type=int, default=3, help="AdamW steps whose versions are sent as deltas.")
+    hosts.add_argument("--lr", type=float, default=1e-6)
     args = parser.parse_args()
     if not (args.model_dir / "model.safetensors").exists():
         parser.error(f"{args.model_dir} has no model.safetensors: passk model import-smollm2 --out {args.model_dir}")
@@ -129,6 +137,17 @@ def main() -> None:
         parser.error("--replicas and --repeat must be >= 1")
 
     console = Console(width=200)
+    if args.hosts:
+        try:
+            args.sizes = sorted({int(x) for x in args.sizes.split(",")})
+        except ValueError:
+            parser.error(f"--sizes must be comma-separated counts, got {args.sizes!r}")
+        if args.sizes[0] < 1 or args.fanout < 1 or args.steps < 1 or not 0 < args.rate_mbit <= 100_000:
+            parser.error("--sizes, --fanout and --steps must be >= 1, --rate-mbit in (0, 100000]")
+        import weight_sync_hosts  # beside this file
+
+        weight_sync_hosts.main(args, console)
+        return
     state = load_file(args.model_dir / "model.safetensors")
     whole = b"".join(Payload.of_tensors(state).pieces(0, 1 << 62))  # the same bytes, for the baselines
     logs = Path("runs/bench-weight-sync")

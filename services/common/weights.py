@@ -29,6 +29,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
+from services.common import delta
 from services.common.finite_scan import FiniteScan
 from services.common.payload import DATA_TAG, Payload, own_scratch
 from services.common.proto import load
@@ -72,6 +73,8 @@ class Chunk:
     epoch: int = 0
     relay: tuple[str, ...] = ()  # first chunk: the replicas to pass the version on to (``fanout.subtrees``)
     fanout: int = 0
+    encoding: str = ""  # first chunk: "" or delta.ENCODING
+    base_checksum: str = ""
 
 
 def decode_chunk(raw: bytes) -> Chunk:
@@ -86,7 +89,7 @@ def decode_chunk(raw: bytes) -> Chunk:
             return Chunk(0, 0, "", memoryview(raw)[at:])
     message = pb.WeightChunk.FromString(raw)
     return Chunk(message.version, message.total_bytes, message.checksum, message.data, message.epoch,
-                 tuple(message.relay), message.fanout)  # fmt: skip
+                 tuple(message.relay), message.fanout, message.encoding, message.base_checksum)  # fmt: skip
 
 
 def chunks(
@@ -137,11 +140,16 @@ class Progress(Protocol):
 
 
 def receive(
-    stream: Iterable[object], max_bytes: int, directory: Path | None = None, progress: Progress | None = None
+    stream: Iterable[object],
+    max_bytes: int,
+    directory: Path | None = None,
+    progress: Progress | None = None,
+    base: Received | None = None,
 ) -> Received:
     """The verified safetensors file of a chunk stream, written as it arrives; WeightTransferError,
     and no file left behind, if anything is off. The caller removes the file. ``progress`` hears
-    of the file as it grows (it may read the file until ``receive`` returns or fails)."""
+    of the file as it grows (it may read the file until ``receive`` returns or fails). ``base``:
+    the version this replica holds, which a delta stream is rebuilt against."""
     iterator = iter(stream)
     try:
         first = next(iterator)
@@ -150,17 +158,23 @@ def receive(
     total, version, expected = first.total_bytes, first.version, ""
     if total == 0 or total > max_bytes:
         raise WeightTransferError(f"declared size {total} bytes is outside 1..{max_bytes}")
+    rebuild = _delta_base(first, base, total)
     fd, name = tempfile.mkstemp(prefix=f"passk-v{version}-", suffix=".safetensors", dir=directory or own_scratch())
     try:
         if progress is not None:
             progress.opened(first, Path(name))
-        hasher, scan, offset = xxhash.xxh3_128(), FiniteScan(first.data), 0
+        first_data = rebuild(0, first.data) if rebuild is not None and len(first.data) else first.data
+        hasher, scan, offset = xxhash.xxh3_128(), FiniteScan(first_data), 0
         with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1) as sink:
             pending = None  # write, hash and scan one chunk while gRPC receives the next (all release the GIL)
             for chunk in itertools.chain([first], iterator):
                 if expected:
                     raise WeightTransferError("chunks after the one carrying the checksum")
                 expected, data = chunk.checksum, chunk.data
+                if chunk is first:
+                    data = first_data
+                elif rebuild is not None and len(data):
+                    data = rebuild(offset, data)
                 end = offset + len(data)
                 if end > total:
                     raise WeightTransferError(f"stream longer than its declared {total} bytes")
@@ -192,7 +206,45 @@ def receive(
             progress.failed(str(err) or type(err).__name__)
         os.unlink(name)
         raise
+    finally:
+        if rebuild is not None:
+            rebuild.close()
     return Received(version, first.epoch, Path(name), scan.complete, digest, total)
+
+
+def _delta_base(first: Chunk, base: Received | None, total: int):
+    """For a delta stream, a function (offset, chunk) -> the version's bytes there, read against
+    the base's file; None for a stream of the bytes themselves. WeightTransferError when this
+    replica does not hold the base the delta is against."""
+    if not first.encoding:
+        return None
+    if first.encoding != delta.ENCODING:
+        raise WeightTransferError(f"unknown encoding {first.encoding[:40]!r}")
+    if base is None or base.checksum != first.base_checksum or base.size != total:
+        held = "no version" if base is None else f"version {base.version} ({base.checksum[:12]})"
+        raise WeightTransferError(f"a delta against {first.base_checksum[:12]!r}, but this replica holds {held}: "
+                                  "it needs the full version")  # fmt: skip
+    return _Rebuild(base.path, total)
+
+
+class _Rebuild:
+    """Delta chunks back into the version's bytes, against the base's file (held open: a newer
+    version may replace the file while this one rebuilds)."""
+
+    def __init__(self, path: Path, total: int) -> None:
+        self.fd, self.total = os.open(path, os.O_RDONLY), total
+
+    def __call__(self, offset: int, data) -> bytes:
+        try:
+            size = delta.raw_size(data)
+            if offset + size > self.total:
+                raise delta.DeltaError(f"it rebuilds {size} bytes, past the version's {self.total}")
+            return delta.decode_chunk(data, os.pread(self.fd, size, offset))
+        except delta.DeltaError as err:
+            raise WeightTransferError(f"delta chunk at byte {offset}: {err}") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _absorb(f, hasher, scan: FiniteScan, offset: int, data: bytes, progress: Progress | None) -> None:
@@ -252,6 +304,19 @@ def push(
     stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout)
     with channel(address, tls_ca) as channel_:
         return push_call(channel_)(stream, timeout=timeout_s, metadata=_metadata(token))
+
+
+def push_frames(
+    address: str,
+    frames: list[bytes],
+    *,
+    token: str | None = None,
+    tls_ca: bytes | None = None,
+    timeout_s: float = 120.0,
+) -> object:
+    """Push already framed WeightChunks (a delta: ``delta.frames``); returns the PushReply."""
+    with channel(address, tls_ca) as channel_:
+        return push_call(channel_)(iter(frames), timeout=timeout_s, metadata=_metadata(token))
 
 
 def forward(

@@ -75,7 +75,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
 
     def _take(self, request_iterator, relay: Relay, start: float):
         try:
-            got = receive(request_iterator, self.max_bytes, progress=relay)
+            got = receive(request_iterator, self.max_bytes, progress=relay, base=self.kept)
             pushed = Policy(got.epoch, got.version)
             received = time.monotonic() - start
             try:

@@ -225,6 +225,10 @@ class TrainerSettings(BaseModel):
     weights_chunk_bytes: int = Field(4 << 20, ge=16 << 10, le=8 << 20)
     """Bytes per pushed chunk. A relay passes a chunk on once it has arrived whole, so a chain adds
     one chunk's transfer time per hop (4 MiB: 0.3 ms at 100 Gbit/s, 34 ms at 1 Gbit/s)."""
+    weights_delta: bool = False
+    """Send a replica that holds the previous version only the XOR against it, compressed with zstd
+    (services/common/delta.py); costs a host copy of the last payload per serving dtype. Not with
+    relays (weights_fanout > 0), which pass whole versions on."""
     push_timeout_s: float = Field(300, gt=0)
     """How long one weight push to a replica may take; a replica that stops answering is given up
     on after it (and leaves the registry once its heartbeats stop)."""

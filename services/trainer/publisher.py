@@ -13,21 +13,34 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 import torch
 
-from services.common import registry
+from services.common import delta, registry
 from services.common.fanout import depth, subtrees
 from services.common.payload import Payload, in_dtype
 from services.common.registry import Policy
-from services.common.weights import forward, pb, push
+from services.common.weights import forward, pb, push, push_frames
 from services.trainer.config import TrainerSettings
 
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Base:
+    """A published version's bytes in one dtype, kept to send the next one as a delta."""
+
+    data: bytes
+    checksum: str
+
+    @classmethod
+    def of(cls, payload: Payload) -> Base:
+        return cls(b"".join(payload.pieces(0, len(payload))), payload.digest())
 
 
 class Publisher:
@@ -41,6 +54,8 @@ class Publisher:
         self.snapshot: tuple[int, dict[str, Payload]] | None = None
         self.bytes_sent = 0  # by the last publish, in the pushes the trainer made that were answered
         self.relay_depth = 0  # of the last publish: links from the trainer to the farthest replica
+        self.previous: Policy | None = None  # the last version published, which replicas may hold as a base
+        self.bases: dict[str, Base] = {}  # its payload per dtype, kept for deltas (weights_delta)
         self.catching_up: set[str] = set()
         self.peer_failed: set[str] = set()  # replicas a peer did not reach with the published version
         self.catch_up_bytes = 0  # sent from here to late replicas, over the run
@@ -72,7 +87,10 @@ class Publisher:
 
         With ``weights_fanout`` f > 0 the trainer pushes to f replicas of each dtype and they relay
         it on (``fanout.subtrees``); replicas that a dead or stalled relay left without an answer
-        are then pushed to directly, so a failed relay costs its subtree at most ``push_timeout_s``."""
+        are then pushed to directly, so a failed relay costs its subtree at most ``push_timeout_s``.
+        With ``weights_delta`` (and no relays) a replica that served the previous version gets the
+        XOR against it, compressed (``services/common/delta.py``); one that refuses it (it does not
+        hold that base after all) gets the full version next."""
         start = time.monotonic()
         replicas = registry.live_replicas(self.client)
         groups: dict[str, list[str]] = {}
@@ -80,31 +98,53 @@ class Publisher:
             groups.setdefault(self.dtype_of(replica), []).append(replica.grpc)
         payloads = {dtype: self.payload(state, dtype, copy=False) for dtype in groups}
         fanout = self.s.weights_fanout
-        plan = [(payloads[dtype], child, rest) for dtype, members in groups.items()
+        deltas = self.deltas(version, payloads) if self.s.weights_delta and not fanout else {}
+        holders = {r.grpc for r in replicas if self.previous is not None and r.policy == self.previous}
+        # (dtype, the replica pushed to, the replicas it relays to, whether it gets the delta)
+        plan = [(dtype, child, rest, dtype in deltas and child in holders) for dtype, members in groups.items()
                 for child, rest in (subtrees(members, fanout) if fanout else [(m, []) for m in members])]  # fmt: skip
         self.relay_depth = max((depth(len(m), fanout or len(m)) for m in groups.values()), default=0)
-        self.bytes_sent, accepted, answered = 0, set(), set()
+        self.bytes_sent, accepted, answered, refused_delta = 0, set(), set(), set()
         for round_ in range(2):
             with ThreadPoolExecutor(max(1, len(plan))) as pool:
-                outcomes = list(pool.map(lambda p: self.push_tree(p[1], version, p[0], p[2]), plan))
-            for (payload, _, _), (sent, results) in zip(plan, outcomes, strict=True):
-                self.bytes_sent += len(payload) if sent else 0
+                outcomes = list(pool.map(lambda p: self.push_tree(p[1], version, payloads[p[0]], p[2],
+                                                                  deltas[p[0]] if p[3] else None), plan))  # fmt: skip
+            for (_, child, _, as_delta), (sent, results) in zip(plan, outcomes, strict=True):
+                self.bytes_sent += sent
                 for result in results:
                     answered.add(result.address)
                     if result.accepted:
                         accepted.add(result.address)
-            # the second round: straight to every replica a failed relay left without an answer
-            plan = [(payloads[d], m, []) for d, members in groups.items() for m in members if m not in answered]
-            if not plan:
+                    elif as_delta and result.address == child:
+                        refused_delta.add(child)
+            # the second round, straight and whole: every replica a failed relay left without an
+            # answer, and every one that refused the delta
+            plan = [(d, m, [], False) for d, members in groups.items() for m in members
+                    if m not in answered or (m in refused_delta and m not in accepted)]  # fmt: skip
+            refused_delta = set()
+            if not plan or round_ == 1:
                 break
-            if round_ == 0:
-                log.warning("%d replicas missed version %d through a relay: pushing it to them directly",
-                            len(plan), version)  # fmt: skip
+            log.warning("%d replicas missed version %d through a relay or a delta: pushing all of it to them",
+                        len(plan), version)  # fmt: skip
         if replicas and not accepted:
             raise RuntimeError(f"no replica accepted policy version {version}")
+        if self.s.weights_delta:
+            self.bases = {dtype: Base.of(p) for dtype, p in payloads.items()}
+        self.previous = Policy(self.epoch, version)
         self.published, self.snapshot, self.peer_failed = version, None, set()
-        registry.set_current_policy(self.client, Policy(self.epoch, version))
+        registry.set_current_policy(self.client, self.previous)
         return time.monotonic() - start
+
+    def deltas(self, version: int, payloads: dict[str, Payload]) -> dict[str, list[bytes]]:
+        """The delta frames of each dtype's payload against the previous version's, where it has one
+        of the same size (the same tensors)."""
+        out = {}
+        for dtype, payload in payloads.items():
+            base = self.bases.get(dtype)
+            if base is not None and len(base.data) == len(payload):
+                out[dtype] = delta.frames(version, self.epoch, payload, base.data, base.checksum,
+                                          self.s.weights_chunk_bytes)  # fmt: skip
+        return out
 
     def catch_up(self, current: Callable[[], State], *, copied: bool) -> None:
         """Bring replicas that serve an older version (they take no jobs until they serve the
@@ -167,24 +207,31 @@ class Publisher:
         """One version to one replica; False (logged) when it failed or was refused."""
         return any(r.accepted for r in self.push_tree(address, version, payload, [])[1])
 
-    def push_tree(self, address: str, version: int, payload: Payload, rest: list[str]) -> tuple[bool, list]:
-        """One version to one replica, which relays it on to ``rest``: (whether the push was
-        answered, the RelayResult of every replica of the subtree that answered; a transport
-        failure of a relay or of the replica itself leaves those out, to be pushed to again)."""
+    def push_tree(
+        self, address: str, version: int, payload: Payload, rest: list[str], frames: list[bytes] | None = None
+    ) -> tuple[int, list]:
+        """One version to one replica, which relays it on to ``rest``: (the bytes sent, 0 unless the
+        push was answered; the RelayResult of every replica of the subtree that answered: a
+        transport failure of a relay or of the replica itself leaves those out, to be pushed to
+        again). ``frames``: the version as a delta, sent instead of the payload."""
         try:
-            reply = push(address, version, payload, epoch=self.epoch, token=self.token, tls_ca=self.tls_ca,
-                         timeout_s=self.s.push_timeout_s, relay=rest, fanout=self.s.weights_fanout,
-                         chunk_bytes=self.s.weights_chunk_bytes)  # fmt: skip
+            if frames is not None:
+                reply, sent = push_frames(address, frames, token=self.token, tls_ca=self.tls_ca,
+                                          timeout_s=self.s.push_timeout_s), sum(map(len, frames))  # fmt: skip
+            else:
+                reply, sent = push(address, version, payload, epoch=self.epoch, token=self.token, tls_ca=self.tls_ca,
+                                   timeout_s=self.s.push_timeout_s, relay=rest, fanout=self.s.weights_fanout,
+                                   chunk_bytes=self.s.weights_chunk_bytes), len(payload)  # fmt: skip
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
-            return False, []
+            return 0, []
         if not reply.accepted:
             log.warning("replica %s refused version %d: %s", address, version, reply.error)
         own = pb.RelayResult(address=address, accepted=reply.accepted, version=reply.version, epoch=reply.epoch,
                              error=reply.error)  # fmt: skip
         # a child the relay could not reach, or that broke off, has no answer of its own
         relayed = [r for r in reply.relayed if not r.error.startswith("relay from ")]
-        return True, [own, *relayed]
+        return sent, [own, *relayed]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
