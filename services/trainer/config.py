@@ -268,6 +268,9 @@ class TrainerSettings(BaseModel):
             raise ValueError(f"every eval_k must be between 1 and eval_n={self.eval_n}, got {self.eval_k}")
         if self.mixture and self.eval_every_sizes:
             raise ValueError("eval_every_sizes picks maze sizes of test_data; a mixture evaluates every row each time")
+        if self.weights_delta and self.weights_fanout:
+            raise ValueError("weights_delta goes straight from the trainer; relays (weights_fanout > 0) pass whole "
+                             "versions on: set one of them")  # fmt: skip
         return self
 
 

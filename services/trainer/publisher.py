@@ -1,6 +1,8 @@
-"""Getting each policy version to the rollout replicas: push it to every live replica over gRPC
-(``services.common.weights``), announce it in Redis, and bring replicas that joined late or
-missed a version up to the current one in the background.
+"""Getting each policy version to the rollout replicas: push it over gRPC
+(``services.common.weights``) in each replica's serving dtype, to every replica (a star) or to a
+few that relay it on (``weights_fanout``), whole or as a delta against the version before
+(``weights_delta``); announce it in Redis; and bring replicas that joined late or missed a version
+up to the current one in the background, from a peer where one can.
 
 The trainer calls ``publish`` after each step with the parameters as they are (they stay put
 until every push has answered, so the chunks are cut from them without a copy) and ``catch_up``

@@ -67,7 +67,8 @@ def main() -> None:
     else:
         states = [{name: t * args.scale for name, t in load_file(args.model / "model.safetensors").items()}]
     publisher = Publisher(settings, client, args.epoch, tied_embeddings=tied)
-    dtype = "float32" if args.dtype == "auto" else args.dtype
+    live = registry.live_replicas(client)
+    dtype = args.dtype if args.dtype != "auto" else (live[0].dtype if live else "float32")  # what the first gets
     for offset, state in enumerate(states):
         size = len(publisher.payload(state, dtype, copy=False))
         if offset:  # the replicas' heartbeats must show the previous version, which a delta is against

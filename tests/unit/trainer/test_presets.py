@@ -113,11 +113,21 @@ def test_the_gpu_presets_carry_the_papers_settings():
         ("covariance={kind = 'clip_cov', ratio = 0}", "covariance.ratio"),
         ("covariance={kind = 'clip_cov', lower = 5, upper = 1}", "covariance: lower \\(5.0\\) must be below upper"),
         ("covariance={kind = 'kl_cov', kl_coef = -1}", "covariance.kl_coef"),
+        ("weights_fanout=-1", "weights_fanout"),
+        ("weights_dtype='int8'", "weights_dtype"),
+        ("weights_chunk_bytes=100", "weights_chunk_bytes"),
     ],
 )
 def test_bad_settings_are_refused_by_name(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("+", r"\+")):
         load_settings(CONFIGS / "maze-tiny.toml", [override])
+
+
+def test_deltas_and_relays_are_one_or_the_other():
+    assert load_settings(CONFIGS / "maze-tiny.toml", ["weights_delta=true"]).weights_delta
+    assert load_settings(CONFIGS / "maze-tiny.toml", ["weights_fanout=2"]).weights_fanout == 2
+    with pytest.raises(ValueError, match="weights_delta goes straight from the trainer"):
+        load_settings(CONFIGS / "maze-tiny.toml", ["weights_delta=true", "weights_fanout=2"])
 
 
 def test_the_token_level_options_are_one_line_each():
