@@ -234,6 +234,9 @@ class TrainerSettings(BaseModel):
     on after it (and leaves the registry once its heartbeats stop)."""
     group_timeout_s: float = Field(600, gt=0)
     """How long a step waits for its scored groups."""
+    lost_job_check_s: float = Field(10, gt=0)
+    """After this long with no group arriving, the trainer looks for the jobs it waits for in the
+    streams, and schedules again those in none (Redis lost them in a crash: lost_jobs.py)."""
     min_replicas: int = Field(1, ge=1)
     """Replicas that must be live before training starts."""
 

@@ -31,7 +31,7 @@ from services.common.registry import Policy
 from services.common.schemas import PromptJob, SamplingParams, ScoredGroup
 from services.common.streams import StreamConsumer, claim_once, publish, trim_consumed
 from services.tasks.maze import read_jsonl
-from services.trainer import checkpoint, distributed, evaluate, held_out, task_figures
+from services.trainer import checkpoint, distributed, evaluate, held_out, lost_jobs, task_figures
 from services.trainer.batch import from_groups
 from services.trainer.config import TrainerSettings, stage_at
 from services.trainer.held_out import HeldOut
@@ -140,6 +140,7 @@ class Trainer:
         self.rows: dict[str, str] = {}  # job id -> the row its prompt counts in (task/category, maze size)
         # groups of scheduled jobs that came while other jobs were collected (the next step's, during an evaluation)
         self.early: dict[str, ScoredGroup] = {}
+        self.lost_count = 0  # jobs scheduled again because Redis lost them: their ids' suffix
 
     @property
     def policy(self) -> Policy:
@@ -313,14 +314,19 @@ class Trainer:
         found: dict[str, ScoredGroup] = {}
         deadline = time.monotonic() + self.s.group_timeout_s
         waited, dropped = 0.0, 0
+        progress = time.monotonic()  # when a group last came (or the jobs were last looked for)
 
         def take(scored: ScoredGroup) -> None:
-            nonlocal dropped, deadline
+            nonlocal dropped, deadline, progress
             group = scored.group
             job_id = group.job.job_id
             if self.version - staleness <= group.policy_version <= self.version:
-                found[waiting.pop(job_id).job_id] = scored
-                deadline = time.monotonic() + self.s.group_timeout_s  # progress: an evaluation may take long
+                original = waiting.pop(job_id)
+                found[original.job_id] = scored
+                for alias in [k for k, v in waiting.items() if v is original]:  # a job scheduled again: one is enough
+                    del waiting[alias]
+                progress = time.monotonic()
+                deadline = progress + self.s.group_timeout_s  # progress: an evaluation may take long
             elif group.policy_version < self.version - staleness:
                 dropped += 1
                 original = waiting.pop(job_id)
@@ -336,6 +342,9 @@ class Trainer:
         while waiting:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(waiting)} scored groups missing: none came in {self.s.group_timeout_s} s")
+            if time.monotonic() - progress > self.s.lost_job_check_s:
+                progress = time.monotonic()
+                self.schedule_lost(waiting)
             start = time.monotonic()
             try:
                 self.publisher.catch_up(self.published_state, copied=self.full_state is not None)
@@ -356,7 +365,7 @@ class Trainer:
                 ours = fresh and group.policy_epoch == self.epoch
                 if ours and job_id in waiting:
                     take(scored)
-                elif ours and job_id in self.rows:  # a job scheduled for a later step (async mode), while evaluating
+                elif ours and job_id in self.rows and job_id not in found:  # a later step's job, while evaluating
                     self.early[job_id] = scored
                 else:
                     log.warning("skipped scored group %s (replayed, stale or foreign)", job_id)
@@ -369,6 +378,23 @@ class Trainer:
         for job in jobs:
             publish(self.client, self.streams.prompts, job)
         return self.collect(jobs)[0]
+
+    def schedule_lost(self, waiting: dict[str, PromptJob]) -> None:
+        """Schedule again the waited-for jobs that are in no stream (``lost_jobs``): the same prompt
+        and sampling seed under a new id; whichever of the two comes first is trained on."""
+        try:
+            gone = lost_jobs.lost(self.client, self.streams, list(waiting))
+        except redis.RedisError as err:  # Redis is back soon, or the step times out
+            log.warning("could not look for lost jobs: %s", err)
+            return
+        for job_id in gone:
+            original = waiting[job_id]
+            retry = original.model_copy(update={"job_id": f"{original.job_id}-l{self.lost_count}"})
+            self.lost_count += 1
+            publish(self.client, self.streams.prompts, retry)
+            waiting[retry.job_id] = original
+            self.prometheus.lost_jobs.inc()
+            log.warning("job %s is in no stream (lost by Redis): scheduled again as %s", job_id, retry.job_id)
 
     def reschedule(self, job: PromptJob) -> PromptJob:
         """The same prompt and sampling again, for the current version (a job is dropped at most once

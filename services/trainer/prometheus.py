@@ -118,6 +118,8 @@ class TrainerMetrics:
         self.steps = Counter("passk_trainer_steps", "Training steps taken", registry=self.registry)
         self.dropped = Counter("passk_trainer_dropped_stale_groups", "Groups dropped as too stale (async mode)",
                                registry=self.registry)  # fmt: skip
+        self.lost_jobs = Counter("passk_trainer_lost_jobs", "Jobs found in no stream (lost by Redis) and scheduled "
+                                 "again", registry=self.registry)  # fmt: skip
         self.failed = Counter("passk_trainer_failed_verdicts", "Responses masked out for a failed grading",
                               registry=self.registry)  # fmt: skip
         self.phase = Histogram("passk_trainer_step_phase_seconds", "Step time by phase", ["phase"],

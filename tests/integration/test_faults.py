@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -81,9 +82,11 @@ class Cluster:
 
 
 @contextmanager
-def cluster(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2, stoppable: str = ""):
+def cluster(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2, stoppable: str = "", max_jobs: int = 2,
+            **trainer: object):  # fmt: skip
     """``stoppable`` names the service (``v0``, ``r0``, ...) the test stops in a read (it reads with a
-    long block; see tests/helpers/holding.py)."""
+    long block; see tests/helpers/holding.py); ``max_jobs``: each replica's jobs at once; ``trainer``:
+    more trainer settings."""
     logs = maze_data(tmp_path, test_per_size=2, seed=5)
     redis_server = RedisServer(tmp_path / "redis")
     run = Cluster(tmp_path, redis_server)
@@ -99,13 +102,15 @@ def cluster(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2, stop
                 run.verifiers.append(stack.enter_context(service(args, logs / f"v{i}.log", env=own)))
             for i in range(replicas):
                 own = {**env, "PASSK_ROLLOUT_BLOCK_MS": LONG_BLOCK_MS} if stoppable == f"r{i}" else env
-                args = ["serve", "rollout", "--model-dir", str(tiny_model), "--replica", f"r{i}", "--max-jobs", "2"]
+                args = ["serve", "rollout", "--model-dir", str(tiny_model), "--replica", f"r{i}", "--max-jobs",
+                        str(max_jobs)]  # fmt: skip
                 run.replicas.append(stack.enter_context(service([*args, *common], logs / f"r{i}.log", env=own)))
             port = free_port()
             command = trainer_args(
                 # the last verifier grades evaluations (a Service would route around a dead one)
                 tmp_path, redis_server.url, run.verifiers[-1][1], tiny_model, steps=STEPS, prompts_per_step=PROMPTS,
                 n_rollout=8, k=4, min_replicas=replicas, push_timeout_s=5, metrics_port=port, checkpoint_every=0,
+                **trainer,
             )  # fmt: skip
             with run.log.open("ab") as out:
                 run.trainer = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -190,6 +195,38 @@ def test_redis_killed_and_restarted_from_its_append_only_file(tmp_path, tiny_mod
     assert all(r["passk_rollout_redis_errors_total"] >= 1 for r in replicas)
     assert verifier["passk_verifier_redis_errors_total"] >= 1
     report("Redis SIGKILL, restart after 2 s", run.recovery(fault_at, rows), "streams and pending entries restored")
+
+
+def test_redis_losing_its_last_writes_loses_no_job(tmp_path, tiny_model):
+    # one job at a time per replica: of step 3's four jobs two wait unread in the stream while the
+    # other two are generated, and those two are in no stream once Redis comes back without them
+    with cluster(tmp_path, tiny_model, max_jobs=1, lost_job_check_s=2) as run:
+        run.watch(lambda: 2 in run.seen)
+        wait_for(lambda: any(b"-s3-" in f[b"data"] for _, f in run.redis.client.xrange("passk:prompts")), 120, 0.01)
+        port, workdir = run.redis.port, tmp_path / "redis"
+        run.note()
+        run.redis.process.kill()
+        run.redis.process.wait()
+        fault_at = time.monotonic()
+        # everything from step 3's first job on is gone, as if the last second's writes never reached the disk
+        (incr,) = (workdir / "appendonlydir").glob("*.incr.aof")
+        data = incr.read_bytes()
+        cut = data.rindex(b"\r\n*", 0, data.index(b"-s3-")) + 2  # the start of that command
+        incr.write_bytes(data[:cut])
+        run.redis = RedisServer(workdir, port=port)
+        assert not any(b"-s3-" in f[b"data"] for _, f in run.redis.client.xrange("passk:prompts"))
+        rows = run.finish()
+    log = run.log.read_text()
+    lost = log.count("(lost by Redis): scheduled again as")
+    assert lost >= 1, log[-3000:]
+    # each of step 3's jobs trained once: as itself (a replica had it in hand) or as its new copy
+    originals = [re.sub(r"-l\d+$", "", job) for row in rows for job in row["trained_jobs"]]
+    assert sorted(originals) == sorted({*originals}) and len(originals) == STEPS * PROMPTS
+    assert any(re.search(r"-l\d+$", job) for job in rows[2]["trained_jobs"])
+    assert_every_job_trained_once([{**row, "trained_jobs": [re.sub(r"-l\d+$", "", j) for j in row["trained_jobs"]]}
+                                   for row in rows])  # fmt: skip
+    report("Redis SIGKILL, its AOF cut back to before the step's jobs", run.recovery(fault_at, rows),
+           f"{lost} lost jobs found in no stream after {2} s without progress and scheduled again")  # fmt: skip
 
 
 def test_poison_messages_go_to_the_dead_letters_and_training_goes_on(tmp_path, tiny_model):
