@@ -34,6 +34,10 @@ class ConsumerSettings(BaseSettings):
     """After this many deliveries an entry goes to the dead-letter stream."""
     block_ms: int = Field(1000, ge=1)
     """How long one read waits for new entries."""
+    stop_grace_s: float = Field(20.0, ge=0, le=3600)
+    """On SIGTERM, how long the work in hand may take to finish; what is still unfinished then is
+    handed back (claimable by the other consumers at once). Keep it under the orchestrator's grace
+    period (Kubernetes: 30 s by default)."""
 
 
 class VerifierSettings(ConsumerSettings):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import signal
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -54,10 +55,22 @@ class HTTPLimits:
 
 
 def serve(app: Any, host: str, port: int, limits: HTTPLimits) -> None:
-    """Run ``app`` on ``host:port`` until SIGINT or SIGTERM, within ``limits``."""
+    """Run ``app`` on ``host:port`` until SIGINT or SIGTERM, within ``limits``; then return, so that
+    the caller stops the rest of the service (hands back its work) and exits 0."""
     raise_open_files_limit(limits.max_connections)
     protocol = type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits, "idle": {}})
-    uvicorn.run(app, host=host, port=port, log_level="warning", http=protocol)
+    # uvicorn raises the signal that stopped it again once it has shut down: under the default
+    # handlers that would kill the process before the caller's clean-up, with status -15
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, _frame: received.append(number))
+                for sig in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", http=protocol)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        log.info("stopping on %s", signal.Signals(received[0]).name)
 
 
 def raise_open_files_limit(connections: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -51,6 +52,16 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
             os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass  # no group left: nothing was left behind
+
+
+def exit_now(code: int = 0) -> None:
+    """End the process at once, its logs flushed: a service whose worker thread is still busy with
+    work it has handed back (interpreter shutdown would wait for it, or abort inside a native
+    library that thread is in: torch ends such a process with SIGABRT)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager

@@ -154,6 +154,19 @@ class StreamConsumer:
         self.on_dead_letter()
         log.error("dead-lettered %s from %s: %s", delivery.entry_id, self.stream, reason)
 
+    def hand_back(self) -> int:
+        """Make the entries this consumer holds unacked claimable by the group's other consumers at
+        once (a consumer that stops), instead of after ``claim_idle_ms``: they are marked idle that
+        long, without counting a delivery. Returns how many."""
+        held = self.client.xpending_range(self.stream, self.group, min="-", max="+", count=100_000,
+                                          consumername=self.consumer)  # fmt: skip
+        ids = [entry["message_id"] for entry in held]
+        if ids:
+            self.client.xclaim(self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids,
+                               idle=self.claim_idle_ms, justid=True)  # fmt: skip
+            log.info("handed back %d entries of %s", len(ids), self.stream)
+        return len(ids)
+
     def backlog(self) -> tuple[int, int]:
         """(lag, pending) of this group from one XINFO GROUPS: entries not yet delivered, and
         entries delivered but not acked (being worked on, or left by a dead consumer)."""

@@ -12,6 +12,7 @@ from services.common import http_server
 from services.common.config import RolloutSettings
 from services.common.logs import setup_logging
 from services.common.payload import remove_own_scratch, sweep_scratch
+from services.common.processes import exit_now
 from services.rollout.app import create_app
 from services.rollout.engine import Engine, HFEngine
 from services.rollout.service import Rollout
@@ -79,9 +80,10 @@ def run(settings: RolloutSettings) -> None:
         thread.start()
     try:
         http_server.serve(create_app(rollout), settings.host, settings.port, http_server.HTTPLimits.of(settings))
-    finally:
-        rollout.close()
+    finally:  # SIGTERM or SIGINT: uvicorn has stopped taking requests
+        rollout.close(queue=threads[0])
         grpc_server.stop(grace=2)
         remove_own_scratch()
-        for thread in threads:
-            thread.join(10)
+        threads[1].join(5)
+        if threads[0].is_alive():  # still generating what it handed back: leave without waiting for it
+            exit_now()

@@ -32,6 +32,8 @@ class Rollout:
         self.engine, self.settings, self.streams = engine, settings, streams or StreamNames()
         self.name = settings.replica or f"{socket.gethostname()}-{os.getpid()}"
         self.stop = threading.Event()
+        self.consumer: StreamConsumer | None = None  # the queue's, once made: close() hands back what it holds
+        self.handed_back = threading.Event()  # set once it has: what is still in hand is not published
         self.http_address = ""
         self.grpc_address = ""
         self.metrics = CollectorRegistry()
@@ -122,7 +124,7 @@ class Rollout:
 
     # -- the queue ---------------------------------------------------------
     def run_queue(self) -> None:
-        consumer = StreamConsumer(
+        self.consumer = consumer = StreamConsumer(
             self.client,
             self.streams.prompts,
             "rollout",
@@ -199,6 +201,8 @@ class Rollout:
                     samples=samples,
                     replica=self.name,
                 )
+                if self.handed_back.is_set():  # stopping, and another replica may have these jobs now
+                    return
                 publish(self.client, self.streams.rollouts, group)
                 consumer.ack(delivery)  # only after the group is in the next stream
                 self.groups.inc()
@@ -231,9 +235,16 @@ class Rollout:
         self.tokens.inc(sum(len(g.token_ids) for gens in generations for g in gens))
         return prompt_ids, generations
 
-    def close(self) -> None:
+    def close(self, queue: threading.Thread | None = None) -> None:
+        """Stop taking jobs; let the ones in hand finish (``stop_grace_s``), hand back the rest, and
+        leave the registry."""
         self.stop.set()
+        if queue is not None:
+            queue.join(self.settings.stop_grace_s)
         try:
+            if self.consumer is not None:
+                self.handed_back.set()
+                self.consumer.hand_back()
             registry.unregister(self.client, self.name)
-        except redis.ConnectionError:
-            pass
+        except redis.RedisError as err:  # they come back after claim_idle_ms, as a dead consumer's do
+            log.warning("could not hand back jobs or leave the registry: %s", err)

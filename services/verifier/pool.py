@@ -94,6 +94,7 @@ class Grader:
     def __init__(self, pid: int, sock: socket.socket, pidfd: int | None, workdir: Path) -> None:
         self.pid, self.sock, self.pidfd, self.workdir = pid, sock, pidfd, workdir
         self.graded = 0
+        self._reaping = threading.Lock()
         sock.setblocking(False)
 
     def alive(self) -> bool:
@@ -127,11 +128,13 @@ class Grader:
 
     def reap(self) -> None:
         """Wait for the (killed) process to be gone, then remove its directory: nothing writes there
-        any more. Takes milliseconds (a large address space to tear down): the pool does it aside."""
-        if self.pidfd is not None:
-            select.select([self.pidfd], [], [], 5.0)
-            os.close(self.pidfd)
-            self.pidfd = None
+        any more. Takes milliseconds (a large address space to tear down): the pool does it aside.
+        Safe to call twice at once (the pool's reaper and ``GraderPool.close``)."""
+        with self._reaping:
+            pidfd, self.pidfd = self.pidfd, None
+        if pidfd is not None:
+            select.select([pidfd], [], [], 5.0)
+            os.close(pidfd)
         shutil.rmtree(self.workdir, ignore_errors=True)  # fd-based: a link a grader left is not followed
 
 
@@ -510,6 +513,10 @@ class GraderPool:
     def close(self) -> None:
         self._closed.set()
         self.scheduler.close()
+        with self._graders_lock:
+            busy = list(self._graders)
+        for grader in busy:  # a slot waiting on a grader's answer is freed at once, not at its timeout
+            grader.kill()
         for slot in self._slots:
             slot.join(10)
         self._keeper.join(5)

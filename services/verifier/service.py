@@ -80,6 +80,8 @@ class Verifier:
         )
         self.stop = threading.Event()
         self.queue_thread: threading.Thread | None = None
+        self.consumer: StreamConsumer | None = None  # the queue's, once made: close() hands back what it holds
+        self.handed_back = threading.Event()  # set once it has: what is still in hand is not published
         self.consumer_state = "not started"  # "ok" after a read that worked, else what went wrong
 
     def _too_long(self, task: str, response: str) -> Verdict | None:
@@ -152,7 +154,7 @@ class Verifier:
         consumer: StreamConsumer | None = None
         while not self.stop.is_set():
             try:
-                consumer = consumer or make_consumer()
+                consumer = self.consumer = consumer or make_consumer()
                 deliveries = consumer.read()
                 self.consumer_state = "ok"
                 lag, pending = consumer.backlog()
@@ -162,7 +164,10 @@ class Verifier:
                     group = consumer.decode(delivery, RolloutGroup)
                     if group is None:
                         continue
-                    publish(client, self.streams.scored, self.score(group))
+                    scored = self.score(group)
+                    if self.handed_back.is_set():  # stopping, and another verifier may have the group now
+                        return
+                    publish(client, self.streams.scored, scored)
                     consumer.ack(delivery)
                     self.groups.inc()
             except (redis.ConnectionError, redis.TimeoutError) as err:  # Redis restarting: wait, then go on
@@ -193,7 +198,15 @@ class Verifier:
         return self.pool.healthy() and self.consumer_ok()
 
     def close(self) -> None:
+        """Stop taking groups; let the one in hand finish (``stop_grace_s``), hand back the rest,
+        and stop every grader process."""
         self.stop.set()
         if self.queue_thread is not None:
-            self.queue_thread.join(10)
+            self.queue_thread.join(self.settings.stop_grace_s)
+        if self.consumer is not None:
+            self.handed_back.set()
+            try:
+                self.consumer.hand_back()
+            except redis.RedisError as err:  # they come back after claim_idle_ms, as a dead consumer's do
+                log.warning("could not hand back groups: %s", err)
         self.pool.close()
