@@ -9,7 +9,26 @@ the same tree from the same list.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+
+MAX_RELAY = 4096  # replicas one push may name
+MAX_FANOUT = 64
+ADDRESS = re.compile(r"^[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$")
+
+
+def check(members: Sequence[str], fanout: int) -> None:
+    """ValueError naming what is wrong with a relay list from a push: too many, not host:port, named
+    twice (a cycle), or a fan-out out of range."""
+    if not 0 <= fanout <= MAX_FANOUT:
+        raise ValueError(f"fanout must be 0..{MAX_FANOUT}, got {fanout}")
+    if len(members) > MAX_RELAY:
+        raise ValueError(f"at most {MAX_RELAY} replicas to relay to, got {len(members)}")
+    bad = next((m for m in members if not ADDRESS.match(m)), None)
+    if bad is not None:
+        raise ValueError(f"relay address {bad[:80]!r} is not host:port")
+    if len(set(members)) != len(members):
+        raise ValueError("a replica is named twice in the relay list")
 
 
 def subtrees(members: Sequence[str], fanout: int) -> list[tuple[str, list[str]]]:

@@ -19,9 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from services.common.fanout import subtrees
+from services.common.fanout import check, subtrees
 from services.common.payload import DATA_TAG, varint
-from services.common.weights import CHUNK_BYTES, Chunk, channel, pb, push_call
+from services.common.weights import CHUNK_BYTES, Chunk, WeightTransferError, channel, pb, push_call
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class Relay:
         self.first = first
         if not first.relay:
             return
+        try:
+            check(first.relay, first.fanout)
+        except ValueError as err:
+            raise WeightTransferError(str(err)) from None
         self.fd = os.open(path, os.O_RDONLY)  # kept open: the file may be removed while children still read it
         for child, rest in subtrees(first.relay, max(first.fanout, 1)):
             thread = threading.Thread(target=self._feed, args=(child, rest), name=f"relay-{child}", daemon=True)

@@ -126,7 +126,12 @@ class WeightReceiver(pb_grpc.WeightsServicer):
                 error = f"asked to forward version {request.version} (epoch {request.epoch}), but {have} is kept"
                 return pb.PushReply(accepted=False, version=self.engine.version, epoch=self.engine.epoch, error=error)
             first = Chunk(kept.version, kept.size, "", b"", kept.epoch, tuple(request.relay), request.fanout)
-            relay.opened(first, kept.path)
+            try:
+                relay.opened(first, kept.path)
+            except WeightTransferError as err:
+                return pb.PushReply(
+                    accepted=False, version=self.engine.version, epoch=self.engine.epoch, error=str(err)
+                )
         relay.wrote(kept.size)
         relay.arrived(kept.checksum)
         reply = pb.PushReply(accepted=True, version=kept.version, epoch=kept.epoch)

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from services.common import registry
+from services.common.payload import Payload
 from services.common.redis_server import free_port
-from services.common.weights import status
+from services.common.weights import push, status
 from services.trainer.config import TrainerSettings
 from services.trainer.publisher import Publisher
 from tests.helpers.procs import service, wait_for
@@ -135,3 +136,15 @@ def test_a_late_replica_whose_peer_fails_is_caught_up_from_the_trainer(redis_ser
         pub.close()
         assert pub.peer_failed == {late.grpc}  # the ghost never reached it ...
         assert pub.catch_up_bytes == len(pub.payload(state, "float32", copy=False))  # ... so the trainer did
+
+
+def test_a_push_with_a_bad_relay_list_is_refused_and_nothing_is_passed_on(replicas, tiny_model):
+    _, client = replicas
+    head = registry.live_replicas(client)[0]
+    before = status(head.grpc, token=TOKEN)
+    state = {name: t * 0.98 for name, t in load_file(tiny_model / "model.safetensors").items()}
+    payload = Payload.of_tensors(state)
+    for relay, message in ((["10.0.0.9:1", "10.0.0.9:1"], "named twice"), (["not an address"], "is not host:port")):
+        reply = push(head.grpc, 1, payload, epoch=before.epoch + 1, token=TOKEN, relay=relay, fanout=1)
+        assert not reply.accepted and message in reply.error and not reply.relayed
+    assert status(head.grpc, token=TOKEN).epoch == before.epoch  # it still serves what it did
