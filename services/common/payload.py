@@ -83,13 +83,13 @@ def sweep_scratch() -> list[Path]:
     removed = []
     for path in scratch_dir().glob("passk-*"):
         pid = path.name.removeprefix("passk-")
-        if path.is_dir() and pid.isdigit() and not _running(int(pid)):
+        if path.is_dir() and pid.isdigit() and not running(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether ``pid`` is a process that still runs (a zombie, dead but not yet reaped, does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

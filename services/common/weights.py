@@ -265,7 +265,8 @@ def check_token(context: grpc.ServicerContext, token: str | None) -> None:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
 
-def _metadata(token: str | None) -> list[tuple[str, str]] | None:
+def bearer(token: str | None) -> list[tuple[str, str]] | None:
+    """The gRPC metadata carrying ``token``, or None without one (what ``check_token`` checks)."""
     return [("authorization", f"Bearer {token}")] if token else None
 
 
@@ -303,7 +304,7 @@ def push(
     returns its PushReply (grpc.RpcError on transport failure)."""
     stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout)
     with channel(address, tls_ca) as channel_:
-        return push_call(channel_)(stream, timeout=timeout_s, metadata=_metadata(token))
+        return push_call(channel_)(stream, timeout=timeout_s, metadata=bearer(token))
 
 
 def push_frames(
@@ -316,7 +317,7 @@ def push_frames(
 ) -> object:
     """Push already framed WeightChunks (a delta: ``delta.frames``); returns the PushReply."""
     with channel(address, tls_ca) as channel_:
-        return push_call(channel_)(iter(frames), timeout=timeout_s, metadata=_metadata(token))
+        return push_call(channel_)(iter(frames), timeout=timeout_s, metadata=bearer(token))
 
 
 def forward(
@@ -334,9 +335,9 @@ def forward(
     ``relay`` (a tree of ``fanout``; 0: to each itself); returns its PushReply."""
     request = pb.ForwardRequest(version=version, epoch=epoch, relay=relay, fanout=fanout or len(relay))
     with channel(address, tls_ca) as channel_:
-        return pb_grpc.WeightsStub(channel_).Forward(request, timeout=timeout_s, metadata=_metadata(token))
+        return pb_grpc.WeightsStub(channel_).Forward(request, timeout=timeout_s, metadata=bearer(token))
 
 
 def status(address: str, *, token: str | None = None, tls_ca: bytes | None = None, timeout_s: float = 5.0) -> object:
     with channel(address, tls_ca) as channel_:
-        return pb_grpc.WeightsStub(channel_).Status(pb.StatusRequest(), timeout=timeout_s, metadata=_metadata(token))
+        return pb_grpc.WeightsStub(channel_).Status(pb.StatusRequest(), timeout=timeout_s, metadata=bearer(token))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from services.common.fanout import check, subtrees
 from services.common.payload import DATA_TAG, varint
-from services.common.weights import CHUNK_BYTES, Chunk, WeightTransferError, channel, pb, push_call
+from services.common.weights import CHUNK_BYTES, Chunk, WeightTransferError, bearer, channel, pb, push_call
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,9 @@ class Relay:
     def _feed(self, child: str, rest: list[str]) -> None:
         result = pb.RelayResult(address=child)
         try:
-            metadata = [("authorization", f"Bearer {self.token}")] if self.token else None
             with channel(child, self.tls_ca) as channel_:
                 timeout = max(0.001, self.deadline - time.monotonic())
-                reply = push_call(channel_)(self._stream(rest), timeout=timeout, metadata=metadata)
+                reply = push_call(channel_)(self._stream(rest), timeout=timeout, metadata=bearer(self.token))
             result.accepted, result.version, result.epoch, result.error = (
                 reply.accepted, reply.version, reply.epoch, reply.error)  # fmt: skip
             self.results.extend(reply.relayed)

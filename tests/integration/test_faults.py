@@ -70,6 +70,16 @@ class Cluster:
         """Take note of the steps finished so far (before a fault)."""
         self.watch(lambda: True)
 
+    def kill_redis_in_step(self, step: int) -> float:
+        """SIGKILL Redis once the step's jobs are out (groups in flight); returns when it died."""
+        self.watch(lambda: step - 1 in self.seen)
+        wait_for(lambda: any(f"-s{step}-".encode() in f[b"data"] for _, f in self.redis.client.xrange("passk:prompts")),
+                 120, 0.01)  # fmt: skip
+        self.note()
+        self.redis.process.kill()
+        self.redis.process.wait()
+        return time.monotonic()
+
     def finish(self, timeout_s: float = 300) -> list[dict]:
         self.watch(lambda: self.trainer.poll() is not None, timeout_s)
         assert self.trainer.returncode == 0, self.log.read_text()[-3000:]
@@ -178,14 +188,8 @@ def test_a_frozen_replica_is_presumed_dead_and_its_late_work_not_trained_twice(t
 
 def test_redis_killed_and_restarted_from_its_append_only_file(tmp_path, tiny_model):
     with cluster(tmp_path, tiny_model) as run:
-        run.watch(lambda: 2 in run.seen)
-        # into step 3: its jobs are out (groups in flight)
-        wait_for(lambda: any(b"-s3-" in f[b"data"] for _, f in run.redis.client.xrange("passk:prompts")), 120, 0.01)
         port, workdir = run.redis.port, tmp_path / "redis"
-        run.note()
-        run.redis.process.kill()
-        run.redis.process.wait()
-        fault_at = time.monotonic()
+        fault_at = run.kill_redis_in_step(3)
         time.sleep(2)
         run.redis = RedisServer(workdir, port=port)
         rows = run.finish()
@@ -201,13 +205,8 @@ def test_redis_losing_its_last_writes_loses_no_job(tmp_path, tiny_model):
     # one job at a time per replica: of step 3's four jobs two wait unread in the stream while the
     # other two are generated, and those two are in no stream once Redis comes back without them
     with cluster(tmp_path, tiny_model, max_jobs=1, lost_job_check_s=2) as run:
-        run.watch(lambda: 2 in run.seen)
-        wait_for(lambda: any(b"-s3-" in f[b"data"] for _, f in run.redis.client.xrange("passk:prompts")), 120, 0.01)
         port, workdir = run.redis.port, tmp_path / "redis"
-        run.note()
-        run.redis.process.kill()
-        run.redis.process.wait()
-        fault_at = time.monotonic()
+        fault_at = run.kill_redis_in_step(3)
         # everything from step 3's first job on is gone, as if the last second's writes never reached the disk
         (incr,) = (workdir / "appendonlydir").glob("*.incr.aof")
         data = incr.read_bytes()

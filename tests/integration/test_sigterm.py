@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from services.common.config import StreamNames
+from services.common.payload import running
 from services.common.schemas import PromptJob, RolloutGroup, Sample, SamplingParams
 from services.common.streams import StreamConsumer, publish
 from tests.helpers.procs import descendants, service, sleeping_grader, wait_for
@@ -27,16 +28,8 @@ def stop_with_sigterm(process, timeout_s: float = 60) -> tuple[int, list[int]]:
     below = descendants(process.pid)
     process.send_signal(signal.SIGTERM)
     code = process.wait(timeout_s)
-    alive = [pid for pid in below if _alive(pid)]
+    alive = [pid for pid in below if running(pid)]
     return code, alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("grace", [0.0, 60.0])

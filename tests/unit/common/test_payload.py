@@ -99,13 +99,13 @@ def test_the_sweep_removes_the_scratch_of_dead_and_zombie_processes_only():
     import os
     import subprocess
 
-    from services.common.payload import own_scratch, scratch_dir, sweep_scratch
+    from services.common.payload import own_scratch, running, scratch_dir, sweep_scratch
     from tests.helpers.procs import wait_for
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # reaped: its pid is gone
     zombie = subprocess.Popen(["true"])  # exits, and stays a zombie until waited for
-    wait_for(lambda: open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[-1].split()[0] == "Z", what="a zombie")
+    wait_for(lambda: not running(zombie.pid), what="a zombie")
     folders = {pid: scratch_dir() / f"passk-{pid}" for pid in (dead.pid, zombie.pid)}
     for folder in folders.values():
         folder.mkdir(exist_ok=True)
