@@ -284,6 +284,8 @@ def up(preset: Path, overrides: list[str], replicas: int, resume: bool = False, 
                 "trainer": [f"127.0.0.1:{metrics_port}"],
             }  # fmt: skip
             prometheus_url = start_prometheus(cluster, prometheus_binary, targets)
+            # a short run can end between two scrapes: the trainer's /metrics stays up until one has read it
+            trainer_overrides.append("metrics_linger_s=30")
             console.print(f"prometheus: {prometheus_url}/graph (the jobs and alert rules of deploy/)")
         trainer = cluster.start(
             "trainer",

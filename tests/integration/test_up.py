@@ -92,7 +92,7 @@ def test_up_with_prometheus_scrapes_every_process_and_serves_until_stopped(tiny_
         counts = {r["metric"]["job"]: int(r["value"][1]) for r in reply.json()["data"]["result"]}
         assert counts == {"rollout": 2, "verifier": 1, "trainer": 1, "prometheus": 1}
         reply = httpx.get(f"{url}/api/v1/query", params={"query": "max_over_time(passk_trainer_step[10m])"})
-        assert float(reply.json()["data"]["result"][0]["value"][1]) >= 1
+        assert float(reply.json()["data"]["result"][0]["value"][1]) == 6  # the last step too (metrics_linger_s)
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
         with pytest.raises(httpx.ConnectError):
