@@ -560,12 +560,18 @@ def train(
     from services.common.logs import setup_logging
 
     settings, mixture = _checked_settings(preset, set_)
-    from services.trainer import checkpoint
+    from services.trainer import checkpoint, stop
     from services.trainer.loop import Trainer
 
     setup_logging("trainer")
     resume = resume or (resume_if_present and checkpoint.latest(Path(settings.run_dir)) is not None)
-    Trainer(settings, resume=resume, mixture=mixture).run()  # the mixture's data, read once
+    trainer = Trainer(settings, resume=resume, mixture=mixture)  # the mixture's data, read once
+    trainer.stop.install()
+    try:
+        trainer.run()
+    except stop.Stopped as stopped:
+        typer.echo(f"{stopped}; --resume goes on from there", err=True)
+        raise typer.Exit(stop.EXIT_CODE) from None
 
 
 @app.command("eval")

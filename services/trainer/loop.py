@@ -40,6 +40,7 @@ from services.trainer.outcome_bonus import RunBonus
 from services.trainer.prometheus import TrainerMetrics
 from services.trainer.publisher import Publisher
 from services.trainer.step import Optimization, train_on
+from services.trainer.stop import Stopped, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Trainer:
 
         self.s, self.streams = settings, streams or StreamNames()
         self.ranks = distributed.init(settings.device)
+        self.stop = StopRequest()  # SIGTERM, once the CLI installs it (every rank: rank 0 decides)
         torch.set_num_threads(settings.threads)
         torch.manual_seed(settings.seed)
         self.rng = random.Random(settings.seed)  # the prompt sampler
@@ -141,6 +143,9 @@ class Trainer:
         # groups of scheduled jobs that came while other jobs were collected (the next step's, during an evaluation)
         self.early: dict[str, ScoredGroup] = {}
         self.lost_count = 0  # jobs scheduled again because Redis lost them: their ids' suffix
+        # the last step completed by this process, with what a checkpoint of it holds beyond the
+        # model: the prompt sampler's state and the RNGs at its end (a stop checkpoints it)
+        self.completed: tuple[int, object, tuple] | None = None
 
     @property
     def policy(self) -> Policy:
@@ -159,6 +164,7 @@ class Trainer:
                 self.record_eval()
             jobs = None
             for step in range(self.first_step, self.s.steps + 1):
+                self.check_stop()
                 metrics, jobs = self.step(step, jobs)
                 if progress:
                     progress(metrics)
@@ -168,6 +174,9 @@ class Trainer:
                 self.record_eval()
             if self.s.metrics_linger_s and not self.prometheus.linger(self.s.metrics_linger_s):
                 log.warning("no scrape of /metrics within %.0f s of the last step", self.s.metrics_linger_s)
+        except Stopped:
+            self.checkpoint_on_stop()
+            raise
         finally:
             distributed.broadcast(None, self.ranks)  # the other ranks stop
             self.writer.close()
@@ -181,6 +190,9 @@ class Trainer:
         try:
             self.gather()  # rank 0 publishes the starting version
             while (message := distributed.broadcast(None, self.ranks)) is not None:
+                if message[0] == "checkpoint":  # rank 0 stops: its checkpoint gathers the optimizer's shards
+                    distributed.optimizer_state(self.model, self.opt.optimizer, self.s.fsdp)
+                    continue
                 step, version, batch = message
                 train_on(batch, self.opt, self.s, stage_at(self.s, step), version, self.ranks)
                 self.gather()  # the collectives rank 0 makes for publishing and checkpointing, in its order
@@ -192,6 +204,7 @@ class Trainer:
     def wait_for_replicas(self, timeout_s: float = 600) -> None:
         deadline = time.monotonic() + timeout_s
         while len(registry.live_replicas(self.client)) < self.s.min_replicas:
+            self.check_stop()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"fewer than {self.s.min_replicas} rollout replicas registered after {timeout_s} s")
             time.sleep(0.5)
@@ -227,6 +240,7 @@ class Trainer:
         metrics["weight_relay_depth"] = self.publisher.relay_depth
         if self.checkpoint_due(step):
             self.save_checkpoint(step, sampler, state)
+        self.completed = (step, sampler, checkpoint.capture_rng())
         metrics.update(
             step=step, version=self.version, rollout_s=t1 - t0, waiting_s=waited, train_s=t2 - t1,
             step_s=time.monotonic() - t0, staleness_mean=sum(staleness) / len(staleness),
@@ -256,8 +270,9 @@ class Trainer:
         from every rank (a collective: every rank calls it at the same points)."""
         return distributed.full_state(self.model, self.s.fsdp)
 
-    def save_checkpoint(self, step: int, sampler: object, state: dict[str, torch.Tensor]) -> None:
-        torch_rng, cuda_rng, python_rng = checkpoint.capture_rng()
+    def save_checkpoint(self, step: int, sampler: object, state: dict[str, torch.Tensor], rng: tuple = ()) -> None:
+        """``rng``: the RNG states to record (``capture_rng``'s), when not the current ones."""
+        torch_rng, cuda_rng, python_rng = rng or checkpoint.capture_rng()
         record = checkpoint.State(
             step=step,
             version=self.version,
@@ -272,6 +287,22 @@ class Trainer:
         checkpoint.save(self.run_dir, self.model, self.tokenizer, record, self.s.keep_checkpoints, model_state=whole)
         if self.bonus is not None:
             self.bonus.checkpointed(step)
+
+    def check_stop(self) -> None:
+        """Raise ``Stopped`` if SIGTERM came: called only where nothing of a step is half done."""
+        if self.stop.requested:
+            raise Stopped(self.completed[0] if self.completed else self.first_step - 1)
+
+    def checkpoint_on_stop(self) -> None:
+        """The last step completed in this process, checkpointed unless it already is: a restart with
+        ``--resume-if-present`` goes on from the step after it, having trained nothing twice."""
+        if self.completed is None or self.checkpoint_due(self.completed[0]):
+            return
+        step, sampler, rng = self.completed
+        if self.s.fsdp:  # the optimizer's shards are gathered from every rank
+            distributed.broadcast(("checkpoint", step), self.ranks)
+        self.save_checkpoint(step, sampler, self.full_state, rng)
+        log.warning("stopped: checkpointed step %d", step)
 
     # -- rollouts ------------------------------------------------------------
     def schedule(self, step: int) -> list[PromptJob]:
@@ -340,6 +371,7 @@ class Trainer:
         for job_id in [job_id for job_id in waiting if job_id in self.early]:
             take(self.early.pop(job_id))
         while waiting:
+            self.check_stop()  # the step is abandoned: its groups belong to this epoch, never to a resumed run
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(waiting)} scored groups missing: none came in {self.s.group_timeout_s} s")
             if time.monotonic() - progress > self.s.lost_job_check_s:

@@ -80,3 +80,75 @@ def test_a_verifier_hands_back_the_group_it_grades_and_stops_its_graders(redis_s
     assert code == 0 and alive == []  # the template and the sleeping grader went with it
     [held] = held_by(client, streams.rollouts, "verifier", "v-term")
     assert held["time_since_delivered"] >= CLAIM_IDLE_MS and client.xlen(streams.scored) == 0
+
+
+def test_the_trainer_checkpoints_its_last_step_and_a_restart_trains_nothing_twice(redis_server, tiny_model, tmp_path):
+    """SIGTERM mid-run: the step being collected is abandoned, the last completed one is checkpointed
+    (there is no other: checkpoint_every = 0), the trainer exits 143 (stopped, not finished: a Job
+    restarts it), and ``--resume-if-present`` ends where a run that never stopped ends: the same
+    weights, optimizer, scheduler, sampler and torch RNG."""
+    import json
+    import os
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    from services.trainer.stop import EXIT_CODE
+    from tests.helpers.cluster import maze_data, trainer_args
+    from tests.integration.test_resume import assert_same_tensors
+
+    client = redis_server.client
+    client.flushdb()
+    logs = maze_data(tmp_path, test_per_size=2, seed=5)
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    steps = 5
+    common = ["--redis-url", redis_server.url]
+
+    def rows(where):
+        path = where / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    with (
+        service(["serve", "verifier", *common], logs / "verifier.log") as (_, verifier_url),
+        service(["serve", "rollout", "--model-dir", str(tiny_model), "--replica", "r0", *common], logs / "r0.log"),
+    ):
+        command = trainer_args(tmp_path, redis_server.url, verifier_url, tiny_model, steps=steps,
+                               prompts_per_step=4, n_rollout=8, k=4, checkpoint_every=0, mini_batch_prompts=2,
+                               noise_rewards=0.5)  # fmt: skip
+        command += ["--resume-if-present"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with (logs / "trainer-1.log").open("wb") as out:
+            first = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(lambda: len(rows(run)) >= 2, 600, 0.05, what="two steps")
+            code, alive = stop_with_sigterm(first)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        log = (logs / "trainer-1.log").read_text()
+        assert code == EXIT_CODE and alive == [], log[-3000:]
+        done = len(rows(run))
+        assert 2 <= done < steps
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{done:06d}"], log[-3000:]
+        for attempt, where in (("trainer-2", run), ("trainer-straight", straight)):
+            with (logs / f"{attempt}.log").open("wb") as out:
+                again = subprocess.run([*command, "--set", f"run_dir='{where}'"], check=False, stdout=out,
+                                       stderr=subprocess.STDOUT, env=env, timeout=900)  # fmt: skip
+            assert again.returncode == 0, (logs / f"{attempt}.log").read_text()[-3000:]
+    assert [m["step"] for m in rows(run)] == list(range(1, steps + 1))  # none twice, none skipped
+    kept = [job for m in rows(run) for job in m["trained_jobs"]]
+    assert len(kept) == len(set(kept)) == steps * 4
+    for old, new in zip(rows(straight), rows(run), strict=True):
+        assert new["loss"] == pytest.approx(old["loss"], rel=1e-4, abs=1e-7)
+        assert new["grad_norm"] == pytest.approx(old["grad_norm"], rel=1e-4, abs=1e-7)
+    last = f"step-{steps:06d}"
+    assert_same_tensors(load_file(run / "checkpoints" / last / "model.safetensors"),
+                        load_file(straight / "checkpoints" / last / "model.safetensors"), "weights")  # fmt: skip
+    resumed, uninterrupted = (
+        torch.load(w / "checkpoints" / last / "trainer.pt", weights_only=True) for w in (run, straight)
+    )
+    # (Python's global RNG is not compared: it also serves what differs between any two runs, such as
+    # temporary names, so not even two uninterrupted runs agree on it)
+    for key in ("step", "version", "optimizer", "scheduler", "sampler", "torch_rng"):
+        assert_same_tensors(resumed[key], uninterrupted[key], key)
