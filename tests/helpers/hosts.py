@@ -124,6 +124,23 @@ class Hosts:
     def heal(self, name: str) -> None:
         _ip("-n", self.switch, "link", "set", self.hosts[name].port_device, "up")
 
+    def block(self, a: str, b: str) -> None:
+        """Drop every packet between hosts ``a`` and ``b``, leaving both on the network: a partition
+        between these two alone. Each drops what arrives from the other (iptables in its own
+        namespace; this kernel has no tc actions), so the sender's packets leave and vanish, as over
+        a broken path, rather than failing at once. ``unblock`` lifts it; the rules go with the
+        namespaces."""
+        self._filter("-A", a, b)
+
+    def unblock(self, a: str, b: str) -> None:
+        self._filter("-D", a, b)
+
+    def _filter(self, action: str, a: str, b: str) -> None:
+        for here, there in ((a, b), (b, a)):
+            rule = ["INPUT", "-s", f"{self.hosts[there].address}/32", "-j", "DROP"]
+            subprocess.run(self.hosts[here].argv(["iptables", action, *rule]), check=True, capture_output=True,
+                           text=True)  # fmt: skip
+
     def namespaces(self) -> list[str]:
         return [self.switch, *(h.namespace for h in self.hosts.values())]
 
@@ -174,3 +191,33 @@ class UnixRedis:
 
     def close(self) -> None:
         stop(self.process)
+
+
+class HostRedis:
+    """A redis-server on a host, on its TCP address (``url``: what the other hosts use, through their
+    links), and on a Unix socket for the test itself (``client``: no link, so it sees Redis's state
+    while a host is cut off)."""
+
+    def __init__(self, host: Host, directory: Path, port: int = 6379) -> None:
+        import redis
+
+        self.socket = directory / "redis.sock"
+        self.process = subprocess.Popen(
+            host.argv(["redis-server", "--bind", host.address, "--port", str(port), "--unixsocket", str(self.socket),
+                       "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(directory),
+                       "--protected-mode", "no"]),
+            stdout=(directory / "redis.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        host.processes.append(self.process)
+        self.url = f"redis://{host.address}:{port}/0"
+        self.client = redis.Redis(unix_socket_path=str(self.socket))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.client.ping()
+                return
+            except (redis.ConnectionError, FileNotFoundError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = (directory / "redis.log").read_text()[-500:]
+                    raise RuntimeError(f"redis-server did not start: {log}") from None
+                time.sleep(0.05)

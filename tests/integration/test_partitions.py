@@ -1,0 +1,211 @@
+"""Faults between machines, on emulated hosts (tests/helpers/hosts.py): Redis, each verifier, each
+rollout replica and the trainer on a host of its own, talking only through their links. A host is
+partitioned by unplugging its link (no RST, no FIN: its TCP connections hang as over a dead
+switch) while it holds work, for longer than ``claim_idle_ms``, then plugged back; or the trainer
+is cut from one replica alone (each drops the packets of the other) around a push to it.
+After each the run finishes, every scheduled job is trained on exactly once, and the partitioned
+service's late work is skipped as a replay.
+
+Each test prints a ``RELIABILITY | ...`` line with what it measured (docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from services.common import registry
+from tests.helpers import hosts as emulated
+from tests.helpers.cluster import maze_data, trainer_args
+from tests.helpers.holding import LONG_BLOCK_MS, blocked_read, held
+from tests.helpers.procs import wait_for
+from tests.integration.test_faults import CLAIM_IDLE_MS, PROMPTS, STEPS, assert_every_job_trained_once, report
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(emulated.unavailable()), reason=f"emulated hosts: {emulated.unavailable()}"),
+]
+
+TOKEN = "partition-s3cret"
+PUSH_TIMEOUT_S = 5
+
+
+@dataclass
+class Net:
+    tmp: Path
+    lab: emulated.Hosts
+    redis: emulated.HostRedis
+    services: dict[str, tuple[emulated.Host, subprocess.Popen]] = field(default_factory=dict)
+    trainer: subprocess.Popen | None = None
+    seen: dict[int, float] = field(default_factory=dict)  # step -> when its metrics line appeared
+
+    @property
+    def log(self) -> Path:
+        return self.tmp / "logs" / "trainer.log"
+
+    def rows(self) -> list[dict]:
+        path = self.tmp / "run" / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def watch(self, until, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for row in self.rows():
+                self.seen.setdefault(row["step"], time.monotonic())
+            if until():
+                return
+            assert self.trainer.poll() in (None, 0), self.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"timed out; steps {sorted(self.seen)}\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.05)
+
+    def finish(self, timeout_s: float = 600) -> list[dict]:
+        self.watch(lambda: self.trainer.poll() is not None, timeout_s)
+        assert self.trainer.returncode == 0, self.log.read_text()[-3000:]
+        return self.rows()
+
+    def recovery(self, fault_at: float, rows: list[dict]) -> tuple[float, float, float]:
+        step, seen = min(((s, t) for s, t in self.seen.items() if t > fault_at), key=lambda st: st[1])
+        return seen - fault_at, rows[step - 1]["step_s"], sorted(r["step_s"] for r in rows)[len(rows) // 2]
+
+    def cut_holding(self, name: str, *, stream: str, group: str, connection: str, tries: int = 5) -> int:
+        """Unplug ``name``'s link while it waits in a read, then let Redis hand that read entries (which
+        never reach it): the host holds work it cannot do or give back. Returns how many it holds."""
+        for _ in range(tries):
+            wait_for(lambda: blocked_read(self.redis.client, connection), 300, 0.01, what=f"{name} reading")
+            self.lab.cut(name)
+            try:
+                return wait_for(lambda: held(self.redis.client, stream, group, name), 30, 0.01)
+            except AssertionError:  # it had left the read before the cut, and could not start another
+                self.lab.heal(name)
+        raise AssertionError(f"{name} never held entries when cut")
+
+
+@contextmanager
+def network(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2, stoppable: str = "", rate_mbit=None,
+            **trainer: object):  # fmt: skip
+    """``stoppable``: the service (``v0``, ``r0``) that reads with a long block, so that it can be cut
+    while it waits in a read (tests/helpers/holding.py)."""
+    logs = maze_data(tmp_path, test_per_size=2, seed=5)
+    with emulated.Hosts() as lab:
+        net = Net(tmp_path, lab, emulated.HostRedis(lab.add("redis", rate_mbit), tmp_path))
+        common = ["--redis-url", net.redis.url, "--claim-idle-ms", str(CLAIM_IDLE_MS)]
+        for i in range(verifiers):
+            host = lab.add(f"v{i}", rate_mbit)
+            env = {"PASSK_VERIFIER_CONSUMER": f"v{i}"}
+            if stoppable == f"v{i}":
+                env["PASSK_VERIFIER_BLOCK_MS"] = LONG_BLOCK_MS
+            args = ["-m", "services.cli", "serve", "verifier", *common, "--host", host.address, "--port", "8100"]
+            net.services[f"v{i}"] = host, host.python(args, logs / f"v{i}.log", env=env)
+        for i in range(replicas):
+            host = lab.add(f"r{i}", rate_mbit)
+            env = {"PASSK_ROLLOUT_BLOCK_MS": LONG_BLOCK_MS} if stoppable == f"r{i}" else {}
+            args = ["-m", "services.cli", "serve", "rollout", "--model-dir", str(tiny_model), "--replica", f"r{i}",
+                    "--max-jobs", "2", "--host", host.address, "--port", "8200", "--grpc-port", "50051",
+                    "--weights-token", TOKEN, *common]  # fmt: skip
+            net.services[f"r{i}"] = host, host.python(args, logs / f"r{i}.log", env=env)
+        wait_for(lambda: len(registry.live_replicas(net.redis.client)) == replicas, 300, what="replicas registered")
+        trainer_host = lab.add("trainer", rate_mbit)
+        verifier_url = f"http://{net.services[f'v{verifiers - 1}'][0].address}:8100"
+        command = trainer_args(
+            tmp_path, net.redis.url, verifier_url, tiny_model, steps=STEPS, prompts_per_step=PROMPTS, n_rollout=8,
+            k=4, min_replicas=replicas, checkpoint_every=0, **{"push_timeout_s": PUSH_TIMEOUT_S, **trainer},
+        )  # fmt: skip
+        net.trainer = trainer_host.python(command[1:], net.log, env={"PASSK_TRAINER_WEIGHTS_TOKEN": TOKEN})
+        yield net
+    assert not lab.leftovers()
+
+
+def test_a_replica_partitioned_while_it_holds_jobs(tmp_path, tiny_model):
+    with network(tmp_path, tiny_model, stoppable="r0") as net:
+        net.watch(lambda: 2 in net.seen)
+        holding = net.cut_holding("r0", stream="passk:prompts", group="rollout", connection="passk-rollout:r0")
+        fault_at = time.monotonic()
+        # cut off until r1 has taken its jobs over (after claim_idle_ms); then back, while the run goes on
+        wait_for(lambda: not held(net.redis.client, "passk:prompts", "rollout", "r0"), 120, 0.05, what="claimed")
+        net.lab.heal("r0")
+        healed_at = time.monotonic()
+        rows = net.finish()
+        # back in the registry, brought to the run's last version
+        final = wait_for(
+            lambda: {r.replica: r.version for r in registry.live_replicas(net.redis.client)}.get("r0") == STEPS, 120
+        )
+        log = net.log.read_text()
+    assert final
+    assert_every_job_trained_once(rows)
+    assert "skipped scored group" in log  # its late groups, done again by r1 meanwhile, were replays
+    back = time.monotonic() - healed_at
+    report("rollout replica partitioned from every host", net.recovery(fault_at, rows),
+           f"{holding} held jobs claimed by r1 after {CLAIM_IDLE_MS} ms; its late groups skipped; healed, it serves"
+           f" the last version ({back:.0f} s after the heal)")  # fmt: skip
+
+
+def test_a_verifier_partitioned_while_it_holds_groups(tmp_path, tiny_model):
+    with network(tmp_path, tiny_model, verifiers=2, stoppable="v0") as net:
+        net.watch(lambda: 2 in net.seen)
+        holding = net.cut_holding("v0", stream="passk:rollouts", group="verifier", connection="passk-verifier:v0")
+        fault_at = time.monotonic()
+        wait_for(lambda: not held(net.redis.client, "passk:rollouts", "verifier", "v0"), 120, 0.05, what="claimed")
+        net.lab.heal("v0")  # it grades what it held and publishes it: groups the trainer already has
+        rows = net.finish()
+        log = net.log.read_text()
+    assert_every_job_trained_once(rows)
+    assert "skipped scored group" in log
+    report("verifier partitioned from every host", net.recovery(fault_at, rows),
+           f"{holding} held groups claimed by v1 after {CLAIM_IDLE_MS} ms; its late scores skipped")  # fmt: skip
+
+
+def receiving(version: int) -> list[Path]:
+    from services.common.payload import scratch_dir
+
+    return sorted(scratch_dir().glob(f"passk-*/passk-v{version}-*.safetensors"))
+
+
+def test_the_trainer_cut_from_one_replica_while_it_pushes_to_it(tmp_path, tiny_model):
+    """Links of 16 Mbit/s, so that a push of the tiny model takes seconds; the trainer and r0 stop
+    reaching each other once a version is on its way to r0 (both still reach Redis and the rest), for
+    a step: the pushes to r0 hang until their deadline, r0 falls a version behind, and a peer brings
+    it back."""
+    with network(tmp_path, tiny_model, rate_mbit=16, push_timeout_s=PUSH_TIMEOUT_S * 4) as net:
+        net.watch(lambda: 2 in net.seen)
+        version = max(net.seen) + 1
+        wait_for(lambda: receiving(version), 300, 0.01, what=f"version {version} on its way")
+        net.lab.block("trainer", "r0")
+        fault_at = time.monotonic()
+        net.watch(lambda: version + 1 in net.seen)  # a step later: r0 missed a version, the run went on
+        net.lab.unblock("trainer", "r0")
+        rows = net.finish()
+        final = wait_for(
+            lambda: {r.replica: r.version for r in registry.live_replicas(net.redis.client)}.get("r0") == STEPS, 120
+        )
+        log = net.log.read_text()
+    assert final
+    # r0, a version behind, generated a job with what it served: that group was dropped as stale and
+    # its job scheduled again (the same prompt and seed, ``-r<version>``), trained once under that id
+    again = [job for row in rows for job in row["trained_jobs"] if re.search(r"-r\d+$", job)]
+    assert len(again) == sum(row["dropped_stale"] for row in rows)
+    assert_every_job_trained_once([{**row, "trained_jobs": [re.sub(r"-r\d+$", "", job) for job in row["trained_jobs"]]}
+                                   for row in rows])  # fmt: skip
+    assert "weight push to" in log and "DEADLINE_EXCEEDED" in log  # the push to it gave up at its deadline
+    report("trainer cut from one replica around a push", net.recovery(fault_at, rows),
+           f"the pushes to it gave up after push_timeout_s ({PUSH_TIMEOUT_S * 4} s, twice); {len(again)} of its groups"
+           " a version old dropped and their jobs scheduled again; a peer passed it the version (Forward)")  # fmt: skip
+
+
+def test_every_link_slow_for_the_whole_run(tmp_path, tiny_model):
+    """Every host's link at 8 Mbit/s each way: a version (4.2 MB) takes seconds on each link, the
+    replicas' groups and the verifier's scores queue behind it; relayed (``weights_fanout = 1``), so
+    the trainer's link carries each version once."""
+    with network(tmp_path, tiny_model, rate_mbit=8, push_timeout_s=60, weights_fanout=1) as net:
+        rows = net.finish(900)
+    assert_every_job_trained_once(rows)
+    assert all(row["weight_relay_depth"] == 2 for row in rows)
+    syncs = sorted(row["weight_sync_s"] for row in rows)
+    print(f"\nRELIABILITY | every link at 8 Mbit/s for the whole run | {len(rows)} steps, median step"
+          f" {sorted(r['step_s'] for r in rows)[len(rows) // 2]:.1f} s, weight sync {syncs[0]:.1f}-{syncs[-1]:.1f} s"
+          " (relayed) | jobs lost 0, trained twice 0 | no step failed")  # fmt: skip
