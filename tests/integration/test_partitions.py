@@ -10,7 +10,6 @@ Each test prints a ``RELIABILITY | ...`` line with what it measured (docs/RELIAB
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -25,7 +24,14 @@ from tests.helpers import hosts as emulated
 from tests.helpers.cluster import maze_data, trainer_args
 from tests.helpers.holding import LONG_BLOCK_MS, blocked_read, held
 from tests.helpers.procs import wait_for
-from tests.integration.test_faults import CLAIM_IDLE_MS, PROMPTS, STEPS, assert_every_job_trained_once, report
+from tests.integration.test_faults import (
+    CLAIM_IDLE_MS,
+    PROMPTS,
+    STEPS,
+    Cluster,
+    assert_every_job_trained_once,
+    report,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,41 +43,12 @@ PUSH_TIMEOUT_S = 5
 
 
 @dataclass
-class Net:
-    tmp: Path
-    lab: emulated.Hosts
-    redis: emulated.HostRedis
+class Net(Cluster):
+    """test_faults' cluster (its step watch and recovery figures), on emulated hosts: ``redis`` is a
+    ``HostRedis``, every service a (host, process) in ``services``."""
+
+    lab: emulated.Hosts | None = None
     services: dict[str, tuple[emulated.Host, subprocess.Popen]] = field(default_factory=dict)
-    trainer: subprocess.Popen | None = None
-    seen: dict[int, float] = field(default_factory=dict)  # step -> when its metrics line appeared
-
-    @property
-    def log(self) -> Path:
-        return self.tmp / "logs" / "trainer.log"
-
-    def rows(self) -> list[dict]:
-        path = self.tmp / "run" / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def watch(self, until, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for row in self.rows():
-                self.seen.setdefault(row["step"], time.monotonic())
-            if until():
-                return
-            assert self.trainer.poll() in (None, 0), self.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"timed out; steps {sorted(self.seen)}\n{self.log.read_text()[-3000:]}"
-            time.sleep(0.05)
-
-    def finish(self, timeout_s: float = 600) -> list[dict]:
-        self.watch(lambda: self.trainer.poll() is not None, timeout_s)
-        assert self.trainer.returncode == 0, self.log.read_text()[-3000:]
-        return self.rows()
-
-    def recovery(self, fault_at: float, rows: list[dict]) -> tuple[float, float, float]:
-        step, seen = min(((s, t) for s, t in self.seen.items() if t > fault_at), key=lambda st: st[1])
-        return seen - fault_at, rows[step - 1]["step_s"], sorted(r["step_s"] for r in rows)[len(rows) // 2]
 
     def cut_holding(self, name: str, *, stream: str, group: str, connection: str, tries: int = 5) -> int:
         """Unplug ``name``'s link while it waits in a read, then let Redis hand that read entries (which
@@ -93,7 +70,7 @@ def network(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2, stop
     while it waits in a read (tests/helpers/holding.py)."""
     logs = maze_data(tmp_path, test_per_size=2, seed=5)
     with emulated.Hosts() as lab:
-        net = Net(tmp_path, lab, emulated.HostRedis(lab.add("redis", rate_mbit), tmp_path))
+        net = Net(tmp_path, emulated.HostRedis(lab.add("redis", rate_mbit), tmp_path), lab=lab)
         common = ["--redis-url", net.redis.url, "--claim-idle-ms", str(CLAIM_IDLE_MS)]
         for i in range(verifiers):
             host = lab.add(f"v{i}", rate_mbit)
