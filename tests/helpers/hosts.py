@@ -7,7 +7,9 @@ Addresses are 10.213.<net>.<n>/24, and exist only inside the namespaces made her
 added to the machine's own interfaces. ``close`` (also on a failing test: use ``Hosts`` as a
 context manager) stops every process started on a host and deletes every namespace, which takes
 its links with it. Redis, where a test needs it, listens on a Unix socket, which every namespace
-can reach and which is not part of any link.
+can reach and which is not part of any link (``UnixRedis``), or on a host of its own, behind its
+link like any other service (``HostRedis``). ``cut``/``heal`` unplug a host's link; ``block``/
+``unblock`` cut two hosts from each other alone (with ``iptables`` in their namespaces).
 
 Needs root, ``ip``, ``tc`` and ``nsenter``; ``unavailable()`` says why not where they are missing
 or namespaces are refused.
