@@ -50,6 +50,18 @@ def receiving(version: int) -> list[Path]:
     return sorted(SCRATCH.glob(f"passk-*/passk-v{version}-*.safetensors"))
 
 
+def written(version: int, count: int) -> int | None:
+    """The fewest bytes written by any of ``count`` replicas receiving ``version``, once that many
+    have begun and each has written some; else None."""
+    sizes = []
+    for path in receiving(version):
+        try:
+            sizes.append(path.stat().st_size)
+        except FileNotFoundError:  # renamed into place meanwhile
+            return None
+    return min(sizes) if len(sizes) == count and min(sizes) > 0 else None
+
+
 def test_a_relay_killed_mid_push_costs_its_child_one_direct_push(lab, tiny_model):
     hosts, store, tmp = lab
     trainer = hosts.add("trainer", RATE_MBIT)
@@ -65,8 +77,8 @@ def test_a_relay_killed_mid_push_costs_its_child_one_direct_push(lab, tiny_model
                              "--token", TOKEN, "--timeout", str(push_timeout_s), "--chunk-bytes", str(64 << 10)],
                             tmp / "driver.log")  # fmt: skip
     # r2 is relaying once all three replicas have begun to write the version: kill it then
-    wait_for(lambda: len(receiving(VERSION)) == 3, timeout_s=60, interval_s=0.02, what="r3 receiving through r2")
-    partial = min(p.stat().st_size for p in receiving(VERSION))
+    # (each with bytes in its file: a file is created before its first chunk is written)
+    partial = wait_for(lambda: written(VERSION, 3), timeout_s=60, interval_s=0.02, what="r3 receiving through r2")
     os.killpg(processes["r2"].pid, signal.SIGKILL)
     killed = time.monotonic()
     assert driver.wait(timeout=push_timeout_s + 30) == 0, (tmp / "driver.log").read_text()[-3000:]
