@@ -100,6 +100,23 @@ class HeldOut:
         self.run_dir, self.writer, self.prometheus = run_dir, writer, prometheus
         self.entries: list[dict] = []
 
+    def on_record(self, version: int, sizes: list[int] | None = None) -> bool:
+        """Whether ``eval.jsonl`` already holds an evaluation of ``version`` covering the rows of
+        ``sizes`` (every row, when not given): a run stopped during an evaluation has none."""
+        path = self.run_dir / "eval.jsonl"
+        if not path.exists():
+            return False
+        rows = {f"{size}x{size}" for size in sizes or ()} or {item.row for item in self.items}
+        wanted = {row.split("x")[0] for row in rows} if self.mazes_only else rows  # as record keys its table
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing it
+                continue
+            if entry.get("version") == version and wanted <= set(entry.get("table", {})):
+                return True
+        return False
+
     def record(self, version: int, sample: Sampler, sizes: list[int] | None = None) -> dict:
         """Evaluate with ``sample`` on every row (on the maze sizes ``sizes`` only, when given) and
         record the table."""

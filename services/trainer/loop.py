@@ -162,6 +162,8 @@ class Trainer:
             self.publish(state)  # the starting (or restored) version, in this trainer's epoch
             if not self.resumed and (self.s.eval_at_start or not self.s.steps):
                 self.record_eval()
+            if self.resumed:
+                self.catch_up_eval()
             jobs = None
             for step in range(self.first_step, self.s.steps + 1):
                 self.check_stop()
@@ -459,6 +461,21 @@ class Trainer:
             self.unsharded = self.unsharded.to(self.ranks.device).eval()
         self.unsharded.load_state_dict(self.full_state, strict=False)
         return self.unsharded
+
+    def catch_up_eval(self) -> None:
+        """The evaluation due after the restored step, when the stop that ended the last attempt came
+        after its checkpoint but before that evaluation was written (else the run would end, or go on,
+        without it: an experiment's training would have no final table)."""
+        step = self.first_step - 1
+        if self.s.steps and step == self.s.steps:
+            sizes = None
+        elif self.s.eval_every and step and step % self.s.eval_every == 0:
+            sizes = self.s.eval_every_sizes
+        else:
+            return
+        if not self.held_out.on_record(self.version, sizes):
+            log.info("evaluating step %d again: the last attempt stopped before its evaluation was written", step)
+            self.record_eval(sizes)
 
     def record_eval(self, sizes: list[int] | None = None) -> dict:
         """Evaluate the current policy on the held-out items (of the maze sizes ``sizes`` only, when

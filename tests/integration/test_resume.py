@@ -92,6 +92,23 @@ def test_a_killed_trainer_resumes_where_its_checkpoint_left_off(redis_server, ti
         resumed_policy = registry.current_policy(client)
         replica_log = (logs / "r0.log").read_text()
 
+        # stopped after its last checkpoint but before its final evaluation was written: a resume
+        # trains nothing more and writes that evaluation
+        evals = (run / "eval.jsonl").read_text().splitlines()
+        assert json.loads(evals[-1])["version"] == STEPS
+        (run / "eval.jsonl").write_text("".join(line + "\n" for line in evals[:-1]))
+        steps_before = len(metrics(run))
+        with (logs / "trainer-3.log").open("wb") as out:
+            again = subprocess.run(
+                [*command, "--resume"], check=False, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900
+            )
+        assert again.returncode == 0, (logs / "trainer-3.log").read_text()[-3000:]
+        assert len(metrics(run)) == steps_before
+        rewritten = (run / "eval.jsonl").read_text().splitlines()
+        assert rewritten[:-1] == evals[:-1]
+        assert json.loads(rewritten[-1])["version"] == STEPS
+        assert json.loads(rewritten[-1])["table"].keys() == json.loads(evals[-1])["table"].keys()
+
         # the same run again, never stopped, in a directory of its own
         straight = tmp_path / "straight"
         with (logs / "trainer-straight.log").open("wb") as out:
