@@ -298,8 +298,8 @@ def curve_sizes(s: StartResults) -> list[int]:
     return sorted(set.intersection(*(set(t) for t in tables)))
 
 
-def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, str]]:
-    """Two PNGs for one start; returns (caption, file name) pairs."""
+def draw(s: StartResults, k: int, out: Path, width: int = 9, label=method_name) -> list[tuple[str, str]]:
+    """Two PNGs for one start; returns (caption, file name) pairs. ``label``: a method's name in the legends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,10 +314,11 @@ def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, 
         versions = sorted(set.intersection(*(set(r.evals) for r in results)))
         for ax, metric in zip(axes, ("pass@1", pk), strict=True):
             series = [[100 * average(r.evals[v], metric, common) for v in versions] for r in results]
-            _band(ax, versions, series, method_name(method), colors(i))
-    over = ", ".join(f"{n}×{n}" for n in common)
+            _band(ax, versions, series, label(method), colors(i))
+    over = ", ".join(row_label(n) for n in common)
+    short = over if len(common) <= 3 else f"{len(common)} rows"  # a mixture's row names do not fit on an axis
     for ax, metric in zip(axes, ("pass@1", pk), strict=True):
-        ax.set(xlabel="training step", ylabel=f"held-out {metric} (%), avg. over {over}", title=f"held-out {metric}")
+        ax.set(xlabel="training step", ylabel=f"held-out {metric} (%), avg. over {short}", title=f"held-out {metric}")
     name = _save(fig, axes, out / f"{s.name}-heldout.png")
     figures.append((f"{s.name}: held-out pass@1 and {pk} on {over} (mean over seeds, band: min-max)", name))
 
@@ -326,7 +327,7 @@ def draw(s: StartResults, k: int, out: Path, width: int = 9) -> list[tuple[str, 
         for ax, key in zip(axes, ("entropy", "negative_diversity"), strict=True):
             series = [smooth([row.get(key) for row in r.steps], width) for r in results]
             length = min(len(x) for x in series)
-            _band(ax, list(range(1, length + 1)), [x[:length] for x in series], method_name(method), colors(i))
+            _band(ax, list(range(1, length + 1)), [x[:length] for x in series], label(method), colors(i))
     axes[0].set(xlabel="training step", ylabel="mean token entropy (nats)", title="policy entropy")
     axes[1].set(xlabel="training step", ylabel="distinct / wrong answers", title="negative-answer diversity")
     name = _save(fig, axes, out / f"{s.name}-exploration.png")
@@ -384,7 +385,8 @@ def write_report(path: Path, experiment: Experiment, trainer: TrainerSettings, c
     out.mkdir(parents=True, exist_ok=True)
     starts = collect(experiment)
     k = max(trainer.eval_k)
-    figures = {s.name: draw(s, k, out) + draw_k(s, trainer.k, trainer.n_rollout, out) for s in starts if s.runs}
+    figures = {s.name: draw(s, k, out, label=experiment.label) + draw_k(s, trainer.k, trainer.n_rollout, out)
+               for s in starts if s.runs}  # fmt: skip
     command = command or f"passk experiment {experiment.name} --spec {path}"
     report = out / "REPORT.md"
     if experiment.kind == "comparison":
