@@ -85,7 +85,7 @@ class Rollout:
         """True while the trainer has published a newer version than the one served."""
         try:
             return registry.current_policy(self.client) > self.engine.policy
-        except (redis.ConnectionError, ValueError):
+        except (redis.RedisError, ValueError):
             return True
 
     def ready(self) -> bool:
@@ -119,7 +119,7 @@ class Rollout:
         while not self.stop.wait(self.settings.heartbeat_s):
             try:
                 self.heartbeat()
-            except redis.ConnectionError as err:
+            except redis.RedisError as err:  # a timeout too: the thread must outlive any Redis outage
                 log.warning("registry heartbeat failed: %s", err)
 
     # -- the queue ---------------------------------------------------------
