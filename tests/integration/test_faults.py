@@ -70,11 +70,17 @@ class Cluster:
         """Take note of the steps finished so far (before a fault)."""
         self.watch(lambda: True)
 
-    def kill_redis_in_step(self, step: int) -> float:
-        """SIGKILL Redis once the step's jobs are out (groups in flight); returns when it died."""
+    def kill_redis_in_step(self, step: int, *, freeze_trainer: bool = False) -> float:
+        """SIGKILL Redis once all the step's jobs are out (groups in flight; the trainer publishes them
+        one by one, and a kill between two would let replicas take every job published before it);
+        returns when it died. ``freeze_trainer``: SIGSTOP the trainer first (the caller resumes it),
+        so that it takes none of the step's groups before Redis dies."""
         self.watch(lambda: step - 1 in self.seen)
-        wait_for(lambda: any(f"-s{step}-".encode() in f[b"data"] for _, f in self.redis.client.xrange("passk:prompts")),
-                 120, 0.01)  # fmt: skip
+        tag = f"-s{step}-".encode()
+        wait_for(lambda: sum(tag in f[b"data"] for _, f in self.redis.client.xrange("passk:prompts")) >= PROMPTS,
+                 120, 0.005)  # fmt: skip
+        if freeze_trainer:
+            os.kill(self.trainer.pid, signal.SIGSTOP)
         self.note()
         self.redis.process.kill()
         self.redis.process.wait()
@@ -133,10 +139,10 @@ def cluster(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2, stop
         run.redis.stop()
 
 
-def assert_every_job_trained_once(rows: list[dict]) -> None:
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+def assert_every_job_trained_once(rows: list[dict], steps: int = STEPS) -> None:
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))
     jobs = [job for row in rows for job in row["trained_jobs"]]
-    assert len(jobs) == STEPS * PROMPTS and len(set(jobs)) == len(jobs), jobs
+    assert len(jobs) == steps * PROMPTS and len(set(jobs)) == len(jobs), jobs
     # sync mode: step s trained exactly the jobs scheduled for it, nothing older and nothing lost
     for row in rows:
         assert sorted(int(job.rsplit("-", 1)[1]) for job in row["trained_jobs"]) == list(range(PROMPTS))
@@ -202,11 +208,13 @@ def test_redis_killed_and_restarted_from_its_append_only_file(tmp_path, tiny_mod
 
 
 def test_redis_losing_its_last_writes_loses_no_job(tmp_path, tiny_model):
-    # one job at a time per replica: of step 3's four jobs two wait unread in the stream while the
-    # other two are generated, and those two are in no stream once Redis comes back without them
+    # one job at a time per replica: when Redis dies, at most two of step 3's four jobs are in the
+    # replicas' hands; the others wait unread in the stream, or were done and their groups wait for
+    # the trainer (frozen meanwhile, so that the groups that reach it before the crash cannot hide the
+    # loss), and all of that is in no stream once Redis comes back without its last writes
     with cluster(tmp_path, tiny_model, max_jobs=1, lost_job_check_s=2) as run:
         port, workdir = run.redis.port, tmp_path / "redis"
-        fault_at = run.kill_redis_in_step(3)
+        fault_at = run.kill_redis_in_step(3, freeze_trainer=True)
         # everything from step 3's first job on is gone, as if the last second's writes never reached the disk
         (incr,) = (workdir / "appendonlydir").glob("*.incr.aof")
         data = incr.read_bytes()
@@ -214,10 +222,11 @@ def test_redis_losing_its_last_writes_loses_no_job(tmp_path, tiny_model):
         incr.write_bytes(data[:cut])
         run.redis = RedisServer(workdir, port=port)
         assert not any(b"-s3-" in f[b"data"] for _, f in run.redis.client.xrange("passk:prompts"))
+        os.kill(run.trainer.pid, signal.SIGCONT)
         rows = run.finish()
     log = run.log.read_text()
     lost = log.count("(lost by Redis): scheduled again as")
-    assert lost >= 1, log[-3000:]
+    assert lost >= PROMPTS - 2, log[-3000:]
     # each of step 3's jobs trained once: as itself (a replica had it in hand) or as its new copy
     originals = [re.sub(r"-l\d+$", "", job) for row in rows for job in row["trained_jobs"]]
     assert sorted(originals) == sorted({*originals}) and len(originals) == STEPS * PROMPTS
