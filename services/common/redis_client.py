@@ -8,8 +8,10 @@ Each failed attempt is reported to ``on_error`` (the services count them in
 A connection whose peer went away without a word (a partition, a dead switch: no RST, no FIN) is
 closed by the kernel after ``DEAD_PEER_S`` without acknowledgements, whether a command waits on it
 or a blocked read sits idle (TCP keepalive probes go unanswered): otherwise a command sent into the
-partition waits out TCP's retransmission backoff, and a replica healed after 12 s came back in the
-registry only about 25 s after it was cut, too late for the run it had left."""
+partition waits out TCP's retransmission backoff, and a replica cut off for about 12 s came back
+in the registry only after the run it had left had ended (docs/RELIABILITY.md).
+
+Unix-socket URLs get no TCP options (redis-py refuses them there)."""
 
 from __future__ import annotations
 

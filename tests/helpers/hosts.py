@@ -9,7 +9,10 @@ context manager) stops every process started on a host and deletes every namespa
 its links with it. Redis, where a test needs it, listens on a Unix socket, which every namespace
 can reach and which is not part of any link (``UnixRedis``), or on a host of its own, behind its
 link like any other service (``HostRedis``). ``cut``/``heal`` unplug a host's link; ``block``/
-``unblock`` cut two hosts from each other alone (with ``iptables`` in their namespaces).
+``unblock`` cut two hosts from each other alone, and ``lossy`` drops a share of the packets a host
+receives (both with ``iptables`` in their namespaces: this kernel has no tc actions); ``delay``
+holds back what a host sends by a fixed time (through a TUN device and tests/helpers/delay_link.py:
+no ``netem`` here).
 
 Needs root, ``ip``, ``tc`` and ``nsenter``; ``unavailable()`` says why not where they are missing
 or namespaces are refused.
@@ -142,6 +145,44 @@ class Hosts:
             rule = ["INPUT", "-s", f"{self.hosts[there].address}/32", "-j", "DROP"]
             subprocess.run(self.hosts[here].argv(["iptables", action, *rule]), check=True, capture_output=True,
                            text=True)  # fmt: skip
+
+    def lossy(self, name: str, percent: float) -> None:
+        """Drop ``percent`` % of the packets arriving at a host over its link, at random (iptables'
+        ``statistic`` match; its loopback traffic is left alone). On every host, each packet between
+        two of them crosses one such drop."""
+        rule = ["INPUT", "-i", "eth0", "-m", "statistic", "--mode", "random", "--probability", f"{percent / 100:.6f}",
+                "-j", "DROP"]  # fmt: skip
+        subprocess.run(self.hosts[name].argv(["iptables", "-A", *rule]), check=True, capture_output=True, text=True)
+
+    def delay(self, name: str, delay_ms: float, timeout_s: float = 30) -> None:
+        """Delay every packet a host sends to the others by ``delay_ms`` (on every host, a round trip
+        between two gains 2 × ``delay_ms``). Its packets to the network are routed into a TUN device
+        that a process of the host (tests/helpers/delay_link.py) reads and writes back later; written
+        back, they are forwarded out of its link. Locally made packets take table 200 (``iif lo``),
+        the device's come back by the main table; the device and its routes go with the namespace."""
+        host = self.hosts[name]
+        argv = host.argv([sys.executable, "-m", "tests.helpers.delay_link", "tun0", str(delay_ms)])
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        host.processes.append(process)
+        deadline = time.monotonic() + timeout_s
+        while _quiet("ip", "-n", host.namespace, "link", "show", "tun0").returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"delay on {name} did not start: {process.stderr.read().decode()[-500:]}")
+            time.sleep(0.02)
+        sysctl = ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.tun0.rp_filter=0",
+                  "net.ipv4.conf.tun0.accept_local=1"]  # fmt: skip
+        # accept_local: what comes back from the device carries this host's own address as its source
+        subprocess.run(host.argv(["sysctl", "-qw", *sysctl]), check=True, capture_output=True, text=True)
+        _ip("-n", host.namespace, "link", "set", "tun0", "up")
+        _ip("-n", host.namespace, "rule", "add", "iif", "lo", "lookup", "200", "pref", "100")
+        _ip("-n", host.namespace, "route", "add", f"10.{self.net}.0.0/24", "dev", "tun0", "src", host.address,
+            "table", "200")  # fmt: skip
+
+    def dropped(self, name: str) -> int:
+        """Packets ``lossy`` dropped at this host so far."""
+        listed = subprocess.run(self.hosts[name].argv(["iptables", "-L", "INPUT", "-n", "-v", "-x"]), check=True,
+                                capture_output=True, text=True).stdout  # fmt: skip
+        return sum(int(line.split()[0]) for line in listed.splitlines() if "statistic" in line)
 
     def namespaces(self) -> list[str]:
         return [self.switch, *(h.namespace for h in self.hosts.values())]

@@ -65,29 +65,40 @@ class Net(Cluster):
 
 @contextmanager
 def network(tmp_path, tiny_model, *, verifiers: int = 1, replicas: int = 2, stoppable: str = "", rate_mbit=None,
-            steps: int = STEPS, **trainer: object):  # fmt: skip
+            loss_percent: float = 0, delay_ms: float = 0, steps: int = STEPS, **trainer: object):  # fmt: skip
     """``stoppable``: the service (``v0``, ``r0``) that reads with a long block, so that it can be cut
-    while it waits in a read (tests/helpers/holding.py)."""
+    while it waits in a read (tests/helpers/holding.py); ``loss_percent``: the share of the packets
+    each host drops as they arrive over its link; ``delay_ms``: how long each host holds back what
+    it sends."""
     logs = maze_data(tmp_path, test_per_size=2, seed=5)
     with emulated.Hosts() as lab:
-        net = Net(tmp_path, emulated.HostRedis(lab.add("redis", rate_mbit), tmp_path), lab=lab)
+
+        def add(name: str, rate: float | None) -> emulated.Host:
+            host = lab.add(name, rate)
+            if loss_percent:
+                lab.lossy(name, loss_percent)
+            if delay_ms:
+                lab.delay(name, delay_ms)
+            return host
+
+        net = Net(tmp_path, emulated.HostRedis(add("redis", rate_mbit), tmp_path), lab=lab)
         common = ["--redis-url", net.redis.url, "--claim-idle-ms", str(CLAIM_IDLE_MS)]
         for i in range(verifiers):
-            host = lab.add(f"v{i}", rate_mbit)
+            host = add(f"v{i}", rate_mbit)
             env = {"PASSK_VERIFIER_CONSUMER": f"v{i}"}
             if stoppable == f"v{i}":
                 env["PASSK_VERIFIER_BLOCK_MS"] = LONG_BLOCK_MS
             args = ["-m", "services.cli", "serve", "verifier", *common, "--host", host.address, "--port", "8100"]
             net.services[f"v{i}"] = host, host.python(args, logs / f"v{i}.log", env=env)
         for i in range(replicas):
-            host = lab.add(f"r{i}", rate_mbit)
+            host = add(f"r{i}", rate_mbit)
             env = {"PASSK_ROLLOUT_BLOCK_MS": LONG_BLOCK_MS} if stoppable == f"r{i}" else {}
             args = ["-m", "services.cli", "serve", "rollout", "--model-dir", str(tiny_model), "--replica", f"r{i}",
                     "--max-jobs", "2", "--host", host.address, "--port", "8200", "--grpc-port", "50051",
                     "--weights-token", TOKEN, *common]  # fmt: skip
             net.services[f"r{i}"] = host, host.python(args, logs / f"r{i}.log", env=env)
         wait_for(lambda: len(registry.live_replicas(net.redis.client)) == replicas, 300, what="replicas registered")
-        trainer_host = lab.add("trainer", rate_mbit)
+        trainer_host = add("trainer", rate_mbit)
         verifier_url = f"http://{net.services[f'v{verifiers - 1}'][0].address}:8100"
         command = trainer_args(
             tmp_path, net.redis.url, verifier_url, tiny_model, steps=steps, prompts_per_step=PROMPTS, n_rollout=8,
@@ -210,3 +221,21 @@ def test_every_link_slow_for_the_whole_run(tmp_path, tiny_model):
     print(f"\nRELIABILITY | every link at 8 Mbit/s for the whole run | {len(rows)} steps, median step"
           f" {sorted(r['step_s'] for r in rows)[len(rows) // 2]:.1f} s, weight sync {syncs[0]:.1f}-{syncs[-1]:.1f} s"
           " (relayed) | jobs lost 0, trained twice 0 | no step failed")  # fmt: skip
+
+
+def test_every_link_lossy_and_delayed_for_the_whole_run(tmp_path, tiny_model):
+    """Every host drops 2 % of the packets that reach it over its link and holds back what it sends by
+    25 ms, for the whole run: a round trip between two hosts takes 50 ms more and loses about 4 % of
+    its packets. Redis traffic, gradings and relayed weight pushes (``weights_fanout = 1``) all
+    recover by TCP retransmission; nothing is lost, no step fails."""
+    with network(tmp_path, tiny_model, loss_percent=2, delay_ms=25, push_timeout_s=60, weights_fanout=1) as net:
+        rows = net.finish(900)
+        dropped = {name: net.lab.dropped(name) for name in net.lab.hosts}
+    assert all(dropped.values()), dropped  # every host lost packets
+    assert_every_job_trained_once(rows)
+    assert all(row["weight_relay_depth"] == 2 for row in rows)
+    syncs = sorted(row["weight_sync_s"] for row in rows)
+    print(f"\nRELIABILITY | every link 25 ms each way and dropping 2 % of the packets it delivers, for the whole run"
+          f" | {len(rows)} steps, median step {sorted(r['step_s'] for r in rows)[len(rows) // 2]:.1f} s, weight sync"
+          f" {syncs[0]:.2f}-{syncs[-1]:.2f} s (relayed); {sum(dropped.values())} packets dropped |"
+          " jobs lost 0, trained twice 0 | no step failed")  # fmt: skip

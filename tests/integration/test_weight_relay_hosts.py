@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,3 +111,40 @@ def test_hosts_remove_their_namespaces_even_when_the_test_fails():
         with hosts:
             subprocess.run(host.argv(["ip", "link", "show", "no-such-device"]), check=True, capture_output=True)
     assert hosts.leftovers() == []  # the namespaces went with the failing block
+
+
+ECHO = """
+import socket, sys
+with socket.create_server((sys.argv[1], 9000)) as server:
+    connection, _ = server.accept()
+    connection.sendall(connection.recv(1))
+"""
+
+PING = """
+import socket, sys, time
+for _ in range(300):  # until the echo server listens
+    try:
+        start = time.monotonic()
+        with socket.create_connection((sys.argv[1], 9000), timeout=10) as connection:
+            connection.sendall(b"p")
+            assert connection.recv(1) == b"p"
+        print(time.monotonic() - start)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
+"""
+
+
+def test_delayed_hosts_hold_back_every_packet_they_send(tmp_path):
+    """Two hosts, each delaying what it sends by 40 ms: a connect and one echo are two round trips,
+    so they cannot take less than 4 × 40 ms; undelayed, the same takes a fraction of a millisecond."""
+    with emulated.Hosts(net=215) as hosts:
+        a, b = hosts.add("a"), hosts.add("b")
+        hosts.delay("a", 40)
+        hosts.delay("b", 40)
+        echo = b.python(["-c", ECHO, b.address], tmp_path / "echo.log")
+        ping = subprocess.run(a.argv([sys.executable, "-c", PING, b.address]), capture_output=True, text=True,
+                              timeout=60, check=True)  # fmt: skip
+        echo.wait(10)
+    assert float(ping.stdout) >= 4 * 0.040, ping.stdout
+    assert hosts.leftovers() == []
