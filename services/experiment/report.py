@@ -354,7 +354,7 @@ def draw_k(s: StartResults, k: int, n: int, out: Path) -> list[tuple[str, str]]:
     from services.experiment.claims import k_runs, measured_eta_by_bucket, theory_eta_by_bucket
 
     ks = k_runs(s, k)
-    if len(ks) < 2:
+    if not ks:  # one k (the mixture's) still shows where its η sits against Figure 9's curve
         return []
     import matplotlib
 
@@ -376,7 +376,8 @@ def draw_k(s: StartResults, k: int, n: int, out: Path) -> list[tuple[str, str]]:
         xlabel="group accuracy N_pos/N (bucket middle)", ylabel="share of η", title=f"analytic, N = {n} (Fig. 9)"
     )
     name = _save(fig, axes, out / f"{s.name}-eta-by-k.png")
-    return [(f"{s.name}: where η sits at each k, measured and analytic (each normalized over buckets 0/8-7/8)", name)]
+    at = "each k" if len(ks) > 1 else f"k = {next(iter(ks))}"
+    return [(f"{s.name}: where η sits at {at}, measured and analytic (each normalized over buckets 0/8-7/8)", name)]
 
 
 def write_report(path: Path, experiment: Experiment, trainer: TrainerSettings, command: str | None = None) -> Path:
