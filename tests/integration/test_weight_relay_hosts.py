@@ -102,6 +102,55 @@ def test_a_relay_killed_mid_push_costs_its_child_one_direct_push(lab, tiny_model
     assert f"passk-{processes['r2'].pid}" in [p.name for p in sweep_scratch()] and not receiving(VERSION)
 
 
+def test_a_relay_stalled_mid_push_costs_its_child_one_push_timeout(lab, tiny_model):
+    """The chain trainer -> r1 -> r2 -> r3 with r2 frozen (SIGSTOP) while it relays: its
+    connections stay open and silent, so nothing fails fast. r1 keeps receiving at its own pace (it
+    feeds each child from its file), the push to the head answers at the deadline with r2 and r3
+    missing, and the trainer pushes to each of them itself: r3 serves the version after about one
+    ``push_timeout_s``, r2 (thawed after the push) never serves one it did not receive whole."""
+    hosts, store, tmp = lab
+    trainer = hosts.add("trainer", RATE_MBIT)
+    replicas = {name: hosts.add(name, RATE_MBIT) for name in ("r1", "r2", "r3")}
+    processes = {name: start_replica(h, tiny_model, store.url, tmp / f"{name}.log") for name, h in replicas.items()}
+    client = redis.Redis.from_url(store.url)
+    wait_for(lambda: len(registry.live_replicas(client)) == 3, timeout_s=180, what="three replicas registered")
+    before = {r.replica: r.version for r in registry.live_replicas(client)}
+
+    push_timeout_s = 20
+    driver = trainer.python(["-m", "tests.helpers.publish_once", "--redis-url", store.url, "--model", str(tiny_model),
+                             "--version", str(VERSION + 1), "--epoch", "1", "--fanout", "1", "--scale", "1.01",
+                             "--token", TOKEN, "--timeout", str(push_timeout_s), "--chunk-bytes", str(64 << 10)],
+                            tmp / "driver.log")  # fmt: skip
+    wait_for(lambda: written(VERSION + 1, 3), timeout_s=60, interval_s=0.02, what="r3 receiving through r2")
+    os.killpg(processes["r2"].pid, signal.SIGSTOP)
+    try:
+        stalled = time.monotonic()
+        serving = wait_for(lambda: {r.replica for r in registry.live_replicas(client, max_age_s=3600)
+                                    if r.version == VERSION + 1} >= {"r1", "r3"} or None,
+                           timeout_s=3 * push_timeout_s, interval_s=0.05, what="r1 and r3 serving it")  # fmt: skip
+        r3_after = time.monotonic() - stalled
+        assert driver.wait(timeout=3 * push_timeout_s) == 0, (tmp / "driver.log").read_text()[-3000:]
+    finally:
+        os.killpg(processes["r2"].pid, signal.SIGCONT)
+    result = json.loads((tmp / "driver.log").read_text().strip().splitlines()[-1])
+    assert serving
+    # r3 took it whole from the trainer, once: the stream through r2 never completed
+    assert (tmp / "r3.log").read_text().count(f"serving policy version {VERSION + 1}") == 1
+    # the head, then r2 and r3 straight from the trainer: r2's push went into its frozen socket
+    assert result["depth"] == 3 and result["bytes_sent"] >= 2 * result["payload_bytes"]
+    # thawed, r2 finds the streams to it past their deadline (HTTP/2 flow control kept all but a
+    # window of each in the trainer and r1): it heartbeats again, serving the version it had
+    thawed = time.time()
+    back = wait_for(lambda: next((r for r in registry.live_replicas(client) if r.replica == "r2" and
+                                  r.heartbeat > thawed), None), 30, what="r2 heartbeating again")  # fmt: skip
+    assert back.version == before["r2"] and f"serving policy version {VERSION + 1}" not in (tmp / "r2.log").read_text()
+    sent = result["bytes_sent"] / result["payload_bytes"]
+    print(
+        f"\nRELIABILITY | a relay frozen mid-push (chain of 3, 8 Mbit/s) | r3 served the version {r3_after:.1f} s"
+        f" after the freeze (push_timeout_s {push_timeout_s} s); {sent:.1f} payloads sent | no partial version"
+    )
+
+
 def test_hosts_remove_their_namespaces_even_when_the_test_fails():
     hosts = emulated.Hosts(net=214)
     host = hosts.add("a", 100)
