@@ -76,6 +76,10 @@ class Host:
         # nsenter, not `ip netns exec`: that also remounts /sys
         return ["nsenter", f"--net=/var/run/netns/{self.namespace}", *argv]
 
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess:
+        """A command on this host, checked; its output as text."""
+        return subprocess.run(self.argv(argv), check=True, capture_output=True, text=True)
+
     def python(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         """``python <args>`` on this host, in its own process group, output to ``log``."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -142,17 +146,14 @@ class Hosts:
 
     def _filter(self, action: str, a: str, b: str) -> None:
         for here, there in ((a, b), (b, a)):
-            rule = ["INPUT", "-s", f"{self.hosts[there].address}/32", "-j", "DROP"]
-            subprocess.run(self.hosts[here].argv(["iptables", action, *rule]), check=True, capture_output=True,
-                           text=True)  # fmt: skip
+            self.hosts[here].run(["iptables", action, "INPUT", "-s", f"{self.hosts[there].address}/32", "-j", "DROP"])
 
     def lossy(self, name: str, percent: float) -> None:
         """Drop ``percent`` % of the packets arriving at a host over its link, at random (iptables'
         ``statistic`` match; its loopback traffic is left alone). On every host, each packet between
         two of them crosses one such drop."""
-        rule = ["INPUT", "-i", "eth0", "-m", "statistic", "--mode", "random", "--probability", f"{percent / 100:.6f}",
-                "-j", "DROP"]  # fmt: skip
-        subprocess.run(self.hosts[name].argv(["iptables", "-A", *rule]), check=True, capture_output=True, text=True)
+        self.hosts[name].run(["iptables", "-A", "INPUT", "-i", "eth0", "-m", "statistic", "--mode", "random",
+                              "--probability", f"{percent / 100:.6f}", "-j", "DROP"])  # fmt: skip
 
     def delay(self, name: str, delay_ms: float, timeout_s: float = 30) -> None:
         """Delay every packet a host sends to the others by ``delay_ms`` (on every host, a round trip
@@ -172,7 +173,7 @@ class Hosts:
         sysctl = ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.tun0.rp_filter=0",
                   "net.ipv4.conf.tun0.accept_local=1"]  # fmt: skip
         # accept_local: what comes back from the device carries this host's own address as its source
-        subprocess.run(host.argv(["sysctl", "-qw", *sysctl]), check=True, capture_output=True, text=True)
+        host.run(["sysctl", "-qw", *sysctl])
         _ip("-n", host.namespace, "link", "set", "tun0", "up")
         _ip("-n", host.namespace, "rule", "add", "iif", "lo", "lookup", "200", "pref", "100")
         _ip("-n", host.namespace, "route", "add", f"10.{self.net}.0.0/24", "dev", "tun0", "src", host.address,
@@ -180,8 +181,7 @@ class Hosts:
 
     def dropped(self, name: str) -> int:
         """Packets ``lossy`` dropped at this host so far."""
-        listed = subprocess.run(self.hosts[name].argv(["iptables", "-L", "INPUT", "-n", "-v", "-x"]), check=True,
-                                capture_output=True, text=True).stdout  # fmt: skip
+        listed = self.hosts[name].run(["iptables", "-L", "INPUT", "-n", "-v", "-x"]).stdout
         return sum(int(line.split()[0]) for line in listed.splitlines() if "statistic" in line)
 
     def namespaces(self) -> list[str]:

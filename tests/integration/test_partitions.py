@@ -15,7 +15,6 @@ import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -32,6 +31,7 @@ from tests.integration.test_faults import (
     assert_every_job_trained_once,
     report,
 )
+from tests.integration.test_weight_relay_hosts import receiving
 
 pytestmark = [
     pytest.mark.slow,
@@ -171,13 +171,6 @@ def test_a_verifier_partitioned_while_it_holds_groups(tmp_path, tiny_model):
            f"{holding} held groups claimed by v1 after {CLAIM_IDLE_MS} ms; its late scores skipped")  # fmt: skip
 
 
-def receiving(pid: int, version: int) -> list[Path]:
-    """The files in which process ``pid`` receives ``version`` (each process has a scratch folder)."""
-    from services.common.payload import scratch_dir
-
-    return sorted(scratch_dir().glob(f"passk-{pid}/passk-v{version}-*.safetensors"))
-
-
 def test_the_trainer_cut_from_one_replica_while_it_pushes_to_it(tmp_path, tiny_model):
     """Links of 16 Mbit/s, so that a push of the tiny model takes seconds; the trainer and r0 stop
     reaching each other once a version is on its way to r0 (both still reach Redis and the rest), for
@@ -187,7 +180,7 @@ def test_the_trainer_cut_from_one_replica_while_it_pushes_to_it(tmp_path, tiny_m
         net.watch(lambda: 2 in net.seen)
         version = max(net.seen) + 1
         r0 = net.services["r0"][1].pid
-        wait_for(lambda: receiving(r0, version), 300, 0.01, what=f"version {version} on its way to r0")
+        wait_for(lambda: receiving(version, r0), 300, 0.01, what=f"version {version} on its way to r0")
         net.lab.block("trainer", "r0")
         fault_at = time.monotonic()
         # blocked until a push to r0 gave up (unblocked sooner, a hung push may still get through) and

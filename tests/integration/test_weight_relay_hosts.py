@@ -46,9 +46,10 @@ def start_replica(host: emulated.Host, model: Path, redis_url: str, log: Path) -
     return host.python(args, log)
 
 
-def receiving(version: int) -> list[Path]:
-    """The files of ``version`` being received, in every replica's scratch folder."""
-    return sorted(SCRATCH.glob(f"passk-*/passk-v{version}-*.safetensors"))
+def receiving(version: int, pid: int | str = "*") -> list[Path]:
+    """The files of ``version`` being received in process ``pid``'s scratch folder (each process
+    has one; by default every replica's)."""
+    return sorted(SCRATCH.glob(f"passk-{pid}/passk-v{version}-*.safetensors"))
 
 
 def written(version: int, count: int) -> int | None:
@@ -63,20 +64,29 @@ def written(version: int, count: int) -> int | None:
     return min(sizes) if len(sizes) == count and min(sizes) > 0 else None
 
 
-def test_a_relay_killed_mid_push_costs_its_child_one_direct_push(lab, tiny_model):
+def chain_push(lab, tiny_model, version: int, push_timeout_s: float):
+    """Three replicas and a trainer host, each on an 8 Mbit/s link, and ``version`` on its way down
+    the chain trainer -> r1 -> r2 -> r3 (fan-out 1: replicas in name order) in 64 KiB chunks.
+    Returns the replicas' processes, a client of the store, their versions before the push and the
+    pushing process (its last line: the publish's result as JSON)."""
     hosts, store, tmp = lab
     trainer = hosts.add("trainer", RATE_MBIT)
     replicas = {name: hosts.add(name, RATE_MBIT) for name in ("r1", "r2", "r3")}
     processes = {name: start_replica(h, tiny_model, store.url, tmp / f"{name}.log") for name, h in replicas.items()}
     client = redis.Redis.from_url(store.url)
     wait_for(lambda: len(registry.live_replicas(client)) == 3, timeout_s=180, what="three replicas registered")
-
-    # the chain trainer -> r1 -> r2 -> r3 (fan-out 1: replicas in name order)
-    push_timeout_s = 60
+    before = {r.replica: r.version for r in registry.live_replicas(client)}
     driver = trainer.python(["-m", "tests.helpers.publish_once", "--redis-url", store.url, "--model", str(tiny_model),
-                             "--version", str(VERSION), "--epoch", "1", "--fanout", "1", "--scale", "1.01",
+                             "--version", str(version), "--epoch", "1", "--fanout", "1", "--scale", "1.01",
                              "--token", TOKEN, "--timeout", str(push_timeout_s), "--chunk-bytes", str(64 << 10)],
                             tmp / "driver.log")  # fmt: skip
+    return processes, client, before, driver
+
+
+def test_a_relay_killed_mid_push_costs_its_child_one_direct_push(lab, tiny_model):
+    tmp = lab[2]
+    push_timeout_s = 60
+    processes, client, _, driver = chain_push(lab, tiny_model, VERSION, push_timeout_s)
     # r2 is relaying once all three replicas have begun to write the version: kill it then
     # (each with bytes in its file: a file is created before its first chunk is written)
     partial = wait_for(lambda: written(VERSION, 3), timeout_s=60, interval_s=0.02, what="r3 receiving through r2")
@@ -108,19 +118,9 @@ def test_a_relay_stalled_mid_push_costs_its_child_one_push_timeout(lab, tiny_mod
     feeds each child from its file), the push to the head answers at the deadline with r2 and r3
     missing, and the trainer pushes to each of them itself: r3 serves the version after about one
     ``push_timeout_s``, r2 (thawed after the push) never serves one it did not receive whole."""
-    hosts, store, tmp = lab
-    trainer = hosts.add("trainer", RATE_MBIT)
-    replicas = {name: hosts.add(name, RATE_MBIT) for name in ("r1", "r2", "r3")}
-    processes = {name: start_replica(h, tiny_model, store.url, tmp / f"{name}.log") for name, h in replicas.items()}
-    client = redis.Redis.from_url(store.url)
-    wait_for(lambda: len(registry.live_replicas(client)) == 3, timeout_s=180, what="three replicas registered")
-    before = {r.replica: r.version for r in registry.live_replicas(client)}
-
+    tmp = lab[2]
     push_timeout_s = 20
-    driver = trainer.python(["-m", "tests.helpers.publish_once", "--redis-url", store.url, "--model", str(tiny_model),
-                             "--version", str(VERSION + 1), "--epoch", "1", "--fanout", "1", "--scale", "1.01",
-                             "--token", TOKEN, "--timeout", str(push_timeout_s), "--chunk-bytes", str(64 << 10)],
-                            tmp / "driver.log")  # fmt: skip
+    processes, client, before, driver = chain_push(lab, tiny_model, VERSION + 1, push_timeout_s)
     wait_for(lambda: written(VERSION + 1, 3), timeout_s=60, interval_s=0.02, what="r3 receiving through r2")
     os.killpg(processes["r2"].pid, signal.SIGSTOP)
     try:

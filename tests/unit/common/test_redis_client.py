@@ -1,11 +1,9 @@
-import shutil
 import socket
-import subprocess
 
 import pytest
 
 from services.common import redis_client
-from tests.helpers.procs import wait_for
+from tests.helpers.hosts import UnixRedis
 
 
 def test_connections_to_a_vanished_peer_are_closed_by_the_kernel(redis_server):
@@ -28,14 +26,10 @@ def test_connections_to_a_vanished_peer_are_closed_by_the_kernel(redis_server):
 
 def test_a_unix_socket_url_connects_without_tcp_options(tmp_path):
     # the options are TCP's: a client of a co-located Redis on a unix socket must not be refused for them
-    path = tmp_path / "redis.sock"
-    server = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", str(path), "--save", "",
-                               "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)  # fmt: skip
+    store = UnixRedis(tmp_path)
     try:
-        wait_for(path.exists, 20, 0.02, what="redis on a unix socket")
-        client = redis_client.connect(f"unix://{path}")
+        client = redis_client.connect(store.url)
         client.set("k", "v")
         assert client.get("k") == b"v"
     finally:
-        server.terminate()
-        server.wait(10)
+        store.close()
