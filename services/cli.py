@@ -368,6 +368,9 @@ def serve_rollout(
     ] = None,
     port: Annotated[int | None, typer.Option(min=0, max=65535, help="HTTP port [8200].")] = None,
     grpc_port: Annotated[int | None, typer.Option(min=0, max=65535, help="gRPC weight-service port [0: free].")] = None,
+    bulk_port: Annotated[
+        int | None, typer.Option(min=-1, max=65535, help="Bulk channel of weight pushes [0: free; -1: off].")
+    ] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL of the streams.")] = None,
     replica: Annotated[str | None, typer.Option(help="Replica id [host-pid].")] = None,
     threads: Annotated[int | None, typer.Option(min=1, max=256, help="torch threads [1].")] = None,
@@ -390,8 +393,8 @@ def serve_rollout(
 
     given = {
         "model_dir": str(model_dir) if model_dir is not None else None, "backend": backend, "host": host,
-        "advertise_host": advertise_host, "port": port, "grpc_port": grpc_port, "redis_url": redis_url,
-        "replica": replica, "threads": threads,
+        "advertise_host": advertise_host, "port": port, "grpc_port": grpc_port, "bulk_port": bulk_port,
+        "redis_url": redis_url, "replica": replica, "threads": threads,
         "max_jobs": max_jobs, "claim_idle_ms": claim_idle_ms, "vllm_max_model_len": vllm_max_model_len,
         "vllm_cpu_kv_cache_gb": vllm_cpu_kv_cache_gb, "vllm_cpu_threads_bind": vllm_cpu_threads_bind,
         "weights_token": weights_token,

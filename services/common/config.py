@@ -114,6 +114,10 @@ class RolloutSettings(ConsumerSettings):
     """HTTP port."""
     grpc_port: int = Field(0, ge=0, le=65535)
     """gRPC weight-service port (0 picks a free one)."""
+    bulk_port: int = Field(0, ge=-1, le=65535)
+    """Port of the weight service's bulk channel, where a push's bytes travel over a TCP connection of
+    their own while gRPC carries the rest (about 1.5x fewer copies; services/common/bulk.py).
+    0 picks a free one; -1 turns it off (pushes then send the bytes over gRPC)."""
     threads: int = Field(1, ge=1, le=256)
     """torch threads for the engine."""
     max_jobs: int = Field(16, ge=1, le=4096)

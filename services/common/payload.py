@@ -184,20 +184,27 @@ class Payload:
             raw = self._cache.get(key)
         if raw is not None:
             return raw
-        pieces = self.pieces(start, end)
+        pieces = self.hashed_pieces(start, end)
         prefix = b""
         if start == 0:
             prefix = VERSION_TAG + varint(version) + TOTAL_TAG + varint(self.total) + EPOCH_TAG + varint(epoch)
         raw = b"".join((prefix, DATA_TAG, varint(end - start), *pieces))
         with self._lock:
-            if start == self._hashed:  # the first framing of this chunk: every earlier chunk was hashed
-                for piece in pieces:
-                    self._hasher.update(piece)
-                self._hashed = end
             self._cache[key] = raw
             while len(self._cache) > CACHED_CHUNKS:
                 self._cache.popitem(last=False)
         return raw
+
+    def hashed_pieces(self, start: int, end: int) -> list[memoryview]:
+        """``pieces``, hashed on the way when they are the next bytes no push has sent yet (pushes
+        that run together read the bytes once for the checksum)."""
+        pieces = self.pieces(start, end)
+        with self._lock:
+            if start == self._hashed:  # every earlier byte was hashed
+                for piece in pieces:
+                    self._hasher.update(piece)
+                self._hashed = end
+        return pieces
 
     def digest(self) -> str:
         """The checksum of the whole payload (hashing whatever no push has framed yet)."""

@@ -30,6 +30,7 @@ class ReplicaInfo(BaseModel):
     replica: str = Field(min_length=1, max_length=128)
     http: str = Field(max_length=256)
     grpc: str = Field(min_length=1, max_length=256)
+    bulk: str = Field("", max_length=256)  # the weight service's bulk channel, host:port; "" when off
     version: int = Field(ge=0)
     epoch: int = Field(0, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # what it serves, so what pushes carry

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,11 +31,12 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from services.common import delta
+from services.common import bulk, delta
 from services.common.finite_scan import FiniteScan
 from services.common.payload import DATA_TAG, Payload, own_scratch
 from services.common.proto import load
 
+log = logging.getLogger(__name__)
 pb, pb_grpc = load("weights")
 CHUNK_BYTES = 4 << 20  # a quarter of the receiver's largest message
 PUSH_METHOD = "/passk.weights.v1.Weights/Push"
@@ -75,6 +78,7 @@ class Chunk:
     fanout: int = 0
     encoding: str = ""  # first chunk: "" or delta.ENCODING
     base_checksum: str = ""
+    bulk_ticket: str = ""  # first chunk: the bytes come over the bulk channel (``services.common.bulk``)
 
 
 def decode_chunk(raw: bytes) -> Chunk:
@@ -89,7 +93,8 @@ def decode_chunk(raw: bytes) -> Chunk:
             return Chunk(0, 0, "", memoryview(raw)[at:])
     message = pb.WeightChunk.FromString(raw)
     return Chunk(message.version, message.total_bytes, message.checksum, message.data, message.epoch,
-                 tuple(message.relay), message.fanout, message.encoding, message.base_checksum)  # fmt: skip
+                 tuple(message.relay), message.fanout, message.encoding, message.base_checksum,
+                 message.bulk_ticket)  # fmt: skip
 
 
 def chunks(
@@ -111,6 +116,35 @@ def chunks(
         if start == 0 and relay:  # serialized messages concatenated are merged: the relay fields join the first
             raw += pb.WeightChunk(relay=relay, fanout=fanout).SerializeToString()
         yield raw
+    yield pb.WeightChunk(checksum=payload.digest()).SerializeToString()
+
+
+def bulk_chunks(
+    version: int,
+    payload: Payload,
+    conn,
+    ticket: str,
+    chunk_bytes: int = CHUNK_BYTES,
+    *,
+    epoch: int = 0,
+    relay: list[str] | None = None,
+    fanout: int = 0,
+    failed: list[OSError] | None = None,
+) -> Iterator[bytes]:
+    """The Push stream of a version whose bytes go over the bulk connection ``conn`` (opened with
+    ``ticket``): the header chunk, then, while gRPC waits for the next message, every byte sent on
+    ``conn`` straight from the payload's memory, then the checksum. ``failed`` gets the error that
+    broke the connection, if one did (the stream then fails, and with it the RPC)."""
+    yield pb.WeightChunk(version=version, total_bytes=len(payload), epoch=epoch, relay=relay or [], fanout=fanout,
+                         bulk_ticket=ticket).SerializeToString()  # fmt: skip
+    for start in range(0, len(payload), chunk_bytes):
+        for piece in payload.hashed_pieces(start, min(start + chunk_bytes, len(payload))):
+            try:
+                conn.sendall(piece)
+            except OSError as err:
+                if failed is not None:
+                    failed.append(err)
+                raise
     yield pb.WeightChunk(checksum=payload.digest()).SerializeToString()
 
 
@@ -299,12 +333,44 @@ def push(
     relay: list[str] | None = None,
     fanout: int = 0,
     chunk_bytes: int = CHUNK_BYTES,
+    bulk_address: str = "",
 ) -> object:
     """Push one version to one replica, which passes it on to ``relay`` (a tree of ``fanout``);
-    returns its PushReply (grpc.RpcError on transport failure)."""
-    stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout)
-    with channel(address, tls_ca) as channel_:
-        return push_call(channel_)(stream, timeout=timeout_s, metadata=bearer(token))
+    returns its PushReply (grpc.RpcError on transport failure, OSError when the bulk connection
+    broke). ``bulk_address``: the replica's bulk channel, which then carries the bytes; when it
+    cannot be reached the bytes go over gRPC."""
+    conn, start = None, time.monotonic()
+    if bulk_address:
+        try:
+            conn, ticket = bulk.connect(bulk_address, tls_ca=tls_ca, timeout_s=timeout_s)
+        except OSError as err:  # an old replica, or a port a firewall closes: the slower path still works
+            log.warning("bulk channel %s unreachable (%s): pushing over gRPC", bulk_address, err)
+    failed: list[OSError] = []
+    if conn is None:
+        stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout)
+    else:
+        if not isinstance(payload, Payload):
+            payload = Payload.of_bytes(payload)
+        stream = bulk_chunks(version, payload, conn, ticket, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout,
+                             failed=failed)  # fmt: skip
+    try:
+        with channel(address, tls_ca) as channel_:
+            reply = push_call(channel_)(stream, timeout=timeout_s, metadata=bearer(token))
+    except grpc.RpcError:
+        if not failed:
+            raise
+        reply = pb.PushReply(accepted=False, error=f"{bulk.REFUSED}{failed[0]}")  # the channel broke, not the RPC
+    finally:
+        if conn is not None:
+            bulk.hang_up(conn)  # the RPC ended (answered, refused or failed): stop sending
+    if conn is not None and not reply.accepted and reply.error.startswith(bulk.REFUSED):
+        # the channel failed, not the version (strangers filling the port; a replica dead by now fails
+        # again at once): the bytes over gRPC
+        log.warning("the bulk channel of %s failed (%s): pushing over gRPC", address, reply.error)
+        left = max(0.001, timeout_s - (time.monotonic() - start))
+        return push(address, version, payload, epoch=epoch, token=token, tls_ca=tls_ca, timeout_s=left, relay=relay,
+                    fanout=fanout, chunk_bytes=chunk_bytes)  # fmt: skip
+    return reply
 
 
 def push_frames(

@@ -8,7 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
-from services.common import http_server
+from services.common import bulk, http_server
 from services.common.config import RolloutSettings
 from services.common.logs import setup_logging
 from services.common.payload import remove_own_scratch, sweep_scratch
@@ -53,6 +53,8 @@ def run(settings: RolloutSettings) -> None:
         log.info("removed %s, left by a process that no longer runs", path)
     engine = make_engine(settings)
     rollout = Rollout(engine, settings)
+    tls_files = (Path(settings.weights_tls_cert), Path(settings.weights_tls_key)) if settings.weights_tls_cert else None
+    listener = None if settings.bulk_port < 0 else bulk.Listener(settings.host, settings.bulk_port, tls_files)
     receiver = WeightReceiver(
         engine,
         rollout.name,
@@ -62,14 +64,17 @@ def run(settings: RolloutSettings) -> None:
         on_error=rollout.refused,
         ready=rollout.ready,
         relay_tls_ca=Path(settings.weights_tls_ca).read_bytes() if settings.weights_tls_ca else None,
+        bulk_listener=listener,
     )
     rollout.receiver_swapping = lambda: receiver.swapping
     tls = None
-    if settings.weights_tls_cert:
-        tls = (Path(settings.weights_tls_cert).read_bytes(), Path(settings.weights_tls_key).read_bytes())
+    if tls_files is not None:
+        tls = (tls_files[0].read_bytes(), tls_files[1].read_bytes())
     grpc_server, grpc_port = serve(receiver, f"{settings.host}:{settings.grpc_port}", tls)
     host = advertised_host(settings.advertise_host, settings.host)
     rollout.grpc_address = f"{host}:{grpc_port}"
+    if listener is not None:
+        rollout.bulk_address = f"{host}:{listener.port}"
     rollout.http_address = f"http://{host}:{settings.port}"
     rollout.heartbeat()
     threads = [
@@ -83,6 +88,8 @@ def run(settings: RolloutSettings) -> None:
     finally:  # SIGTERM or SIGINT: uvicorn has stopped taking requests
         rollout.close(queue=threads[0])
         grpc_server.stop(grace=2)
+        if listener is not None:
+            listener.close()
         remove_own_scratch()
         threads[1].join(5)
         if threads[0].is_alive():  # still generating what it handed back: leave without waiting for it

@@ -36,6 +36,7 @@ class Rollout:
         self.handed_back = threading.Event()  # set once it has: what is still in hand is not published
         self.http_address = ""
         self.grpc_address = ""
+        self.bulk_address = ""
         self.metrics = CollectorRegistry()
         self.running = Gauge(
             "passk_rollout_requests_running", "Prompts in the engine now (queue jobs and HTTP)", registry=self.metrics
@@ -108,6 +109,7 @@ class Rollout:
             replica=self.name,
             http=self.http_address,
             grpc=self.grpc_address,
+            bulk=self.bulk_address,
             version=self.engine.version,
             epoch=self.engine.epoch,
             dtype=self.engine.dtype,

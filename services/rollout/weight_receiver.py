@@ -1,20 +1,24 @@
-"""The replica's gRPC weight service: Push (chunked, checksummed; relayed on when asked), Forward
-(the kept version on to late joiners) and Status."""
+"""The replica's gRPC weight service: Push (chunked, checksummed; relayed on when asked; its bytes
+over the bulk channel when the pusher opened one), Forward (the kept version on to late joiners)
+and Status."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common import bulk
 from services.common.payload import own_scratch
 from services.common.registry import Policy
 from services.common.weights import (
+    CHUNK_BYTES,
     Chunk,
     Received,
     WeightTransferError,
@@ -43,9 +47,12 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         ready: Callable[[], bool],
         relay_tls_ca: bytes | None = None,
         relay_timeout_s: float = 300.0,
+        bulk_listener: bulk.Listener | None = None,
     ) -> None:
         """``relay_tls_ca``: the PEM to trust when passing a version on to other replicas over TLS;
-        ``relay_timeout_s``: how long that may take when the push that asks for it has no deadline."""
+        ``relay_timeout_s``: how long that may take when the push that asks for it has no deadline;
+        ``bulk_listener``: the bulk channel, where pushes may send their bytes."""
+        self.bulk = bulk_listener
         self.engine, self.replica, self.token, self.max_bytes = engine, replica, token, max_bytes
         self.relay_tls_ca, self.relay_timeout_s = relay_tls_ca, relay_timeout_s
         self.on_swap, self.on_error, self.ready = on_swap, on_error, ready
@@ -61,7 +68,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         relay = Relay(token=self.token, tls_ca=self.relay_tls_ca, deadline=start + self._relay_time(context),
                       replica=self.replica)  # fmt: skip
         try:
-            reply = self._take(request_iterator, relay, start)
+            reply = self._take(self._chunks(request_iterator, context), relay, start)
         finally:
             relayed = relay.wait()  # the children answered, or gave up when this stream broke
         reply.relayed.extend(relayed)
@@ -72,6 +79,26 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         left = context.time_remaining()
         left = self.relay_timeout_s if left is None else left
         return max(0.0, left - min(1.0, 0.1 * left))
+
+    def _chunks(self, request_iterator, context) -> Iterator[Chunk]:
+        """The push's chunks, the bytes read from the bulk connection its first chunk names, if it
+        names one (checked only now: the token was checked before)."""
+        iterator = iter(request_iterator)
+        first = next(iterator, None)
+        if first is None:
+            return
+        if not first.bulk_ticket:
+            yield from itertools.chain([first], iterator)
+            return
+        if self.bulk is None:
+            raise WeightTransferError(f"{bulk.REFUSED}the push's bytes come over one, but this replica has none")
+        left = context.time_remaining()
+        deadline = time.monotonic() + (self.relay_timeout_s if left is None else left)
+        try:
+            conn = self.bulk.take(first.bulk_ticket, min(bulk.HELLO_TIMEOUT_S, max(0.0, deadline - time.monotonic())))
+            yield from bulk.received(first, conn, iterator, CHUNK_BYTES, deadline)
+        except bulk.BulkError as err:
+            raise WeightTransferError(str(err)) from None
 
     def _take(self, request_iterator, relay: Relay, start: float):
         try:

@@ -229,6 +229,11 @@ class TrainerSettings(BaseModel):
     """Send a replica that holds the previous version only the XOR against it, compressed with zstd
     (services/common/delta.py); costs a host copy of the last payload per serving dtype. Not with
     relays (weights_fanout > 0), which pass whole versions on."""
+    weights_bulk: bool = True
+    """Send a version's bytes over the replica's bulk channel (a TCP connection of their own, over
+    TLS when weights_tls_ca is set) where it registered one, gRPC carrying the rest: fewer copies at
+    both ends (services/common/bulk.py). False, or a replica without one: the bytes go over gRPC.
+    Deltas and relays' pushes to their children always go over gRPC."""
     push_timeout_s: float = Field(300, gt=0)
     """How long one weight push to a replica may take; a replica that stops answering is given up
     on after it (and leaves the registry once its heartbeats stop)."""

@@ -61,6 +61,7 @@ class Publisher:
         self.catching_up: set[str] = set()
         self.peer_failed: set[str] = set()  # replicas a peer did not reach with the published version
         self.catch_up_bytes = 0  # sent from here to late replicas, over the run
+        self.bulk: dict[str, str] = {}  # gRPC address -> bulk channel, of the replicas last seen
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="catch-up")
         self.last_catch_up = 0.0
 
@@ -95,6 +96,7 @@ class Publisher:
         hold that base after all) gets the full version next."""
         start = time.monotonic()
         replicas = registry.live_replicas(self.client)
+        self.bulk = {r.grpc: r.bulk for r in replicas if self.s.weights_bulk}
         groups: dict[str, list[str]] = {}
         for replica in replicas:
             groups.setdefault(self.dtype_of(replica), []).append(replica.grpc)
@@ -160,6 +162,7 @@ class Publisher:
         self.last_catch_up = time.monotonic()
         version, target = self.published, Policy(self.epoch, self.published)
         replicas = registry.live_replicas(self.client)
+        self.bulk.update({r.grpc: r.bulk for r in replicas if self.s.weights_bulk})
         sources = {self.dtype_of(r): r.grpc for r in replicas if r.policy == target}
         from_peer: dict[str, list[str]] = {}
         for replica in replicas:
@@ -223,7 +226,8 @@ class Publisher:
             else:
                 reply, sent = push(address, version, payload, epoch=self.epoch, token=self.token, tls_ca=self.tls_ca,
                                    timeout_s=self.s.push_timeout_s, relay=rest, fanout=self.s.weights_fanout,
-                                   chunk_bytes=self.s.weights_chunk_bytes), len(payload)  # fmt: skip
+                                   chunk_bytes=self.s.weights_chunk_bytes,
+                                   bulk_address=self.bulk.get(address, "")), len(payload)  # fmt: skip
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
             return 0, []

@@ -4,6 +4,7 @@ Tests that count versions, epochs and errors from a replica's start get a replic
 (``fresh_replica``, in Redis database 1); the others share one and assert only relative to what
 they find, so any order of the tests gives the same results."""
 
+import logging
 import sys
 from contextlib import contextmanager
 
@@ -273,7 +274,7 @@ def test_a_stream_cut_half_way_keeps_the_old_version_and_leaves_no_file(replica,
     assert wait_for(lambda: set(scratch_dir().glob("passk-*/passk-v*")) == before)  # the partial file is gone
 
 
-def test_the_weight_service_over_tls(redis_server, tiny_model, tmp_path):
+def test_the_weight_service_over_tls(redis_server, tiny_model, tmp_path, caplog):
     """With a certificate the weight service speaks TLS only; the trainer's side trusts the CA."""
     import subprocess
 
@@ -293,6 +294,12 @@ def test_the_weight_service_over_tls(redis_server, tiny_model, tmp_path):
         ca = cert.read_bytes()
         reply = push(address, 1, encode(weights_of(tiny_model, 1.0)), tls_ca=ca)
         assert reply.accepted and status(address, tls_ca=ca).version == 1
+        # the bulk channel speaks TLS too, with the same certificate (a plain-text one is tested in test_bulk)
+        channel_ = next(r.bulk for r in registry.live_replicas(redis_server.client) if r.replica == "r-tls")
+        with caplog.at_level(logging.WARNING, logger="services.common.weights"):
+            reply = push(address, 2, encode(weights_of(tiny_model, 0.5)), tls_ca=ca, bulk_address=channel_)
+        assert reply.accepted and status(address, tls_ca=ca).version == 2
+        assert not caplog.records, "the push fell back to gRPC"
         with pytest.raises(grpc.RpcError) as err:  # plaintext is not served
             status(address)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
