@@ -37,6 +37,7 @@ TICKET_BYTES = 16
 HELLO_TIMEOUT_S = 10.0
 UNCLAIMED_S = 30.0
 MAX_WAITING = 16
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4 << 10, 16 << 20  # what a push may ask the replica to take at once
 
 
 REFUSED = "bulk channel: "  # how a replica's refusal of a push begins when the bulk channel failed it

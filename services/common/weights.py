@@ -79,6 +79,7 @@ class Chunk:
     encoding: str = ""  # first chunk: "" or delta.ENCODING
     base_checksum: str = ""
     bulk_ticket: str = ""  # first chunk: the bytes come over the bulk channel (``services.common.bulk``)
+    bulk_chunk_bytes: int = 0  # and are taken in pieces of this size
 
 
 def decode_chunk(raw: bytes) -> Chunk:
@@ -94,7 +95,7 @@ def decode_chunk(raw: bytes) -> Chunk:
     message = pb.WeightChunk.FromString(raw)
     return Chunk(message.version, message.total_bytes, message.checksum, message.data, message.epoch,
                  tuple(message.relay), message.fanout, message.encoding, message.base_checksum,
-                 message.bulk_ticket)  # fmt: skip
+                 message.bulk_ticket, message.bulk_chunk_bytes)  # fmt: skip
 
 
 def chunks(
@@ -136,7 +137,7 @@ def bulk_chunks(
     ``conn`` straight from the payload's memory, then the checksum. ``failed`` gets the error that
     broke the connection, if one did (the stream then fails, and with it the RPC)."""
     yield pb.WeightChunk(version=version, total_bytes=len(payload), epoch=epoch, relay=relay or [], fanout=fanout,
-                         bulk_ticket=ticket).SerializeToString()  # fmt: skip
+                         bulk_ticket=ticket, bulk_chunk_bytes=chunk_bytes).SerializeToString()  # fmt: skip
     for start in range(0, len(payload), chunk_bytes):
         for piece in payload.hashed_pieces(start, min(start + chunk_bytes, len(payload))):
             try:

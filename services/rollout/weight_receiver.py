@@ -18,7 +18,6 @@ from services.common import bulk
 from services.common.payload import own_scratch
 from services.common.registry import Policy
 from services.common.weights import (
-    CHUNK_BYTES,
     Chunk,
     Received,
     WeightTransferError,
@@ -92,11 +91,14 @@ class WeightReceiver(pb_grpc.WeightsServicer):
             return
         if self.bulk is None:
             raise WeightTransferError(f"{bulk.REFUSED}the push's bytes come over one, but this replica has none")
+        if not bulk.MIN_CHUNK_BYTES <= first.bulk_chunk_bytes <= bulk.MAX_CHUNK_BYTES:
+            raise WeightTransferError(f"bulk_chunk_bytes {first.bulk_chunk_bytes} is outside "
+                                      f"{bulk.MIN_CHUNK_BYTES}..{bulk.MAX_CHUNK_BYTES}")  # fmt: skip
         left = context.time_remaining()
         deadline = time.monotonic() + (self.relay_timeout_s if left is None else left)
         try:
             conn = self.bulk.take(first.bulk_ticket, min(bulk.HELLO_TIMEOUT_S, max(0.0, deadline - time.monotonic())))
-            yield from bulk.received(first, conn, iterator, CHUNK_BYTES, deadline)
+            yield from bulk.received(first, conn, iterator, first.bulk_chunk_bytes, deadline)
         except bulk.BulkError as err:
             raise WeightTransferError(str(err)) from None
 

@@ -100,12 +100,16 @@ def test_the_token_is_checked_before_a_ticket_is_honoured(replica, tiny_model):
     assert served(replica) == version
 
 
-def test_a_ticket_no_connection_brought_is_refused(replica, tiny_model):
+def test_a_ticket_no_connection_brought_or_a_bad_chunk_size_is_refused(replica, tiny_model):
     version = served(replica)
-    header = pb.WeightChunk(version=version + 1, total_bytes=1000, bulk_ticket="ab" * bulk.TICKET_BYTES)
-    with channel(replica.grpc) as to_replica:
-        reply = push_call(to_replica)(iter([header.SerializeToString()]), timeout=30, metadata=METADATA)
-    assert not reply.accepted and reply.error.startswith("bulk channel: no connection came"), reply.error
+    refusals = {"bulk channel: no connection came": 4096, "bulk_chunk_bytes 0 is outside": 0,
+                f"bulk_chunk_bytes {bulk.MAX_CHUNK_BYTES + 1} is outside": bulk.MAX_CHUNK_BYTES + 1}  # fmt: skip
+    for error, chunk_bytes in refusals.items():
+        header = pb.WeightChunk(version=version + 1, total_bytes=1000, bulk_ticket="ab" * bulk.TICKET_BYTES,
+                                bulk_chunk_bytes=chunk_bytes)  # fmt: skip
+        with channel(replica.grpc) as to_replica:
+            reply = push_call(to_replica)(iter([header.SerializeToString()]), timeout=30, metadata=METADATA)
+        assert not reply.accepted and reply.error.startswith(error), reply.error
     assert served(replica) == version
 
 
