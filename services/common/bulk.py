@@ -38,8 +38,6 @@ HELLO_TIMEOUT_S = 10.0
 UNCLAIMED_S = 30.0
 MAX_WAITING = 16
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4 << 10, 16 << 20  # what a push may ask the replica to take at once
-
-
 REFUSED = "bulk channel: "  # how a replica's refusal of a push begins when the bulk channel failed it
 
 
@@ -105,8 +103,12 @@ class Listener:
         while not self.closed:
             try:
                 conn, _ = self.server.accept()
-            except OSError:
-                return  # closed
+            except OSError as err:
+                if self.closed:
+                    return
+                log.warning("bulk channel: accept failed (%s); pushes go over gRPC meanwhile", err)
+                time.sleep(0.5)  # out of file descriptors, say: try again rather than leave the port dead
+                continue
             with self.changed:
                 self._expire()
                 full = len(self.waiting) + self.greeting >= MAX_WAITING

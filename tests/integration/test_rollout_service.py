@@ -20,6 +20,7 @@ from services.common.config import StreamNames
 from services.common.schemas import PromptJob, RolloutGroup
 from services.common.weights import chunks, encode, pb, pb_grpc, push, push_call, status
 from tests.helpers.procs import service, wait_for
+from tests.helpers.tls import self_signed
 
 STREAMS = StreamNames()
 MAZE = "*******\n*S....*\n*****.*\n*E....*\n*******\n*******\n*******"
@@ -280,12 +281,7 @@ def test_the_weight_service_over_tls(redis_server, tiny_model, tmp_path, caplog)
 
     import grpc
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path)
     args = ["serve", "rollout", "--model-dir", str(tiny_model), "--redis-url", redis_server.url, "--replica", "r-tls"]
     args += ["--weights-tls-cert", str(cert), "--weights-tls-key", str(key)]
     with service(args, tmp_path / "rollout.log"):

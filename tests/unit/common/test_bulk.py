@@ -3,13 +3,13 @@ chunks a push's bytes become."""
 
 import os
 import socket
-import subprocess
 import time
 
 import pytest
 
 from services.common import bulk
 from services.common.weights import Chunk
+from tests.helpers.tls import self_signed
 
 
 def hung_up(conn: socket.socket) -> bool:
@@ -120,12 +120,7 @@ def test_a_silent_pusher_runs_into_the_deadline(listener):
 
 
 def test_tls_on_both_ends(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path)
     server = bulk.Listener("127.0.0.1", 0, (cert, key))
     try:
         conn, ticket = bulk.connect(f"127.0.0.1:{server.port}", tls_ca=cert.read_bytes(), timeout_s=5)
