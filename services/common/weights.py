@@ -80,6 +80,7 @@ class Chunk:
     base_checksum: str = ""
     bulk_ticket: str = ""  # first chunk: the bytes come over the bulk channel (``services.common.bulk``)
     bulk_chunk_bytes: int = 0  # and are taken in pieces of this size
+    relay_bulk: tuple[str, ...] = ()  # first chunk: the bulk channels of ``relay`` ("" where none)
 
 
 def decode_chunk(raw: bytes) -> Chunk:
@@ -95,7 +96,7 @@ def decode_chunk(raw: bytes) -> Chunk:
     message = pb.WeightChunk.FromString(raw)
     return Chunk(message.version, message.total_bytes, message.checksum, message.data, message.epoch,
                  tuple(message.relay), message.fanout, message.encoding, message.base_checksum,
-                 message.bulk_ticket, message.bulk_chunk_bytes)  # fmt: skip
+                 message.bulk_ticket, message.bulk_chunk_bytes, tuple(message.relay_bulk))  # fmt: skip
 
 
 def chunks(
@@ -106,16 +107,18 @@ def chunks(
     epoch: int = 0,
     relay: list[str] | None = None,
     fanout: int = 0,
+    relay_bulk: list[str] | None = None,
 ) -> Iterator[bytes]:
     """The Push stream, serialized by hand from the payload's memory (one copy a chunk, where
     protobuf would make three): the version and size with the first bytes, data-only chunks, then
-    the checksum, computed on the way. ``relay``: the replicas the receiver passes it on to."""
+    the checksum, computed on the way. ``relay``: the replicas the receiver passes it on to
+    (``relay_bulk``: their bulk channels)."""
     if not isinstance(payload, Payload):
         payload = Payload.of_bytes(payload)
     for start in range(0, len(payload), chunk_bytes):
         raw = payload.framed(version, start, chunk_bytes, epoch=epoch)
         if start == 0 and relay:  # serialized messages concatenated are merged: the relay fields join the first
-            raw += pb.WeightChunk(relay=relay, fanout=fanout).SerializeToString()
+            raw += pb.WeightChunk(relay=relay, fanout=fanout, relay_bulk=relay_bulk).SerializeToString()
         yield raw
     yield pb.WeightChunk(checksum=payload.digest()).SerializeToString()
 
@@ -130,14 +133,16 @@ def bulk_chunks(
     epoch: int = 0,
     relay: list[str] | None = None,
     fanout: int = 0,
+    relay_bulk: list[str] | None = None,
     failed: list[OSError] | None = None,
 ) -> Iterator[bytes]:
     """The Push stream of a version whose bytes go over the bulk connection ``conn`` (opened with
     ``ticket``): the header chunk, then, while gRPC waits for the next message, every byte sent on
     ``conn`` straight from the payload's memory, then the checksum. ``failed`` gets the error that
     broke the connection, if one did (the stream then fails, and with it the RPC)."""
-    yield pb.WeightChunk(version=version, total_bytes=len(payload), epoch=epoch, relay=relay or [], fanout=fanout,
-                         bulk_ticket=ticket, bulk_chunk_bytes=chunk_bytes).SerializeToString()  # fmt: skip
+    yield pb.WeightChunk(version=version, total_bytes=len(payload), epoch=epoch, relay=relay, fanout=fanout,
+                         relay_bulk=relay_bulk, bulk_ticket=ticket, bulk_chunk_bytes=chunk_bytes
+                         ).SerializeToString()  # fmt: skip
     for start in range(0, len(payload), chunk_bytes):
         for piece in payload.hashed_pieces(start, min(start + chunk_bytes, len(payload))):
             try:
@@ -335,11 +340,12 @@ def push(
     fanout: int = 0,
     chunk_bytes: int = CHUNK_BYTES,
     bulk_address: str = "",
+    relay_bulk: list[str] | None = None,
 ) -> object:
-    """Push one version to one replica, which passes it on to ``relay`` (a tree of ``fanout``);
-    returns its PushReply (grpc.RpcError on transport failure, OSError when the bulk connection
-    broke). ``bulk_address``: the replica's bulk channel, which then carries the bytes; when it
-    cannot be reached the bytes go over gRPC."""
+    """Push one version to one replica, which passes it on to ``relay`` (a tree of ``fanout``;
+    ``relay_bulk``: their bulk channels); returns its PushReply (grpc.RpcError on transport
+    failure). ``bulk_address``: the replica's bulk channel, which then carries the bytes; when it
+    cannot be reached or fails, the bytes go over gRPC."""
     conn, start = None, time.monotonic()
     if bulk_address:
         try:
@@ -348,12 +354,12 @@ def push(
             log.warning("bulk channel %s unreachable (%s): pushing over gRPC", bulk_address, err)
     failed: list[OSError] = []
     if conn is None:
-        stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout)
+        stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout, relay_bulk=relay_bulk)
     else:
         if not isinstance(payload, Payload):
             payload = Payload.of_bytes(payload)
         stream = bulk_chunks(version, payload, conn, ticket, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout,
-                             failed=failed)  # fmt: skip
+                             relay_bulk=relay_bulk, failed=failed)  # fmt: skip
     try:
         with channel(address, tls_ca) as channel_:
             reply = push_call(channel_)(stream, timeout=timeout_s, metadata=bearer(token))
@@ -370,7 +376,7 @@ def push(
         log.warning("the bulk channel of %s failed (%s): pushing over gRPC", address, reply.error)
         left = max(0.001, timeout_s - (time.monotonic() - start))
         return push(address, version, payload, epoch=epoch, token=token, tls_ca=tls_ca, timeout_s=left, relay=relay,
-                    fanout=fanout, chunk_bytes=chunk_bytes)  # fmt: skip
+                    fanout=fanout, chunk_bytes=chunk_bytes, relay_bulk=relay_bulk)  # fmt: skip
     return reply
 
 
@@ -397,10 +403,13 @@ def forward(
     token: str | None = None,
     tls_ca: bytes | None = None,
     timeout_s: float = 120.0,
+    relay_bulk: list[str] | None = None,
 ) -> object:
     """Ask the replica at ``address`` to push the version it serves, (epoch, version), on to
-    ``relay`` (a tree of ``fanout``; 0: to each itself); returns its PushReply."""
-    request = pb.ForwardRequest(version=version, epoch=epoch, relay=relay, fanout=fanout or len(relay))
+    ``relay`` (a tree of ``fanout``; 0: to each itself; ``relay_bulk``: their bulk channels);
+    returns its PushReply."""
+    request = pb.ForwardRequest(version=version, epoch=epoch, relay=relay, fanout=fanout or len(relay),
+                                relay_bulk=relay_bulk)  # fmt: skip
     with channel(address, tls_ca) as channel_:
         return pb_grpc.WeightsStub(channel_).Forward(request, timeout=timeout_s, metadata=bearer(token))
 

@@ -65,6 +65,7 @@ def run(settings: RolloutSettings) -> None:
         ready=rollout.ready,
         relay_tls_ca=Path(settings.weights_tls_ca).read_bytes() if settings.weights_tls_ca else None,
         bulk_listener=listener,
+        on_push=lambda channel: rollout.pushes.labels(channel).inc(),
     )
     rollout.receiver_swapping = lambda: receiver.swapping
     tls = None

@@ -62,6 +62,12 @@ class Rollout:
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
         )  # fmt: skip
         self.sync_errors = Counter("passk_rollout_weight_sync_errors", "Refused weight pushes", registry=self.metrics)
+        self.pushes = Counter(
+            "passk_rollout_weight_pushes", "Weight pushes begun, by the channel of their bytes (bulk or grpc)",
+            ["channel"], registry=self.metrics,
+        )  # fmt: skip
+        for channel in ("bulk", "grpc"):
+            self.pushes.labels(channel)
         self.claimed = Counter(
             "passk_rollout_jobs_claimed", "Prompt jobs taken over from a replica presumed dead", registry=self.metrics
         )

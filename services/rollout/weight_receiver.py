@@ -47,11 +47,13 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         relay_tls_ca: bytes | None = None,
         relay_timeout_s: float = 300.0,
         bulk_listener: bulk.Listener | None = None,
+        on_push: Callable[[str], None] = lambda channel: None,
     ) -> None:
         """``relay_tls_ca``: the PEM to trust when passing a version on to other replicas over TLS;
         ``relay_timeout_s``: how long that may take when the push that asks for it has no deadline;
-        ``bulk_listener``: the bulk channel, where pushes may send their bytes."""
-        self.bulk = bulk_listener
+        ``bulk_listener``: the bulk channel, where pushes may send their bytes; ``on_push`` hears of
+        each push begun, with the channel of its bytes ("bulk" or "grpc")."""
+        self.bulk, self.on_push = bulk_listener, on_push
         self.engine, self.replica, self.token, self.max_bytes = engine, replica, token, max_bytes
         self.relay_tls_ca, self.relay_timeout_s = relay_tls_ca, relay_timeout_s
         self.on_swap, self.on_error, self.ready = on_swap, on_error, ready
@@ -86,6 +88,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         first = next(iterator, None)
         if first is None:
             return
+        self.on_push("bulk" if first.bulk_ticket else "grpc")
         if not first.bulk_ticket:
             yield from itertools.chain([first], iterator)
             return
@@ -154,7 +157,8 @@ class WeightReceiver(pb_grpc.WeightsServicer):
                 have = "nothing" if kept is None else f"version {kept.version} (epoch {kept.epoch})"
                 error = f"asked to forward version {request.version} (epoch {request.epoch}), but {have} is kept"
                 return pb.PushReply(accepted=False, version=self.engine.version, epoch=self.engine.epoch, error=error)
-            first = Chunk(kept.version, kept.size, "", b"", kept.epoch, tuple(request.relay), request.fanout)
+            first = Chunk(kept.version, kept.size, "", b"", kept.epoch, tuple(request.relay), request.fanout,
+                          relay_bulk=tuple(request.relay_bulk))  # fmt: skip
             try:
                 relay.opened(first, kept.path)
             except WeightTransferError as err:

@@ -198,7 +198,8 @@ class Publisher:
         reached: set[str] = set()
         try:
             reply = forward(source, version, targets, epoch=self.epoch, fanout=self.s.weights_fanout, token=self.token,
-                            tls_ca=self.tls_ca, timeout_s=self.s.push_timeout_s)  # fmt: skip
+                            tls_ca=self.tls_ca, timeout_s=self.s.push_timeout_s,
+                            relay_bulk=self.channels(targets))  # fmt: skip
             reached = {r.address for r in reply.relayed if r.accepted}
             if not reply.accepted:
                 log.warning("replica %s could not pass version %d on: %s", source, version, reply.error)
@@ -207,6 +208,12 @@ class Publisher:
         finally:
             self.peer_failed.update(set(targets) - reached)
             self.catching_up.difference_update(targets)
+
+    def channels(self, replicas: list[str]) -> list[str] | None:
+        """The bulk channels of ``replicas`` (gRPC addresses), for a relay to send on over; None
+        when none has one."""
+        out = [self.bulk.get(r, "") for r in replicas]
+        return out if any(out) else None
 
     def push(self, address: str, version: int, payload: Payload) -> bool:
         """One version to one replica; False (logged) when it failed or was refused."""
@@ -226,8 +233,8 @@ class Publisher:
             else:
                 reply, sent = push(address, version, payload, epoch=self.epoch, token=self.token, tls_ca=self.tls_ca,
                                    timeout_s=self.s.push_timeout_s, relay=rest, fanout=self.s.weights_fanout,
-                                   chunk_bytes=self.s.weights_chunk_bytes,
-                                   bulk_address=self.bulk.get(address, "")), len(payload)  # fmt: skip
+                                   chunk_bytes=self.s.weights_chunk_bytes, bulk_address=self.bulk.get(address, ""),
+                                   relay_bulk=self.channels(rest)), len(payload)  # fmt: skip
         except Exception as err:  # a replica that died mid-push: it drops out of the registry
             log.warning("weight push to %s failed: %s", address, err)
             return 0, []

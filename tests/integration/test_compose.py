@@ -220,6 +220,8 @@ def test_prometheus_scrapes_every_documented_metric(cluster, tmp_path):
                 value = float(result["value"][1])
                 assert low <= value <= high, f"{name}{result['metric']} = {value}, outside [{low}, {high}]"
         assert query('sum(passk_verifier_verdicts_total{status=~"correct|wrong"}) > 0')
+        # the versions crossed between containers over the replicas' bulk channels (port 50052)
+        assert query('sum(passk_rollout_weight_pushes_total{channel="bulk"}) > 0')
         assert {r["metric"]["phase"] for r in query("passk_trainer_step_phase_seconds_count")} >= {"rollout", "train"}
         assert {r["metric"]["row"] for r in query("passk_trainer_eval_pass_at_k")} == {"7x7"}
         # the dashboard's and the alerts' queries run and read only exported series

@@ -4,11 +4,14 @@ they pass it on as it arrives; a relay that cannot be reached leaves its subtree
 
 from __future__ import annotations
 
+import socket
 import time
 from contextlib import ExitStack
 
+import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -55,6 +58,17 @@ def served(client) -> dict[str, tuple[int, int]]:
     return out
 
 
+def pushes(client) -> dict[tuple[str, str], float]:
+    """{(replica, channel): pushes begun}, from each replica's /metrics."""
+    out = {}
+    for r in registry.live_replicas(client):
+        for family in text_string_to_metric_families(httpx.get(f"{r.http}/metrics").text):
+            for sample in family.samples:
+                if sample.name == "passk_rollout_weight_pushes_total":
+                    out[r.replica, sample.labels["channel"]] = sample.value
+    return out
+
+
 @pytest.mark.parametrize(("fanout", "depth"), [(1, 4), (2, 2), (4, 1)])
 def test_every_replica_gets_the_version_and_the_trainer_sends_it_fanout_times(replicas, tiny_model, fanout, depth):
     url, client = replicas
@@ -62,11 +76,33 @@ def test_every_replica_gets_the_version_and_the_trainer_sends_it_fanout_times(re
     pub = publisher(url, client, tiny_model, fanout, epoch)
     state = {name: t * (1 + fanout / 100) for name, t in load_file(tiny_model / "model.safetensors").items()}
     size = len(pub.payload(state, "float32", copy=False))
+    before = pushes(client)
     pub.publish(1, state)
     pub.close()
     assert served(client) == dict.fromkeys(NAMES, (epoch, 1))
     assert pub.bytes_sent == min(fanout, len(NAMES)) * size
     assert pub.relay_depth == depth
+    # every replica got the bytes over its bulk channel, from the trainer or from a relay
+    after = pushes(client)
+    assert {key: after[key] - before[key] for key in after} == {
+        **{(name, "bulk"): 1.0 for name in NAMES}, **{(name, "grpc"): 0.0 for name in NAMES}}  # fmt: skip
+
+
+def test_a_child_whose_bulk_channel_fails_is_relayed_to_over_grpc(replicas, tiny_model):
+    _, client = replicas
+    head, child = sorted(registry.live_replicas(client), key=lambda r: r.replica)[:2]
+    epoch = status(head.grpc, token=TOKEN).epoch + 1
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
+    state = {name: t * 0.97 for name, t in load_file(tiny_model / "model.safetensors").items()}
+    before = pushes(client)
+    reply = push(head.grpc, 1, Payload.of_tensors(state), epoch=epoch, token=TOKEN, relay=[child.grpc], fanout=1,
+                 bulk_address=head.bulk, relay_bulk=[nowhere])  # fmt: skip
+    assert reply.accepted and [(r.address, r.accepted) for r in reply.relayed] == [(child.grpc, True)]
+    assert status(child.grpc, token=TOKEN).epoch == epoch
+    after = pushes(client)
+    assert after[head.replica, "bulk"] - before[head.replica, "bulk"] == 1
+    assert after[child.replica, "grpc"] - before[child.replica, "grpc"] == 1  # the relay fell back
 
 
 def test_a_relay_that_cannot_be_reached_costs_its_subtree_one_direct_push(replicas, tiny_model):
@@ -144,7 +180,11 @@ def test_a_push_with_a_bad_relay_list_is_refused_and_nothing_is_passed_on(replic
     before = status(head.grpc, token=TOKEN)
     state = {name: t * 0.98 for name, t in load_file(tiny_model / "model.safetensors").items()}
     payload = Payload.of_tensors(state)
-    for relay, message in ((["10.0.0.9:1", "10.0.0.9:1"], "named twice"), (["not an address"], "is not host:port")):
-        reply = push(head.grpc, 1, payload, epoch=before.epoch + 1, token=TOKEN, relay=relay, fanout=1)
-        assert not reply.accepted and message in reply.error and not reply.relayed
+    cases = ((["10.0.0.9:1", "10.0.0.9:1"], None, "named twice"), (["not an address"], None, "is not host:port"),
+             (["10.0.0.9:1"], ["10.0.0.9:2", "10.0.0.9:3"], "relay_bulk names 2 channels for 1 replicas"),
+             (["10.0.0.9:1"], ["nowhere"], "bulk address 'nowhere' is not host:port"))  # fmt: skip
+    for relay, relay_bulk, message in cases:
+        reply = push(head.grpc, 1, payload, epoch=before.epoch + 1, token=TOKEN, relay=relay, fanout=1,
+                     relay_bulk=relay_bulk)  # fmt: skip
+        assert not reply.accepted and message in reply.error and not reply.relayed, reply.error
     assert status(head.grpc, token=TOKEN).epoch == before.epoch  # it still serves what it did
