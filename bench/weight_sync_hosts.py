@@ -51,6 +51,7 @@ def publish(trainer: emulated.Host, redis_url: str, model: Path, logs: Path, *, 
             fanout: int, extra: list[str]) -> list[dict]:  # fmt: skip
     """Versions from the trainer's host (tests/helpers/publish_once.py); the driver's JSON lines."""
     log = logs / f"publish-v{version}.log"
+    log.unlink(missing_ok=True)  # a run before this one wrote its results to the same file
     driver = trainer.python(["-m", "tests.helpers.publish_once", "--redis-url", redis_url, "--model", str(model),
                              "--version", str(version), "--epoch", str(epoch), "--fanout", str(fanout),
                              "--token", TOKEN, "--timeout", "900", *extra], log)  # fmt: skip

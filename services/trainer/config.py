@@ -233,7 +233,8 @@ class TrainerSettings(BaseModel):
     """Send a version's bytes over the replica's bulk channel (a TCP connection of their own, over
     TLS when weights_tls_ca is set) where it registered one, gRPC carrying the rest: fewer copies at
     both ends (services/common/bulk.py). False, or a replica without one: the bytes go over gRPC.
-    Deltas and relays' pushes to their children always go over gRPC."""
+    A relay sends on over its children's channels the same way (they travel with the push).
+    Deltas always go over gRPC."""
     push_timeout_s: float = Field(300, gt=0)
     """How long one weight push to a replica may take; a replica that stops answering is given up
     on after it (and leaves the registry once its heartbeats stop)."""
