@@ -362,7 +362,9 @@ def push(
                              relay_bulk=relay_bulk, failed=failed)  # fmt: skip
     try:
         with channel(address, tls_ca) as channel_:
-            reply = push_call(channel_)(stream, timeout=timeout_s, metadata=bearer(token))
+            # the whole push, a bulk connect that timed out included, keeps to ``timeout_s``
+            left = max(0.001, timeout_s - (time.monotonic() - start))
+            reply = push_call(channel_)(stream, timeout=left, metadata=bearer(token))
     except grpc.RpcError:
         if not failed:
             raise
