@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,39 +346,61 @@ def push(
     ``relay_bulk``: their bulk channels); returns its PushReply (grpc.RpcError on transport
     failure). ``bulk_address``: the replica's bulk channel, which then carries the bytes; when it
     cannot be reached or fails, the bytes go over gRPC."""
-    conn, start = None, time.monotonic()
+    start = time.monotonic()
     if bulk_address:
-        try:
-            conn, ticket = bulk.connect(bulk_address, tls_ca=tls_ca, timeout_s=timeout_s)
-        except OSError as err:  # an old replica, or a port a firewall closes: the slower path still works
-            log.warning("bulk channel %s unreachable (%s): pushing over gRPC", bulk_address, err)
-    failed: list[OSError] = []
-    if conn is None:
-        stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout, relay_bulk=relay_bulk)
-    else:
         if not isinstance(payload, Payload):
             payload = Payload.of_bytes(payload)
-        stream = bulk_chunks(version, payload, conn, ticket, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout,
-                             relay_bulk=relay_bulk, failed=failed)  # fmt: skip
+
+        def stream(conn, ticket: str, failed: list[OSError]) -> Iterator[bytes]:
+            return bulk_chunks(version, payload, conn, ticket, chunk_bytes, epoch=epoch, relay=relay,
+                               fanout=fanout, relay_bulk=relay_bulk, failed=failed)  # fmt: skip
+
+        reply = push_over_bulk(address, bulk_address, stream, token=token, tls_ca=tls_ca, timeout_s=timeout_s)
+        if reply is not None:
+            return reply
+    stream = chunks(version, payload, chunk_bytes, epoch=epoch, relay=relay, fanout=fanout, relay_bulk=relay_bulk)
+    # the whole push, a bulk channel that failed included, keeps to ``timeout_s``
+    left = max(0.001, timeout_s - (time.monotonic() - start))
+    with channel(address, tls_ca) as channel_:
+        return push_call(channel_)(stream, timeout=left, metadata=bearer(token))
+
+
+def push_over_bulk(
+    address: str,
+    bulk_address: str,
+    stream: Callable[[object, str, list[OSError]], Iterator[bytes]],
+    *,
+    token: str | None,
+    tls_ca: bytes | None,
+    timeout_s: float,
+) -> object | None:
+    """One Push to the replica at ``address`` whose bytes go over its bulk channel: ``stream(conn,
+    ticket, failed)`` is the RPC's stream, sending the bytes on ``conn`` and putting in ``failed``
+    the error that broke it. Returns the PushReply, or None (logged) when the channel failed the
+    push (unreachable, broken, or refused by the replica on its account: the bytes should go over
+    gRPC instead); grpc.RpcError when the RPC itself failed."""
+    start = time.monotonic()
+    try:
+        conn, ticket = bulk.connect(bulk_address, tls_ca=tls_ca, timeout_s=timeout_s)
+    except OSError as err:  # an old replica, or a port a firewall closes: the slower path still works
+        log.warning("bulk channel %s of %s unreachable (%s): sending over gRPC", bulk_address, address, err)
+        return None
+    failed: list[OSError] = []
     try:
         with channel(address, tls_ca) as channel_:
-            # the whole push, a bulk connect that timed out included, keeps to ``timeout_s``
             left = max(0.001, timeout_s - (time.monotonic() - start))
-            reply = push_call(channel_)(stream, timeout=left, metadata=bearer(token))
+            reply = push_call(channel_)(stream(conn, ticket, failed), timeout=left, metadata=bearer(token))
     except grpc.RpcError:
-        if not failed:
+        if not failed:  # the RPC failed, not the channel (the replica is gone, say): no second try
             raise
-        reply = pb.PushReply(accepted=False, error=f"{bulk.REFUSED}{failed[0]}")  # the channel broke, not the RPC
+        reply = pb.PushReply(accepted=False, error=f"{bulk.REFUSED}{failed[0]}")
     finally:
-        if conn is not None:
-            bulk.hang_up(conn)  # the RPC ended (answered, refused or failed): stop sending
-    if conn is not None and not reply.accepted and reply.error.startswith(bulk.REFUSED):
+        bulk.hang_up(conn)  # the RPC ended (answered, refused or failed): stop sending
+    if not reply.accepted and reply.error.startswith(bulk.REFUSED):
         # the channel failed, not the version (strangers filling the port; a replica dead by now fails
-        # again at once): the bytes over gRPC
-        log.warning("the bulk channel of %s failed (%s): pushing over gRPC", address, reply.error)
-        left = max(0.001, timeout_s - (time.monotonic() - start))
-        return push(address, version, payload, epoch=epoch, token=token, tls_ca=tls_ca, timeout_s=left, relay=relay,
-                    fanout=fanout, chunk_bytes=chunk_bytes, relay_bulk=relay_bulk)  # fmt: skip
+        # again at once over gRPC)
+        log.warning("the bulk channel of %s failed (%s): sending over gRPC", address, reply.error)
+        return None
     return reply
 
 

@@ -22,12 +22,19 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-import grpc
-
 from services.common import bulk
 from services.common.fanout import check, subtrees
 from services.common.payload import DATA_TAG, varint
-from services.common.weights import CHUNK_BYTES, Chunk, WeightTransferError, bearer, channel, pb, push_call
+from services.common.weights import (
+    CHUNK_BYTES,
+    Chunk,
+    WeightTransferError,
+    bearer,
+    channel,
+    pb,
+    push_call,
+    push_over_bulk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,27 +177,12 @@ class Relay:
     def _push_bulk(self, child: str, address: str, rest: list[str], rest_bulk: list[str] | None, source: BinaryIO):
         """The version to ``child`` over its bulk channel: its PushReply, or None when the channel
         failed (unreachable, broken, refused) and the bytes should go over gRPC instead."""
+
+        def stream(conn, ticket: str, failed: list[OSError]):
+            return self._bulk_stream(rest, rest_bulk, conn, ticket, source, failed)
+
         timeout = max(0.001, self.deadline - time.monotonic())
-        try:
-            conn, ticket = bulk.connect(address, tls_ca=self.tls_ca, timeout_s=timeout)
-        except OSError as err:
-            log.warning("bulk channel %s of %s unreachable (%s): relaying over gRPC", address, child, err)
-            return None
-        failed: list[OSError] = []
-        try:
-            with channel(child, self.tls_ca) as channel_:
-                reply = push_call(channel_)(self._bulk_stream(rest, rest_bulk, conn, ticket, source, failed),
-                                            timeout=timeout, metadata=bearer(self.token))  # fmt: skip
-        except grpc.RpcError:
-            if not failed:  # this replica's own stream broke, or the child is gone: no second try
-                raise
-            reply = pb.PushReply(accepted=False, error=f"{bulk.REFUSED}{failed[0]}")
-        finally:
-            bulk.hang_up(conn)
-        if not reply.accepted and reply.error.startswith(bulk.REFUSED):
-            log.warning("the bulk channel of %s failed (%s): relaying over gRPC", child, reply.error)
-            return None
-        return reply
+        return push_over_bulk(child, address, stream, token=self.token, tls_ca=self.tls_ca, timeout_s=timeout)
 
 
 def _channels(first: Chunk) -> dict[str, str]:
