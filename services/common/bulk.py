@@ -14,8 +14,9 @@ chunk names that ticket (``bulk_ticket``, hex) and carries no data; then sends t
 bytes on the connection, exactly ``total_bytes``; then the checksum as the RPC's last chunk.
 The replica hands the connection whose ticket the (authenticated) RPC names to that RPC, once.
 A connection no push claims within ``UNCLAIMED_S`` is closed; at most ``MAX_WAITING`` wait at once,
-and one that does not send its ticket within ``HELLO_TIMEOUT_S`` is closed, so strangers
-connecting cannot hold the port.
+and one that has not sent its ticket (TLS handshake included) ``HELLO_TIMEOUT_S`` after it came is
+hung up on, however slowly it drips bytes. Strangers can still fill the port for as long as they
+keep connecting; that costs pushes the bulk channel (they go over gRPC), never a version.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ MAGIC = b"PASSKBLK"
 TICKET_BYTES = 16
 HELLO_TIMEOUT_S = 10.0
 UNCLAIMED_S = 30.0
+SWEEP_S = 1.0  # how often the accepting thread looks for expired connections while none arrive
 MAX_WAITING = 16
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4 << 10, 16 << 20  # what a push may ask the replica to take at once
 REFUSED = "bulk channel: "  # how a replica's refusal of a push begins when the bulk channel failed it
@@ -60,6 +62,7 @@ class Listener:
     def __init__(self, host: str, port: int, tls: tuple[Path, Path] | None = None) -> None:
         """``tls``: (certificate, key) PEM files; then only TLS is spoken, as on the gRPC port."""
         self.server = socket.create_server((host, port), family=_family(host), backlog=MAX_WAITING)
+        self.server.settimeout(SWEEP_S)  # accept wakes to expire connections and to see close()
         self.port = self.server.getsockname()[1]
         self.context = None
         if tls is not None:
@@ -67,7 +70,9 @@ class Listener:
             self.context.load_cert_chain(str(tls[0]), str(tls[1]))
         self.changed = threading.Condition()
         self.waiting: dict[bytes, tuple[socket.socket, float]] = {}  # ticket -> (connection, when it came)
-        self.greeting = 0  # connections whose ticket is still being read
+        # connections whose ticket is still being read -> when to hang up on them: a duplicate of the
+        # socket, whose shutdown wakes the greeting thread whatever it blocks in (the TLS handshake too)
+        self.greeting: dict[socket.socket, float] = {}
         self.closed = False
         self.thread = threading.Thread(target=self._accept, name="bulk-accept", daemon=True)
         self.thread.start()
@@ -95,6 +100,10 @@ class Listener:
             self.closed = True
             waiting, self.waiting = self.waiting, {}
             self.changed.notify_all()
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept at once (Linux)
+        except OSError:
+            pass
         self.server.close()
         for conn, _ in waiting.values():
             conn.close()
@@ -103,6 +112,10 @@ class Listener:
         while not self.closed:
             try:
                 conn, _ = self.server.accept()
+            except TimeoutError:
+                with self.changed:
+                    self._expire()
+                continue
             except OSError as err:
                 if self.closed:
                     return
@@ -111,20 +124,26 @@ class Listener:
                 continue
             with self.changed:
                 self._expire()
-                full = len(self.waiting) + self.greeting >= MAX_WAITING
+                full = len(self.waiting) + len(self.greeting) >= MAX_WAITING
                 if not full:
-                    self.greeting += 1
+                    try:
+                        watch = conn.dup()
+                    except OSError:
+                        full = True
+                    else:
+                        self.greeting[watch] = time.monotonic() + HELLO_TIMEOUT_S
             if full:
                 log.warning("bulk channel: %d connections already wait for their push; refusing another", MAX_WAITING)
                 conn.close()
                 continue
-            threading.Thread(target=self._hello, args=(conn,), name="bulk-hello", daemon=True).start()
+            threading.Thread(target=self._hello, args=(conn, watch), name="bulk-hello", daemon=True).start()
 
-    def _hello(self, conn: socket.socket) -> None:
-        """Read the ticket (after the TLS handshake) within HELLO_TIMEOUT_S, then park the connection."""
+    def _hello(self, conn: socket.socket, watch: socket.socket) -> None:
+        """Read the ticket (after the TLS handshake) within HELLO_TIMEOUT_S of the connection's arrival
+        (``_expire`` hangs up through ``watch`` at that time), then park the connection."""
         ticket = None
         try:
-            conn.settimeout(HELLO_TIMEOUT_S)
+            conn.settimeout(HELLO_TIMEOUT_S)  # each read; the whole greeting is bounded by _expire
             if self.context is not None:
                 conn = self.context.wrap_socket(conn, server_side=True)
             if _read_exactly(conn, len(MAGIC)) == MAGIC:  # before the ticket: a stranger is told at once
@@ -134,7 +153,8 @@ class Listener:
         except (OSError, BulkError) as err:
             log.warning("bulk channel: a connection closed before its ticket: %s", err)
         with self.changed:
-            self.greeting -= 1
+            del self.greeting[watch]
+            watch.close()
             if ticket is not None and not self.closed and ticket not in self.waiting:
                 conn.settimeout(None)
                 self.waiting[ticket] = (conn, time.monotonic())
@@ -143,12 +163,19 @@ class Listener:
         conn.close()
 
     def _expire(self) -> None:
-        """Close the connections no push claimed in time (called under ``changed``)."""
+        """Close the connections no push claimed in time, and hang up on those whose greeting is late
+        (their threads then close them; called under ``changed``)."""
         now = time.monotonic()
         for key, (conn, since) in list(self.waiting.items()):
             if now - since > UNCLAIMED_S:
                 del self.waiting[key]
                 conn.close()
+        for watch, deadline in self.greeting.items():
+            if now > deadline:
+                try:
+                    watch.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def connect(address: str, *, tls_ca: bytes | None, timeout_s: float) -> tuple[socket.socket, str]:

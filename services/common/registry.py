@@ -25,7 +25,9 @@ class Policy(NamedTuple):
 
 
 class ReplicaInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Fields a newer replica adds are ignored, not refused: replicas are upgraded before the trainer
+    # in a rolling update, and a trainer that refused their entries would delete them (below).
+    model_config = ConfigDict(extra="ignore")
 
     replica: str = Field(min_length=1, max_length=128)
     http: str = Field(max_length=256)

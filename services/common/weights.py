@@ -382,7 +382,8 @@ def push_over_bulk(
     start = time.monotonic()
     try:
         conn, ticket = bulk.connect(bulk_address, tls_ca=tls_ca, timeout_s=timeout_s)
-    except OSError as err:  # an old replica, or a port a firewall closes: the slower path still works
+    except (OSError, ValueError) as err:
+        # an old replica, a port a firewall closes, an address that is not host:port: the slower path still works
         log.warning("bulk channel %s of %s unreachable (%s): sending over gRPC", bulk_address, address, err)
         return None
     failed: list[OSError] = []

@@ -63,7 +63,7 @@ class Rollout:
         )  # fmt: skip
         self.sync_errors = Counter("passk_rollout_weight_sync_errors", "Refused weight pushes", registry=self.metrics)
         self.pushes = Counter(
-            "passk_rollout_weight_pushes", "Weight pushes begun, by the channel of their bytes (bulk or grpc)",
+            "passk_rollout_weight_pushes", "Weight pushes whose bytes began to come, by their channel (bulk or grpc)",
             ["channel"], registry=self.metrics,
         )  # fmt: skip
         for channel in ("bulk", "grpc"):

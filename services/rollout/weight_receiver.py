@@ -52,7 +52,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         """``relay_tls_ca``: the PEM to trust when passing a version on to other replicas over TLS;
         ``relay_timeout_s``: how long that may take when the push that asks for it has no deadline;
         ``bulk_listener``: the bulk channel, where pushes may send their bytes; ``on_push`` hears of
-        each push begun, with the channel of its bytes ("bulk" or "grpc")."""
+        each push whose bytes begin to come, with their channel ("bulk" or "grpc")."""
         self.bulk, self.on_push = bulk_listener, on_push
         self.engine, self.replica, self.token, self.max_bytes = engine, replica, token, max_bytes
         self.relay_tls_ca, self.relay_timeout_s = relay_tls_ca, relay_timeout_s
@@ -88,10 +88,13 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         first = next(iterator, None)
         if first is None:
             return
-        self.on_push("bulk" if first.bulk_ticket else "grpc")
         if not first.bulk_ticket:
+            self.on_push("grpc")
             yield from itertools.chain([first], iterator)
             return
+        if len(first.data):
+            raise WeightTransferError(f"the first chunk of a push over the bulk channel carries {len(first.data)} "
+                                      "bytes of data: they belong on the channel")  # fmt: skip
         if self.bulk is None:
             raise WeightTransferError(f"{bulk.REFUSED}the push's bytes come over one, but this replica has none")
         if not bulk.MIN_CHUNK_BYTES <= first.bulk_chunk_bytes <= bulk.MAX_CHUNK_BYTES:
@@ -101,6 +104,7 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         deadline = time.monotonic() + (self.relay_timeout_s if left is None else left)
         try:
             conn = self.bulk.take(first.bulk_ticket, min(bulk.HELLO_TIMEOUT_S, max(0.0, deadline - time.monotonic())))
+            self.on_push("bulk")  # only now: a push whose connection never came is counted when it comes over gRPC
             yield from bulk.received(first, conn, iterator, first.bulk_chunk_bytes, deadline)
         except bulk.BulkError as err:
             raise WeightTransferError(str(err)) from None

@@ -14,6 +14,7 @@ from services.common.payload import Payload, scratch_dir
 from services.common.weights import bulk_chunks, channel, encode, pb, push, push_call, status
 from tests.helpers.procs import service, wait_for
 from tests.integration.test_rollout_service import weights_of
+from tests.integration.test_weight_relay import pushes
 
 TOKEN = "s3cret"
 METADATA = [("authorization", f"Bearer {TOKEN}")]
@@ -100,29 +101,34 @@ def test_the_token_is_checked_before_a_ticket_is_honoured(replica, tiny_model):
     assert served(replica) == version
 
 
-def test_a_ticket_no_connection_brought_or_a_bad_chunk_size_is_refused(replica, tiny_model):
+def test_a_ticket_no_connection_brought_a_bad_chunk_size_or_data_beside_a_ticket_is_refused(replica, tiny_model):
     version = served(replica)
-    refusals = {"bulk channel: no connection came": 4096, "bulk_chunk_bytes 0 is outside": 0,
-                f"bulk_chunk_bytes {bulk.MAX_CHUNK_BYTES + 1} is outside": bulk.MAX_CHUNK_BYTES + 1}  # fmt: skip
-    for error, chunk_bytes in refusals.items():
+    refusals = [("bulk channel: no connection came", 4096, b""), ("bulk_chunk_bytes 0 is outside", 0, b""),
+                (f"bulk_chunk_bytes {bulk.MAX_CHUNK_BYTES + 1} is outside", bulk.MAX_CHUNK_BYTES + 1, b""),
+                ("the first chunk of a push over the bulk channel carries 3 bytes", 4096, b"abc")]  # fmt: skip
+    for error, chunk_bytes, data in refusals:
         header = pb.WeightChunk(version=version + 1, total_bytes=1000, bulk_ticket="ab" * bulk.TICKET_BYTES,
-                                bulk_chunk_bytes=chunk_bytes)  # fmt: skip
+                                bulk_chunk_bytes=chunk_bytes, data=data)  # fmt: skip
         with channel(replica.grpc) as to_replica:
             reply = push_call(to_replica)(iter([header.SerializeToString()]), timeout=30, metadata=METADATA)
         assert not reply.accepted and reply.error.startswith(error), reply.error
     assert served(replica) == version
 
 
-def test_strangers_filling_the_bulk_port_cost_the_push_its_speed_not_the_version(replica, tiny_model):
+def test_strangers_filling_the_bulk_port_cost_the_push_its_speed_not_the_version(redis_server, replica, tiny_model):
     """Connections that never greet take every waiting slot; the push is refused on the channel and
-    sent again over gRPC, and the replica serves it."""
+    sent again over gRPC, and the replica serves it, counting one push, over gRPC."""
     host, port = bulk.split_address(replica.bulk)
     strangers = [socket.create_connection((host, port), timeout=5) for _ in range(bulk.MAX_WAITING)]
     try:
         version = served(replica) + 1
+        before = pushes(redis_server.client)
         reply = push(replica.grpc, version, encode(weights_of(tiny_model, 1.5)), token=TOKEN,
                      bulk_address=replica.bulk, timeout_s=60)  # fmt: skip
         assert reply.accepted and served(replica) == version, reply.error
+        after = pushes(redis_server.client)
+        counted = {c: after.get(("r-bulk", c), 0) - before.get(("r-bulk", c), 0) for c in ("bulk", "grpc")}
+        assert counted == {"bulk": 0, "grpc": 1}
     finally:
         for stranger in strangers:
             stranger.close()
@@ -140,7 +146,9 @@ def test_a_replica_without_a_bulk_channel_takes_the_bytes_over_grpc(redis_server
             nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
         reply = push(info.grpc, 1, payload, token=TOKEN, bulk_address=nowhere)
         assert reply.accepted and served(info) == 1
-        header = pb.WeightChunk(version=2, total_bytes=len(payload), bulk_ticket="cd" * bulk.TICKET_BYTES)
+        reply = push(info.grpc, 2, payload, token=TOKEN, bulk_address="no-port-here")  # nor a malformed entry
+        assert reply.accepted and served(info) == 2
+        header = pb.WeightChunk(version=3, total_bytes=len(payload), bulk_ticket="cd" * bulk.TICKET_BYTES)
         with channel(info.grpc) as to_replica:
             reply = push_call(to_replica)(iter([header.SerializeToString()]), timeout=30, metadata=METADATA)
         assert not reply.accepted and "this replica has none" in reply.error

@@ -144,13 +144,20 @@ def test_the_gpu_overlay_asks_for_gpus_and_vllm(rendered):
     assert by_kind(enigmata, "Deployment")["passk-rollout"] == by_kind(gpu, "Deployment")["passk-rollout"]
 
 
-def test_only_the_trainer_reaches_the_weight_service(rendered):
+def test_only_the_trainer_and_relaying_replicas_reach_the_weight_ports(rendered):
     policy = by_kind(rendered["base"], "NetworkPolicy")["passk-rollout"]["spec"]
-    weights = [rule for rule in policy["ingress"] if any(p["port"] == 50051 for p in rule["ports"])]
-    assert len(weights) == 1 and weights[0]["from"] == [
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "passk", "app.kubernetes.io/component": "trainer"}}}
+    rollout = by_kind(rendered["base"], "Deployment")["passk-rollout"]["spec"]["template"]["spec"]
+    [server] = [c for c in rollout["containers"] if c["name"] == "rollout"]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    weight_ports = {int(env["PASSK_ROLLOUT_GRPC_PORT"]), int(env["PASSK_ROLLOUT_BULK_PORT"])}
+    weights = [rule for rule in policy["ingress"] if any(p["port"] in weight_ports for p in rule["ports"])]
+    assert len(weights) == 1 and {p["port"] for p in weights[0]["ports"]} == weight_ports
+    assert weights[0]["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "passk", "app.kubernetes.io/component": c}}}
+        for c in ("trainer", "rollout")
     ]
-    assert all(p["port"] != 50051 for rule in policy["ingress"] if rule not in weights for p in rule["ports"])
+    others = [p["port"] for rule in policy["ingress"] if rule not in weights for p in rule["ports"]]
+    assert not weight_ports & set(others)
 
 
 def test_the_prometheus_rule_holds_the_alert_rules_of_deploy(rendered):

@@ -59,7 +59,7 @@ def served(client) -> dict[str, tuple[int, int]]:
 
 
 def pushes(client) -> dict[tuple[str, str], float]:
-    """{(replica, channel): pushes begun}, from each replica's /metrics."""
+    """{(replica, channel): pushes whose bytes came over that channel}, from each replica's /metrics."""
     out = {}
     for r in registry.live_replicas(client):
         for family in text_string_to_metric_families(httpx.get(f"{r.http}/metrics").text):

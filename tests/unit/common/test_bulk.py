@@ -69,12 +69,47 @@ def test_connections_beyond_the_limit_are_refused_and_unclaimed_ones_expire(list
     with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as extra:
         assert hung_up(extra)  # one too many: closed without reading its greeting
     monkeypatch.setattr(bulk, "UNCLAIMED_S", 0.0)  # now every parked connection is overdue
-    conn, ticket = bulk.connect(f"127.0.0.1:{listener.port}", tls_ca=None, timeout_s=5)
-    with conn, listener.take(ticket, 5):
-        pass
     for old in parked:
-        assert hung_up(old)  # closed when the next connection came
+        assert hung_up(old)  # closed by the port's sweep, with no other connection coming
         old.close()
+    assert not listener.waiting
+    monkeypatch.setattr(bulk, "UNCLAIMED_S", 30.0)
+    conn, ticket = bulk.connect(f"127.0.0.1:{listener.port}", tls_ca=None, timeout_s=5)
+    with conn, listener.take(ticket, 5):  # the slots are free again
+        pass
+
+
+def test_a_greeting_dripped_byte_by_byte_is_hung_up_on_at_the_deadline_of_the_whole(listener, monkeypatch):
+    """Each byte comes well within the per-read timeout, but the greeting as a whole is late."""
+    monkeypatch.setattr(bulk, "HELLO_TIMEOUT_S", 0.5)
+    greeting = bulk.MAGIC + os.urandom(bulk.TICKET_BYTES)
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as slow:
+        sent = 0
+        try:
+            for byte in greeting:
+                slow.sendall(bytes([byte]))
+                sent += 1
+                time.sleep(0.15)
+        except OSError:  # reset: hung up on already
+            pass
+        assert hung_up(slow)
+    assert sent < len(greeting) or not listener.waiting  # never parked
+    with pytest.raises(bulk.BulkError, match="no connection came"):
+        listener.take(greeting[len(bulk.MAGIC) :].hex(), 0.2)
+
+
+def test_closing_the_listener_stops_its_thread_and_frees_the_port():
+    server = bulk.Listener("127.0.0.1", 0)
+    parked, _ = bulk.connect(f"127.0.0.1:{server.port}", tls_ca=None, timeout_s=5)
+    while not server.waiting:
+        time.sleep(0.01)
+    server.close()
+    server.thread.join(10)
+    assert not server.thread.is_alive()
+    assert hung_up(parked)
+    parked.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
 
 
 def chunk_stream(conn, first, rest=(), chunk_bytes=8):
