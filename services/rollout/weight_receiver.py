@@ -77,9 +77,13 @@ class WeightReceiver(pb_grpc.WeightsServicer):
 
     def _relay_time(self, context) -> float:
         """What the children may take: the push's own deadline, less a margin to answer in."""
-        left = context.time_remaining()
-        left = self.relay_timeout_s if left is None else left
+        left = self._time_left(context)
         return max(0.0, left - min(1.0, 0.1 * left))
+
+    def _time_left(self, context) -> float:
+        """What the push ``context`` serves has left: to its deadline, or relay_timeout_s without one."""
+        left = context.time_remaining()
+        return self.relay_timeout_s if left is None else left
 
     def _chunks(self, request_iterator, context) -> Iterator[Chunk]:
         """The push's chunks, the bytes read from the bulk connection its first chunk names, if it
@@ -100,10 +104,10 @@ class WeightReceiver(pb_grpc.WeightsServicer):
         if not bulk.MIN_CHUNK_BYTES <= first.bulk_chunk_bytes <= bulk.MAX_CHUNK_BYTES:
             raise WeightTransferError(f"bulk_chunk_bytes {first.bulk_chunk_bytes} is outside "
                                       f"{bulk.MIN_CHUNK_BYTES}..{bulk.MAX_CHUNK_BYTES}")  # fmt: skip
-        left = context.time_remaining()
-        deadline = time.monotonic() + (self.relay_timeout_s if left is None else left)
+        left = self._time_left(context)
+        deadline = time.monotonic() + left
         try:
-            conn = self.bulk.take(first.bulk_ticket, min(bulk.HELLO_TIMEOUT_S, max(0.0, deadline - time.monotonic())))
+            conn = self.bulk.take(first.bulk_ticket, min(bulk.HELLO_TIMEOUT_S, max(0.0, left)))
             self.on_push("bulk")  # only now: a push whose connection never came is counted when it comes over gRPC
             yield from bulk.received(first, conn, iterator, first.bulk_chunk_bytes, deadline)
         except bulk.BulkError as err:
